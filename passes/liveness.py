@@ -1,0 +1,195 @@
+"""Memory liveness of one training step: forward in graph order, the loss, backward in reverse.
+
+The step is a list of :class:`Step` s; each step allocates some storages and reads others.
+A storage is alive from the first step that allocates it to the last step that reads it
+(pinned storages — parameters, inputs, parameter gradients, the model's outputs — to the end).
+This module turns the annotations of :mod:`passes.saved` into such a schedule
+(:func:`build_schedule`) and sweeps it (:func:`simulate`). Both are plain Python over
+numbers, so the planner can edit a schedule (probe a conv, recompute a segment) and re-simulate.
+
+Rules, matching what autograd does:
+  forward  node n  allocates its new output storages; reads its inputs' storages
+  loss             allocates the loss and what the loss function saves; reads the outputs
+  backward node n  reads what n saved and the gradient of its output; allocates the gradients
+                   of its inputs and of the parameters it uses
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch.fx as fx
+
+from .saved import Kind, StorageInfo, StepRecord, require
+
+__all__ = ["Step", "Schedule", "Timeline", "build_schedule", "simulate", "CATEGORIES"]
+
+CATEGORIES = ("parameters", "inputs", "gradients", "saved", "transient")
+
+
+@dataclass(frozen=True)
+class Step:
+    phase: str                   # "forward" | "loss" | "backward" | "recompute"
+    node: str                    # fx node name ("loss" for the loss step)
+    allocs: tuple[int, ...] = ()
+    reads: tuple[int, ...] = ()
+
+
+@dataclass
+class Schedule:
+    steps: list[Step]
+    storages: dict[int, StorageInfo]
+    pinned: set[int] = field(default_factory=set)  # alive from allocation to the end
+
+    def copy(self) -> "Schedule":
+        return Schedule(list(self.steps), dict(self.storages), set(self.pinned))
+
+    def new_storage(self, nbytes: int, kind: Kind, owner: str) -> int:
+        sid = max(self.storages, default=-1) + 1
+        self.storages[sid] = StorageInfo(sid, int(nbytes), kind, owner)
+        return sid
+
+    def index(self, phase: str, node: str) -> int:
+        for i, s in enumerate(self.steps):
+            if s.phase == phase and s.node == node:
+                return i
+        raise KeyError(f"no {phase} step for node {node!r}")
+
+    def edit(self, i: int, **changes) -> None:
+        self.steps[i] = replace(self.steps[i], **changes)
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """What :func:`simulate` returns: live bytes at every step and the picture at the peak."""
+
+    steps: tuple[tuple[str, str], ...]          # (phase, node) per step
+    live_bytes: tuple[int, ...]
+    by_category: tuple[dict[str, int], ...]     # live bytes per category, per step
+    peak_bytes: int
+    peak_step: int
+    alive_at_peak: tuple[int, ...]              # storage ids
+    intervals: dict[int, tuple[int, int]]       # storage id -> (first step, last step)
+
+    @property
+    def peak_node(self) -> tuple[str, str]:
+        return self.steps[self.peak_step]
+
+
+def _category(info: StorageInfo, saved_later: bool) -> str:
+    if info.kind in (Kind.PARAM, Kind.BUFFER):
+        return "parameters"
+    if info.kind is Kind.INPUT:
+        return "inputs"
+    if info.kind is Kind.PARAM_GRAD:
+        return "gradients"
+    return "saved" if saved_later else "transient"
+
+
+def simulate(schedule: Schedule) -> Timeline:
+    """Sweep the schedule; return live bytes per step and what is alive at the peak.
+
+    >>> s = Schedule([Step("forward", "a", allocs=(0,)), Step("forward", "b", allocs=(1,), reads=(0,)),
+    ...               Step("backward", "b", reads=(1,))], {0: StorageInfo(0, 8, Kind.ACTIVATION, "a"),
+    ...               1: StorageInfo(1, 4, Kind.ACTIVATION, "b")})
+    >>> simulate(s).live_bytes
+    (8, 12, 4)
+    """
+    end = len(schedule.steps) - 1
+    first: dict[int, int] = {}
+    last: dict[int, int] = {}
+    backward_reads: dict[int, int] = {}  # last read in backward: a storage alive for backward is "saved"
+    for i, step in enumerate(schedule.steps):
+        for s in step.allocs:
+            first.setdefault(s, i)
+            last[s] = max(last.get(s, i), i)
+        for s in step.reads:
+            first.setdefault(s, i)  # read before any allocation: it existed before the step began
+            last[s] = max(last.get(s, i), i)
+            if step.phase in ("backward", "recompute"):
+                backward_reads[s] = i
+    for s, info in schedule.storages.items():
+        if info.kind in (Kind.PARAM, Kind.BUFFER, Kind.INPUT):
+            first[s] = 0
+        if s in schedule.pinned or info.kind in (Kind.PARAM, Kind.BUFFER, Kind.INPUT, Kind.PARAM_GRAD):
+            if s in first:
+                last[s] = end
+    delta = [0] * (len(schedule.steps) + 1)
+    starts: dict[int, list[int]] = {}
+    for s, a in first.items():
+        delta[a] += schedule.storages[s].nbytes
+        delta[last[s] + 1] -= schedule.storages[s].nbytes
+        starts.setdefault(a, []).append(s)
+    live, total = [], 0
+    for i in range(len(schedule.steps)):
+        total += delta[i]
+        live.append(total)
+    peak_step = max(range(len(live)), key=live.__getitem__) if live else 0
+    by_cat = []
+    for i in range(len(schedule.steps)):
+        by_cat.append(None)  # filled lazily below for the peak; the full table is cheap enough
+    by_cat = _categories(schedule, first, last, backward_reads)
+    alive = tuple(sorted((s for s in first if first[s] <= peak_step <= last[s]),
+                         key=lambda s: -schedule.storages[s].nbytes))
+    return Timeline(
+        steps=tuple((st.phase, st.node) for st in schedule.steps),
+        live_bytes=tuple(live),
+        by_category=by_cat,
+        peak_bytes=live[peak_step] if live else 0,
+        peak_step=peak_step,
+        alive_at_peak=alive,
+        intervals={s: (first[s], last[s]) for s in first},
+    )
+
+
+def _categories(schedule: Schedule, first, last, backward_reads) -> tuple[dict[str, int], ...]:
+    n = len(schedule.steps)
+    deltas = {c: [0] * (n + 1) for c in CATEGORIES}
+    for s, a in first.items():
+        info = schedule.storages[s]
+        b = last[s]
+        if info.kind in (Kind.ACTIVATION, Kind.INTERNAL) and s in backward_reads:
+            # transient while the forward still uses it, saved once only backward needs it
+            c = "saved"
+        else:
+            c = _category(info, False)
+        deltas[c][a] += info.nbytes
+        deltas[c][b + 1] -= info.nbytes
+    out, run = [], {c: 0 for c in CATEGORIES}
+    for i in range(n):
+        for c in CATEGORIES:
+            run[c] += deltas[c][i]
+        out.append(dict(run))
+    return tuple(out)
+
+
+def build_schedule(gm: fx.GraphModule) -> Schedule:
+    """Turn the annotations of :func:`passes.saved.profile_step` into a :class:`Schedule`."""
+    record: StepRecord = require(gm, "fxsketch.step")
+    storages = record.storages
+    nodes = [n for n in gm.graph.nodes if n.op != "output"]
+    steps: list[Step] = []
+    for n in nodes:
+        metas = require(n, "fxsketch.tensor")
+        outs = tuple(dict.fromkeys(
+            m.storage for m in metas if storages[m.storage].owner == n.name
+            and storages[m.storage].kind is Kind.ACTIVATION))
+        internal = tuple(s for s in n.meta["fxsketch.saved"] if storages[s].kind is Kind.INTERNAL
+                         and storages[s].owner == n.name)
+        reads = tuple(dict.fromkeys(m.storage for a in n.all_input_nodes
+                                    for m in a.meta["fxsketch.tensor"]))
+        steps.append(Step("forward", n.name, allocs=outs + internal, reads=reads))
+    steps.append(Step("loss", "loss", allocs=record.loss_allocs,
+                      reads=record.output_storages + record.loss_saved))
+    # gradients of the model's outputs come from the loss's backward
+    output_node = next(n for n in gm.graph.nodes if n.op == "output")
+    out_grads = tuple(g for a in output_node.all_input_nodes for g in a.meta["fxsketch.grad"] if g is not None)
+    steps.append(Step("backward", "loss", allocs=tuple(dict.fromkeys(out_grads)), reads=record.loss_saved))
+    for n in reversed(nodes):
+        dy = tuple(g for g in n.meta["fxsketch.grad"] if g is not None)
+        if not dy or n.op in ("placeholder", "get_attr"):
+            continue  # no backward for leaves or for nodes that need no gradient
+        dx = tuple(g for a in n.all_input_nodes for g in a.meta["fxsketch.grad"] if g is not None)
+        grads = tuple(dict.fromkeys(dx + n.meta["fxsketch.param_grads"]))
+        steps.append(Step("backward", n.name, allocs=grads, reads=n.meta["fxsketch.saved"] + dy))
+    pinned = set(record.output_storages)
+    return Schedule(steps, dict(storages), pinned)

@@ -1,0 +1,105 @@
+"""Trace a model with torch.fx and check the example inputs against it.
+
+Tracing never runs the model on real data and never mutates it: the returned
+GraphModule shares the model's parameters and buffers.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+__all__ = ["TraceError", "InputError", "trace", "check_inputs"]
+
+
+class TraceError(RuntimeError):
+    """torch.fx could not trace the model; the message names the module and the fix."""
+
+
+class InputError(TypeError):
+    """The example inputs do not fit the model."""
+
+
+class _PathTracer(fx.Tracer):
+    """A tracer that remembers which module it is inside, to name it when tracing fails."""
+
+    def __init__(self, leaf_modules: Sequence[type] = ()):
+        super().__init__()
+        self.leaf_types = tuple(leaf_modules)
+        self.stack: list[tuple[str, str]] = []
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
+
+    def call_module(self, m, forward, args, kwargs):
+        name = self.path_of_module(m)
+        self.stack.append((name, type(m).__name__))
+        try:
+            out = super().call_module(m, forward, args, kwargs)
+        except Exception as e:
+            if not hasattr(e, "_fxsketch_where"):
+                e._fxsketch_where = (name, type(m).__name__)  # innermost module wins
+            raise
+        self.stack.pop()
+        return out
+
+
+def check_inputs(model: Any, example_inputs: Any) -> tuple[torch.Tensor, ...]:
+    """Validate ``model`` and ``example_inputs``; return the inputs as a tuple of tensors."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"fxsketch needs a torch.nn.Module, got {type(model).__name__}: "
+            "wrap a function in an nn.Module whose forward calls it"
+        )
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    if isinstance(example_inputs, list):
+        example_inputs = tuple(example_inputs)
+    if not isinstance(example_inputs, tuple) or not example_inputs:
+        raise InputError(
+            f"example_inputs must be a non-empty tuple of tensors (as in torch.export), "
+            f"got {type(example_inputs).__name__}: pass e.g. (torch.randn(8, 3, 224, 224),)"
+        )
+    for i, t in enumerate(example_inputs):
+        if not isinstance(t, torch.Tensor):
+            raise InputError(
+                f"example_inputs[{i}] is a {type(t).__name__}, not a tensor: fxsketch traces "
+                "tensor inputs only; bind other arguments with functools.partial or a wrapper module"
+            )
+    return example_inputs
+
+
+def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[type] = ()) -> fx.GraphModule:
+    """Symbolically trace ``model``; raise :class:`TraceError` naming the module that fx cannot trace.
+
+    The GraphModule's placeholders must match ``example_inputs`` in number.
+
+    >>> gm = trace(torch.nn.Sequential(torch.nn.Linear(4, 2)), (torch.randn(3, 4),))
+    >>> [n.op for n in gm.graph.nodes]
+    ['placeholder', 'call_module', 'output']
+    """
+    inputs = check_inputs(model, example_inputs)
+    tracer = _PathTracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:
+        name, kind = getattr(e, "_fxsketch_where", ("", type(model).__name__))
+        where = f"module '{name}' ({kind})" if name else f"the top-level model ({kind})"
+        raise TraceError(
+            f"torch.fx cannot trace {where}: {type(e).__name__}: {e}\n"
+            f"Fix: make its forward traceable (no Python control flow on tensor values), or keep "
+            f"it whole by passing leaf_modules=({kind},) so fxsketch treats it as one opaque node."
+        ) from e
+    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    required = [n for n in placeholders if not n.args]  # args hold the default value, if any
+    if not len(required) <= len(inputs) <= len(placeholders):
+        names = ", ".join(n.target for n in placeholders)
+        raise InputError(
+            f"{type(model).__name__}.forward takes {len(required)}"
+            f"{'' if len(required) == len(placeholders) else f'-{len(placeholders)}'} tensor "
+            f"argument(s) ({names}) but {len(inputs)} example input(s) were given"
+        )
+    return gm
