@@ -180,16 +180,32 @@ def build_schedule(gm: fx.GraphModule) -> Schedule:
         steps.append(Step("forward", n.name, allocs=outs + internal, reads=reads))
     steps.append(Step("loss", "loss", allocs=record.loss_allocs,
                       reads=record.output_storages + record.loss_saved))
-    # gradients of the model's outputs come from the loss's backward
-    output_node = next(n for n in gm.graph.nodes if n.op == "output")
-    out_grads = tuple(g for a in output_node.all_input_nodes for g in a.meta["fxsketch.grad"] if g is not None)
-    steps.append(Step("backward", "loss", allocs=tuple(dict.fromkeys(out_grads)), reads=record.loss_saved))
-    for n in reversed(nodes):
-        dy = tuple(g for g in n.meta["fxsketch.grad"] if g is not None)
-        if not dy or n.op in ("placeholder", "get_attr"):
-            continue  # no backward for leaves or for nodes that need no gradient
-        dx = tuple(g for a in n.all_input_nodes for g in a.meta["fxsketch.grad"] if g is not None)
-        grads = tuple(dict.fromkeys(dx + n.meta["fxsketch.param_grads"]))
-        steps.append(Step("backward", n.name, allocs=grads, reads=n.meta["fxsketch.saved"] + dy))
-    pinned = set(record.output_storages)
-    return Schedule(steps, dict(storages), pinned)
+    # backward in the order autograd ran it; gradient buffers live as observed (made in one
+    # step, freed in another: accumulation and pass-through aliasing included)
+    made: dict[tuple[str, str], list[int]] = {}
+    died: dict[tuple[str, str], list[int]] = {}
+    for sid, key in record.backward_created.items():
+        made.setdefault(key, []).append(sid)
+    for sid, key in record.backward_died.items():
+        died.setdefault(key, []).append(sid)
+    by_name = {n.name: n for n in nodes}
+    for key in dict.fromkeys(record.backward_order):
+        phase, name = key
+        saved = record.loss_saved if name == "loss" else by_name[name].meta["fxsketch.saved"]
+        steps.append(Step("backward", name, allocs=tuple(made.get(key, ())),
+                          reads=tuple(saved) + tuple(died.get(key, ()))))
+    schedule = Schedule(steps, dict(storages), set(record.output_storages))
+    _add_workspace(schedule, record.step_peaks)
+    return schedule
+
+
+def _add_workspace(schedule: Schedule, step_peaks: dict[tuple[str, str], int]) -> None:
+    """Give each step a workspace storage for what its ops held beyond the step's new storages."""
+    seen: set[int] = set()
+    for i, step in enumerate(schedule.steps):
+        new = [s for s in step.allocs if s not in seen]
+        seen.update(step.allocs)
+        extra = step_peaks.get((step.phase, step.node), 0) - sum(schedule.storages[s].nbytes for s in new)
+        if extra > 0:
+            ws = schedule.new_storage(extra, Kind.WORKSPACE, step.node)
+            schedule.edit(i, allocs=step.allocs + (ws,))

@@ -8,7 +8,6 @@ Writes, per node:
     node.meta["fxsketch.tensor"]  tuple[TensorMeta, ...]  the node's tensor outputs
     node.meta["fxsketch.saved"]   tuple[int, ...]         storages kept for its backward
     node.meta["fxsketch.grad"]    tuple[int | None, ...]  storage of each output's gradient
-    node.meta["fxsketch.param_grads"] tuple[int, ...]     parameter-gradient storages it produces
 and ``gm.meta["fxsketch.step"]``, a :class:`StepRecord` with the storage table and the loss.
 """
 from __future__ import annotations
@@ -21,6 +20,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from .trace import InputError
@@ -35,6 +36,7 @@ class Kind(enum.Enum):
     ACTIVATION = "activation"      # a node's output
     INTERNAL = "internal"          # made inside a node only to be saved (BN statistics, pool indices)
     GRAD = "gradient"              # gradient of an activation (transient)
+    WORKSPACE = "workspace"        # temporaries inside one step, freed within it
     PARAM_GRAD = "param_gradient"  # gradient of a parameter or input leaf (kept)
 
 
@@ -62,6 +64,13 @@ class StepRecord:
     loss_saved: tuple[int, ...] = ()       # storages the loss function saves
     loss_allocs: tuple[int, ...] = ()      # storages the loss function creates
     output_storages: tuple[int, ...] = ()  # storages of the model's outputs (held through backward)
+    # per (phase, node): most bytes alive at once among storages created within that step;
+    # what exceeds the step's accounted allocations is workspace (see liveness.build_schedule)
+    step_peaks: dict[tuple[str, str], int] = field(default_factory=dict)
+    # backward as autograd ran it: step order, and each storage it created -> (made in, died in)
+    backward_order: tuple[tuple[str, str], ...] = ()
+    backward_created: dict[int, tuple[str, str]] = field(default_factory=dict)
+    backward_died: dict[int, tuple[str, str]] = field(default_factory=dict)
 
 
 def require(node_or_gm: Any, key: str, producer: str = "passes.saved.profile_step") -> Any:
@@ -74,15 +83,26 @@ def require(node_or_gm: Any, key: str, producer: str = "passes.saved.profile_ste
 
 
 class _Registry:
-    """Maps storages to small ids. Keeps every tensor alive so that no storage address is reused."""
+    """Maps storages to small ids.
+
+    Holds a weak reference per storage: that keeps the StorageImpl's address from being reused
+    without keeping the tensor alive — a held gradient would make autograd copy instead of
+    steal it (AccumulateGrad, in-place accumulation) and change what is measured.
+    """
 
     def __init__(self):
         self.ids: dict[int, int] = {}
         self.infos: dict[int, StorageInfo] = {}
-        self._keep: list[torch.Tensor] = []
+        self._keep: list[StorageWeakRef] = []
 
     def find(self, t: torch.Tensor) -> int | None:
         return self.ids.get(t.untyped_storage()._cdata)
+
+    def mark(self, t: torch.Tensor, kind: Kind, owner: str) -> int:
+        """Register ``t``'s storage, or re-label it if known (a gradient that a leaf keeps)."""
+        sid = self.add(t, kind, owner)
+        self.infos[sid] = StorageInfo(sid, self.infos[sid].nbytes, kind, owner)
+        return sid
 
     def add(self, t: torch.Tensor, kind: Kind, owner: str) -> int:
         key = t.untyped_storage()._cdata
@@ -90,8 +110,72 @@ class _Registry:
             sid = len(self.ids)
             self.ids[key] = sid
             self.infos[sid] = StorageInfo(sid, t.untyped_storage().nbytes(), kind, owner)
-            self._keep.append(t)
+            self._keep.append(StorageWeakRef(t.untyped_storage()))
         return self.ids[key]
+
+
+class _StepTracker(TorchDispatchMode):
+    """Watches the storages that ops create, step by step.
+
+    Ops are attributed to the step set by :meth:`enter` (a forward node by the interpreter, a
+    backward node by a pre-hook on its grad_fn). Per step it keeps the most bytes alive at once
+    among storages created within the step (what exceeds the step's own allocations is
+    workspace: PReLU's per-element weight gradient before its reduction, say). In backward it
+    also records, for every storage created, the step that made it and the step in which it
+    died: the gradient buffers' true lifetimes, accumulation and aliasing included.
+    Storages are held weakly, so a temporary drops out when it dies.
+    """
+
+    def __init__(self, reg: _Registry):
+        super().__init__()
+        self.reg = reg
+        self.step: tuple[str, str] = ("forward", "")
+        self.order: list[tuple[str, str]] = []
+        self.peak: dict[tuple[str, str], int] = {}
+        self.created: dict[int, tuple[str, str]] = {}   # storage id -> backward step that made it
+        self.died: dict[int, tuple[str, str]] = {}      # storage id -> backward step it died in
+        self._local: dict[int, tuple[StorageWeakRef, int]] = {}
+        self._backward: dict[int, StorageWeakRef] = {}
+        # every storage seen so far (weakly: the address is not reused while listed); a view of
+        # an older storage (a parameter's .t(), say) allocates nothing
+        self._seen: dict[int, StorageWeakRef] = {}
+
+    def add_existing(self, tensors) -> None:
+        for t in tensors:
+            st = t.untyped_storage()
+            self._seen.setdefault(st._cdata, StorageWeakRef(st))
+
+    def enter(self, step: tuple[str, str]) -> None:
+        self._reap()
+        self.step = step
+        self.order.append(step)
+        self._local = {}
+
+    def _reap(self) -> None:
+        for sid, ref in list(self._backward.items()):
+            if ref.expired():
+                self.died[sid] = self.step
+                del self._backward[sid]
+
+    def finish(self) -> None:
+        self._reap()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in _tensors(out):
+            st = t.untyped_storage()
+            if st._cdata not in self._seen:
+                ref = StorageWeakRef(st)
+                self._seen[st._cdata] = ref
+                self._local[st._cdata] = (ref, st.nbytes())
+                if self.step[0] == "backward":
+                    sid = self.reg.add(t, Kind.GRAD, self.step[1])
+                    self.created[sid] = self.step
+                    self._backward[sid] = ref
+        self._local = {k: v for k, v in self._local.items() if not v[0].expired()}
+        live = sum(n for _, n in self._local.values())
+        self.peak[self.step] = max(self.peak.get(self.step, 0), live)
+        return out
 
 
 def _tensors(x: Any) -> list[torch.Tensor]:
@@ -99,11 +183,16 @@ def _tensors(x: Any) -> list[torch.Tensor]:
 
 
 class _StepInterpreter(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, reg: _Registry, param_of: dict[str, torch.Tensor]):
+    def __init__(self, gm: fx.GraphModule, reg: _Registry, param_of: dict[str, torch.Tensor],
+                 workspace: _WorkspaceTracker):
         super().__init__(gm, garbage_collect_values=False)
         self.reg = reg
+        self.workspace = workspace
         self.param_of = param_of
-        self.grad_hooks: list[tuple[fx.Node, int, torch.Tensor]] = []
+        # (node, output index, grad_fn, output_nr): the grad_fn is taken right after the node ran,
+        # so an in-place op later on the same tensor does not move it
+        self.grad_fns: list[tuple[fx.Node, int, Any, int]] = []
+        self.grad_fn_of: dict[str, Any] = {}  # an in-place op changes it: that is no pass-through
 
     def run_node(self, n: fx.Node) -> Any:
         packed: list[torch.Tensor] = []
@@ -112,6 +201,7 @@ class _StepInterpreter(fx.Interpreter):
             packed.append(t)
             return t
 
+        self.workspace.enter(("forward", n.name))
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             try:
                 result = super().run_node(n)
@@ -121,6 +211,12 @@ class _StepInterpreter(fx.Interpreter):
                     f"the example inputs do not fit the model: node '{n.name}'{where} failed on "
                     f"fake tensors with {type(e).__name__}: {e}"
                 ) from e
+        # a node that returns one of its inputs unchanged (nn.Identity) is that input, for
+        # autograd too: it has no backward of its own
+        alias = next((a.name for a in n.all_input_nodes if self.env.get(a) is result
+                      and getattr(result, "grad_fn", None) is self.grad_fn_of.get(a.name)), None)
+        self.grad_fn_of[n.name] = getattr(result, "grad_fn", None)
+        n.meta["fxsketch.alias"] = alias if isinstance(result, torch.Tensor) else None
         metas = []
         kind = {"placeholder": Kind.INPUT}.get(n.op, Kind.ACTIVATION)
         for t in _tensors(result):
@@ -131,8 +227,9 @@ class _StepInterpreter(fx.Interpreter):
             else:
                 sid = self.reg.add(t, kind, n.name)
             metas.append(TensorMeta(tuple(t.shape), t.dtype, sid, t.requires_grad))
-            if t.requires_grad:
-                self.grad_hooks.append((n, len(metas) - 1, t))
+            if t.requires_grad and t.grad_fn is not None and n.op not in ("placeholder", "get_attr") \
+                    and n.meta["fxsketch.alias"] is None:
+                self.grad_fns.append((n, len(metas) - 1, t.grad_fn, t.output_nr))
         saved = []
         for t in packed:
             sid = self.reg.find(t)
@@ -202,14 +299,16 @@ def profile_step(
     for i, x in enumerate(fake_inputs):
         reg.add(x, Kind.INPUT, f"input{i}")
 
-    interp = _StepInterpreter(gm, reg, state)
+    workspace = _StepTracker(reg)
+    workspace.add_existing(list(state.values()) + list(fake_inputs))
+    interp = _StepInterpreter(gm, reg, state, workspace)
     runner = _Runner(gm, interp)
     record = StepRecord()
     leaf_grads: dict[int, int] = {}  # id(fake leaf) -> grad storage
 
     def leaf_hook(name: str, t: torch.Tensor):
         def hook(g):
-            leaf_grads[id(t)] = reg.add(g, Kind.PARAM_GRAD, name)
+            leaf_grads[id(t)] = reg.mark(g, Kind.PARAM_GRAD, name)
         return hook
 
     seen = set()
@@ -220,17 +319,24 @@ def profile_step(
             seen.add(id(t))
             t.register_hook(leaf_hook(name, t))
 
-    with mode:
+    with mode, workspace:
         out = torch.func.functional_call(runner, {f"gm.{k}": v for k, v in state.items()}, fake_inputs)
         record.output_storages = tuple(dict.fromkeys(reg.find(t) for t in _tensors(out)))
         node_grads: dict[tuple[str, int], int] = {}
-        for n, i, t in interp.grad_hooks:
-            if not t.is_leaf:
-                def hook(g, key=(n.name, i)):
-                    node_grads[key] = reg.add(g, Kind.GRAD, key[0])
-                t.register_hook(hook)
+        by_fn: dict[int, tuple[Any, list[tuple[fx.Node, int, int]]]] = {}
+        for n, i, fn, nr in interp.grad_fns:
+            by_fn.setdefault(id(fn), (fn, []))[1].append((n, i, nr))
+        for fn, users in by_fn.values():
+            def prehook(grad_outputs, users=users):
+                for n, i, nr in users:
+                    g = grad_outputs[nr]
+                    if g is not None:
+                        node_grads[(n.name, i)] = reg.add(g, Kind.GRAD, n.name)
+                workspace.enter(("backward", users[0][0].name))  # the node that made this grad_fn
+            fn.register_prehook(prehook)
         packed: list[torch.Tensor] = []
         known = set(reg.infos)
+        workspace.enter(("loss", "loss"))
         with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
             loss = loss_fn(out)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
@@ -243,9 +349,10 @@ def profile_step(
         record.loss_saved = tuple(dict.fromkeys(
             (reg.find(t) if reg.find(t) is not None else reg.add(t, Kind.INTERNAL, "loss")) for t in packed))
         record.loss_allocs += tuple(s for s in record.loss_saved if s not in known)
+        workspace.enter(("backward", "loss"))
         loss.backward()
+        workspace.finish()
 
-    name_of_real = {id(p): name for name, p in params.items()}
     for n in gm.graph.nodes:
         metas = n.meta.get("fxsketch.tensor", ())
         if n.op in ("get_attr", "placeholder"):
@@ -253,13 +360,10 @@ def profile_step(
         else:
             grads = tuple(node_grads.get((n.name, i)) for i in range(len(metas)))
         n.meta["fxsketch.grad"] = grads
-        pg: list[int] = []
-        if n.op == "call_module":
-            for p in gm.get_submodule(n.target).parameters():
-                sid = leaf_grads.get(id(state[name_of_real[id(p)]])) if id(p) in name_of_real else None
-                if sid is not None and sid not in pg:
-                    pg.append(sid)
-        n.meta["fxsketch.param_grads"] = tuple(pg)
     record.storages = dict(reg.infos)
+    record.step_peaks = dict(workspace.peak)
+    record.backward_order = tuple(k for k in workspace.order if k[0] == "backward")
+    record.backward_created = dict(workspace.created)
+    record.backward_died = dict(workspace.died)
     gm.meta["fxsketch.step"] = record
     return record

@@ -1,0 +1,176 @@
+"""The memory plan: data (frozen dataclasses) and its renderers (text, JSON, plot).
+
+Renderers only format what the data holds; nothing is recomputed here.
+"""
+from __future__ import annotations
+
+import enum
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .units import format_bytes
+
+__all__ = ["Option", "Decision", "NodeRow", "TimelineData", "MemoryPlan"]
+
+
+class Option(enum.Enum):
+    KEEP = "keep"
+    PROBE = "probe"
+    LEAN = "lean"
+    RECOMPUTE = "recompute"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the planner chose for one node."""
+
+    node: str
+    option: Option
+    detail: str = ""              # e.g. "spatial, r=64 (1/16 of X)" or "segment bn1..relu"
+    freed_bytes: int = 0          # drop of the predicted peak when this choice is added last
+    extra_time: float = 0.0       # estimated extra step time, fraction of the step
+    grad_noise: float = 0.0       # probe noise / SGD noise of this layer's dW (0 if exact)
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    """One line of the per-node table."""
+
+    name: str
+    op: str
+    target: str
+    shape: tuple[int, ...] | None
+    output_bytes: int
+    saved_bytes: int              # bytes kept for this node's backward, not counting parameters
+    freed: str                    # when the output's storage is released, e.g. "backward layer1_0_conv1"
+    option: str = "keep"
+
+
+@dataclass(frozen=True)
+class TimelineData:
+    steps: tuple[tuple[str, str], ...]
+    live_bytes: tuple[int, ...]
+    by_category: tuple[dict[str, int], ...]
+    peak_bytes: int
+    peak_step: int
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """Predicted memory of one training step (forward, loss, backward), before and after planning.
+
+    ``print(plan)`` shows the summary and the per-node table; ``plan.to_dict()`` is JSON-ready;
+    ``plan.save("plan.png")`` (or .svg / .html) draws the timeline.
+    """
+
+    model: str
+    parameter_bytes: int
+    input_bytes: int
+    baseline: TimelineData
+    timeline: TimelineData
+    rows: tuple[NodeRow, ...]
+    alive_at_peak: tuple[tuple[str, str, int], ...]  # (owner, category, bytes), largest first
+    decisions: tuple[Decision, ...] = ()
+    budget_bytes: int | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def baseline_peak_bytes(self) -> int:
+        return self.baseline.peak_bytes
+
+    @property
+    def peak_bytes(self) -> int:
+        return self.timeline.peak_bytes
+
+    @property
+    def peak_step(self) -> int:
+        return self.timeline.peak_step
+
+    @property
+    def peak_node(self) -> str:
+        phase, node = self.timeline.steps[self.timeline.peak_step]
+        return f"{phase} {node}"
+
+    @property
+    def breakdown(self) -> dict[str, int]:
+        return dict(self.timeline.by_category[self.timeline.peak_step])
+
+    # ---- renderers -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        for tl in ("baseline", "timeline"):
+            d[tl]["steps"] = [list(s) for s in d[tl]["steps"]]
+        d["decisions"] = [{**asdict(x), "option": x.option.value} for x in self.decisions]
+        d["baseline_peak_bytes"] = self.baseline_peak_bytes
+        d["peak_bytes"] = self.peak_bytes
+        d["peak_node"] = self.peak_node
+        d["breakdown"] = self.breakdown
+        return d
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=1, default=str)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    def summary(self) -> str:
+        b = self.breakdown
+        lines = [
+            f"fxsketch memory plan for {self.model}",
+            f"  parameters        {format_bytes(self.parameter_bytes):>12}",
+            f"  inputs            {format_bytes(self.input_bytes):>12}",
+            f"  predicted peak    {format_bytes(self.peak_bytes):>12}  at step {self.peak_step} "
+            f"({self.peak_node})",
+        ]
+        if self.decisions or self.peak_bytes != self.baseline_peak_bytes:
+            ratio = self.baseline_peak_bytes / max(self.peak_bytes, 1)
+            lines.append(f"  unmodified peak   {format_bytes(self.baseline_peak_bytes):>12}  "
+                         f"({ratio:.2f}x lower after planning)")
+        if self.budget_bytes is not None:
+            lines.append(f"  budget            {format_bytes(self.budget_bytes):>12}")
+        lines.append("  at the peak:  " + ",  ".join(f"{k} {format_bytes(v)}" for k, v in b.items()))
+        top = ", ".join(f"{o} ({c}, {format_bytes(n)})" for o, c, n in self.alive_at_peak[:5])
+        lines.append(f"  largest alive:  {top}")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def decisions_table(self) -> str:
+        if not self.decisions:
+            return ""
+        head = ("node", "option", "detail", "freed at peak", "extra time", "grad noise")
+        rows = [(d.node, d.option.value, d.detail, format_bytes(d.freed_bytes),
+                 f"{100 * d.extra_time:.1f}%", f"{d.grad_noise:.2f}" if d.grad_noise else "-")
+                for d in self.decisions]
+        return _table(head, rows)
+
+    def node_table(self) -> str:
+        head = ("node", "op", "target", "output shape", "saved for bwd", "freed at", "option")
+        rows = [(r.name, r.op, _short(r.target), "x".join(map(str, r.shape)) if r.shape else "-",
+                 format_bytes(r.saved_bytes) if r.saved_bytes else "-", r.freed, r.option)
+                for r in self.rows]
+        return _table(head, rows)
+
+    def __str__(self) -> str:
+        parts = [self.summary()]
+        if self.decisions:
+            parts += ["", "decisions:", self.decisions_table()]
+        parts += ["", self.node_table()]
+        return "\n".join(parts)
+
+    def save(self, path: str | Path) -> Path:
+        """Draw the timeline (live bytes per step, by category) to .png, .svg or .html."""
+        from ._plot import save_timeline
+        return save_timeline(self, Path(path))
+
+
+def _short(text: str, width: int = 28) -> str:
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def _table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    sep = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt.format(*head), sep] + [fmt.format(*map(str, r)) for r in rows])

@@ -1,0 +1,1 @@
+"""Compiler passes of fxsketch, run in this order: trace → saved → liveness → candidates → solve → rewrite."""
