@@ -1,0 +1,183 @@
+"""Lean companions with exact gradients: they save a bit mask or small window offsets, not tensors.
+
+* ``lean_relu`` / ``lean_leaky_relu`` save a packed 1-bit-per-element mask (uint8, 8 per byte)
+  instead of their output or input: 1/32 of an fp32 activation.
+* ``lean_max_pool`` saves the argmax as the offset inside its window in the smallest integer
+  dtype that holds the window size (uint8 up to 256 window elements), not int64 flat indices.
+
+Freeing the activation is the point: a probed conv after a lean ReLU lets the ReLU output die.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["lean_relu", "lean_leaky_relu", "lean_max_pool", "pack_bits", "unpack_bits"]
+
+_SHIFTS = torch.arange(8, dtype=torch.uint8)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """Pack a bool tensor into uint8, 8 elements per byte (element i -> bit i % 8 of byte i // 8).
+
+    >>> pack_bits(torch.tensor([True, False, True, True, False, False, False, False, True]))
+    tensor([13,  1], dtype=torch.uint8)
+    """
+    flat = mask.reshape(-1)
+    pad = (-flat.numel()) % 8
+    if pad:
+        flat = torch.cat([flat, flat.new_zeros(pad)])
+    bits = flat.view(-1, 8).to(torch.uint8)
+    # OR of shifted columns in uint8: no int64 transient (a weighted sum would promote to int64).
+    out = bits[:, 0].clone()
+    for i in range(1, 8):
+        out |= bits[:, i] << i
+    return out
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: a flat bool tensor of ``numel`` elements."""
+    bits = (packed[:, None] >> _SHIFTS.to(packed.device)) & 1
+    return bits.view(-1)[:numel].bool()
+
+
+class _LeanReLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, negative_slope, inplace):
+        # Mask from the input before any in-place write; matches torch's rules at 0 and NaN:
+        # relu passes the gradient where not (out <= 0), leaky_relu where x > 0.
+        if negative_slope is None:
+            keep = ~(x <= 0)
+            out = x.relu_() if inplace else torch.relu(x)
+        else:
+            keep = x > 0
+            out = F.leaky_relu(x, negative_slope, inplace=inplace)
+        if inplace:
+            ctx.mark_dirty(x)
+        ctx.shape, ctx.slope = x.shape, negative_slope
+        ctx.save_for_backward(pack_bits(keep))
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (packed,) = ctx.saved_tensors
+        keep = unpack_bits(packed, math.prod(ctx.shape)).view(ctx.shape)
+        if ctx.slope is None:
+            return torch.where(keep, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)), None, None
+        return torch.where(keep, grad, grad * ctx.slope), None, None
+
+
+def lean_relu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """``F.relu`` that saves a 1-bit mask (x.numel() / 8 bytes) for backward.
+
+    >>> lean_relu(torch.tensor([-1.0, 2.0]))
+    tensor([0., 2.])
+    """
+    return _LeanReLU.apply(x, None, bool(inplace))
+
+
+def lean_leaky_relu(x: torch.Tensor, negative_slope: float = 0.01, inplace: bool = False) -> torch.Tensor:
+    """``F.leaky_relu`` that saves a 1-bit mask; any slope works in place (the mask comes from x)."""
+    return _LeanReLU.apply(x, float(negative_slope), bool(inplace))
+
+
+def _offset_dtype(window: int) -> torch.dtype:
+    """Smallest integer dtype whose values cover offsets 0..window-1."""
+    if window <= 256:
+        return torch.uint8
+    return torch.int16 if window <= 2**15 else torch.int32
+
+
+def _axes(out_shape, geo):
+    """Per-axis window starts (broadcastable over the output spatial shape)."""
+    d = len(out_shape)
+    starts = []
+    for a in range(d):
+        shape = [1] * d
+        shape[a] = out_shape[a]
+        starts.append((torch.arange(out_shape[a]) * geo["stride"][a] - geo["padding"][a]).view(shape))
+    return starts
+
+
+class _LeanMaxPool(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):
+        d = len(kernel)
+        fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[d]
+        out, idx = fn(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+        geo = {"kernel": kernel, "stride": stride, "padding": padding, "dilation": dilation}
+        in_sp, out_sp = x.shape[2:], out.shape[2:]
+        # Flat plane index -> per-axis coordinate -> offset inside the window, ravelled.
+        offset = torch.zeros_like(idx)
+        rest = idx
+        coords = []
+        for a in reversed(range(d)):
+            coords.append(rest % in_sp[a])
+            rest = rest // in_sp[a]
+        coords.reverse()
+        for a, start in enumerate(_axes(out_sp, geo)):
+            offset = offset * kernel[a] + (coords[a] - start.to(idx.device)) // dilation[a]
+        ctx.geo, ctx.in_shape = geo, x.shape
+        ctx.save_for_backward(offset.to(_offset_dtype(math.prod(kernel))))
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (offset,) = ctx.saved_tensors
+        geo, in_shape = ctx.geo, ctx.in_shape
+        in_sp, out_sp, kernel = in_shape[2:], grad.shape[2:], geo["kernel"]
+        rest = offset.long()
+        flat = torch.zeros((), dtype=torch.int64, device=grad.device)
+        offs = []
+        for a in reversed(range(len(kernel))):
+            offs.append(rest % kernel[a])
+            rest = rest // kernel[a]
+        offs.reverse()
+        for a, start in enumerate(_axes(out_sp, geo)):
+            flat = flat * in_sp[a] + start.to(grad.device) + offs[a] * geo["dilation"][a]
+        n, c = in_shape[:2]
+        dx = torch.zeros(n, c, math.prod(in_sp), dtype=grad.dtype, device=grad.device)
+        dx.scatter_add_(2, flat.reshape(n, c, -1), grad.reshape(n, c, -1))
+        return dx.view(in_shape), None, None, None, None, None
+
+
+def _tuple(v, d, name):
+    if isinstance(v, int):
+        return (v,) * d
+    v = tuple(int(i) for i in v)
+    if len(v) == 1:
+        return v * d
+    if len(v) != d:
+        raise ValueError(f"{name} must be an int or a tuple of {d} ints, got {v}")
+    return v
+
+
+def lean_max_pool(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
+    """``F.max_poolNd`` (N from ``kernel_size`` if a tuple, else from x) saving uint8 window offsets.
+
+    Accepts batched (N, C, *spatial) or unbatched (C, *spatial) input; 1d/2d/3d is read from
+    ``kernel_size`` when it is a tuple, otherwise x is taken as batched.
+
+    >>> lean_max_pool(torch.arange(8.0).view(1, 1, 8), 2)
+    tensor([[[1., 3., 5., 7.]]])
+    """
+    if isinstance(kernel_size, int):
+        if x.dim() not in (3, 4, 5):
+            raise ValueError(f"lean_max_pool needs a (N, C, *spatial) input of 3-5 dims, got {tuple(x.shape)}; "
+                             "pass kernel_size as a tuple to pool unbatched input")
+        d = x.dim() - 2
+    else:
+        d = len(kernel_size)
+    if d not in (1, 2, 3) or x.dim() not in (d + 1, d + 2):
+        raise ValueError(f"a {d}d max pool needs input of {d + 2} dims (or {d + 1} unbatched), got {tuple(x.shape)}")
+    kernel = _tuple(kernel_size, d, "kernel_size")
+    stride = kernel if stride is None or stride == [] or stride == () else _tuple(stride, d, "stride")
+    unbatched = x.dim() == d + 1
+    xb = x.unsqueeze(0) if unbatched else x
+    out = _LeanMaxPool.apply(xb, kernel, stride, _tuple(padding, d, "padding"),
+                             _tuple(dilation, d, "dilation"), bool(ceil_mode))
+    return out.squeeze(0) if unbatched else out

@@ -1,0 +1,282 @@
+"""probed_conv: a convolution whose backward estimates dW from a small sketch of its input.
+
+Y = conv(X, W) needs X only for dW. The forward pass computes Y exactly with ``F.convNd``, and
+stores the sketch Xbar = Z^T X (see :mod:`fxsketch.ops.probes`) instead of X, plus an integer seed.
+The backward pass computes dX and db exactly with torch's own convolution backward (they need
+only W and dY) and regenerates Z from the seed to estimate
+
+    dW[o, c, k] = sum_{n, p} dY[n, o, p] * Xhat[n, c, q(p, k)],   Xhat = Z Z^T X,
+
+with q(p, k) = stride * p + dilation * k - pad_left per axis, and Xhat = 0 where q falls in the
+padding. E[Z Z^T] = I makes E[Xhat] = X, and dW is linear in Xhat, so the estimate is unbiased.
+
+Spatial mode sums in the sketch domain: for each tap k, B_k[j, n, o] = sum_p dY[n, o, p] *
+Z[q(p, k), j] (a scatter of dY into r buckets), then dW[:, :, k] = sum_{n, j} B_k * Xbar (a small
+matmul) — no tensor of X's size is ever rebuilt. Channel mode rebuilds Xhat in batch chunks and
+calls torch's exact weight gradient on it. Both keep transients to a few MiB per chunk.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .probes import check_rank_mode_probe, probe_buckets_and_values
+
+__all__ = ["probed_conv", "ConvGeometry", "conv_geometry"]
+
+# Target transient size (elements) of one chunk in forward and backward; at least one sample.
+CHUNK_ELEMS = 1 << 22
+_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Per-axis conv arguments in explicit form (padding resolved to left/right amounts)."""
+
+    stride: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pad_left: tuple[int, ...]
+    pad_right: tuple[int, ...]
+    groups: int
+
+    @property
+    def symmetric(self) -> bool:
+        return self.pad_left == self.pad_right
+
+
+def _per_axis(value, d: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * d
+    value = tuple(int(v) for v in value)
+    if len(value) == 1:
+        return value * d
+    if len(value) != d:
+        raise ValueError(f"{name} must be an int or a tuple of {d} ints for a {d}d conv, got {value}")
+    return value
+
+
+def conv_geometry(weight_shape, stride, padding, dilation, groups) -> ConvGeometry:
+    """Resolve F.convNd's (stride, padding, dilation) forms into per-axis explicit amounts.
+
+    >>> conv_geometry((8, 4, 3, 4), 1, "same", 1, 1).pad_left, conv_geometry((8, 4, 3, 4), 1, "same", 1, 1).pad_right
+    ((1, 1), (1, 2))
+    """
+    d = len(weight_shape) - 2
+    stride, dilation = _per_axis(stride, d, "stride"), _per_axis(dilation, d, "dilation")
+    if isinstance(padding, str):
+        if padding == "valid":
+            left = right = (0,) * d
+        elif padding == "same":
+            # Same rule as torch: total = dilation * (k - 1), the extra one goes on the right.
+            total = [dl * (k - 1) for dl, k in zip(dilation, weight_shape[2:])]
+            left = tuple(t // 2 for t in total)
+            right = tuple(t - t // 2 for t in total)
+        else:
+            raise ValueError(f"padding string must be 'same' or 'valid', got {padding!r}")
+    else:
+        left = right = _per_axis(padding, d, "padding")
+    return ConvGeometry(stride, dilation, left, right, int(groups))
+
+
+def _chunk(n: int, per_sample: int) -> int:
+    """Samples per chunk so that a chunk holds about CHUNK_ELEMS elements (at least one)."""
+    return max(1, min(n, CHUNK_ELEMS // max(1, per_sample)))
+
+
+def _bucket_sum(src: torch.Tensor, bucket: torch.Tensor, rank: int) -> torch.Tensor:
+    """out[:, j] = sum over columns q with bucket[q] == j of src[:, q] (src 2-D, fp32 out)."""
+    out = torch.zeros(src.shape[0], rank, dtype=torch.float32, device=src.device)
+    return out.scatter_add_(1, bucket.expand(src.shape[0], -1), src.float())
+
+
+def sketch(x: torch.Tensor, seed: int, rank: int, mode: str, probe: str) -> torch.Tensor:
+    """Xbar = Z^T X: (N, C, rank) in spatial mode, (N, rank) in channel mode, in x's dtype."""
+    n, c = x.shape[:2]
+    pixels = math.prod(x.shape[2:])
+    x3 = x.reshape(n, c, pixels)
+    if mode == "spatial":
+        bucket, value = probe_buckets_and_values(seed, torch.arange(pixels, device=x.device),
+                                                 rank, probe, x.device)
+        out = torch.empty(n, c, rank, dtype=x.dtype, device=x.device)
+        step = _chunk(n, c * pixels)
+        for i in range(0, n, step):
+            rows = x3[i:i + step].reshape(-1, pixels)
+            out[i:i + step] = _bucket_sum(rows * value, bucket, rank).view(-1, c, rank)
+        return out
+    out = torch.zeros(n, rank, dtype=torch.float32, device=x.device)
+    step_c = max(1, min(c, CHUNK_ELEMS // max(1, pixels)))
+    for c0 in range(0, c, step_c):
+        pos = torch.arange(c0 * pixels, min(c, c0 + step_c) * pixels, device=x.device)
+        bucket, value = probe_buckets_and_values(seed, pos, rank, probe, x.device)
+        step = _chunk(n, pos.numel())
+        for i in range(0, n, step):
+            rows = x3[i:i + step, c0:c0 + step_c].reshape(-1, pos.numel())
+            out[i:i + step] += _bucket_sum(rows * value, bucket, rank)
+    return out.to(x.dtype)
+
+
+def _tap_index(k_idx, out_shape, in_shape, geo: ConvGeometry):
+    """Flat unpadded input index q(p, k) for every output position p, and whether it is real."""
+    flat = torch.zeros((), dtype=torch.int64)
+    valid = torch.ones((), dtype=torch.bool)
+    d = len(out_shape)
+    for a in range(d):
+        shape = [1] * d
+        shape[a] = out_shape[a]
+        q = torch.arange(out_shape[a]) * geo.stride[a] + geo.dilation[a] * k_idx[a] - geo.pad_left[a]
+        valid = valid & ((q >= 0) & (q < in_shape[a])).view(shape)
+        flat = flat * in_shape[a] + q.clamp(0, in_shape[a] - 1).view(shape)
+    return flat.reshape(-1), valid.reshape(-1)
+
+
+def dw_spatial(dy, xbar, seed, rank, probe, in_spatial, weight_shape, geo) -> torch.Tensor:
+    """Estimate dW (fp32) in the sketch domain from dY and a spatial-mode sketch Xbar."""
+    n, o = dy.shape[:2]
+    out_spatial = dy.shape[2:]
+    pixels_in, pixels_out = math.prod(in_spatial), math.prod(out_spatial)
+    c, g = xbar.shape[1], geo.groups
+    bucket_in, value_in = probe_buckets_and_values(
+        seed, torch.arange(pixels_in, device=dy.device), rank, probe, dy.device)
+    taps = []
+    for k_idx in _all_taps(weight_shape[2:]):
+        flat, valid = _tap_index(k_idx, out_spatial, in_spatial, geo)
+        flat, valid = flat.to(dy.device), valid.to(dy.device)
+        taps.append((bucket_in[flat], value_in[flat] * valid))
+    dw = torch.zeros(len(taps), g, o // g, c // g, dtype=torch.float32, device=dy.device)
+    step = _chunk(n, o * pixels_out)
+    for i in range(0, n, step):
+        # (pixels_out, n*o): a scatter over rows adds contiguous rows, the fast layout.
+        dyt = dy[i:i + step].reshape(-1, o, pixels_out).float().permute(2, 0, 1).reshape(pixels_out, -1)
+        xb = xbar[i:i + step].float().view(-1, g, c // g, rank)
+        for t, (bucket, value) in enumerate(taps):
+            b = torch.zeros(rank, dyt.shape[1], dtype=torch.float32, device=dy.device)
+            b.index_add_(0, bucket, dyt * value[:, None])
+            dw[t] += torch.einsum("jngo,ngcj->goc", b.view(rank, -1, g, o // g), xb)
+    return dw.permute(1, 2, 3, 0).reshape(weight_shape)
+
+
+def _all_taps(kernel):
+    """Every kernel tap as a tuple of per-axis indices, in row-major (weight layout) order."""
+    return [tuple(int(v) for v in idx) for idx in torch.cartesian_prod(
+        *[torch.arange(k) for k in kernel]).view(-1, len(kernel)).tolist()]
+
+
+def reconstruct(xbar, seed, rank, mode, probe, x_shape, n_slice=slice(None)) -> torch.Tensor:
+    """Xhat = Z Z^T X for the samples in ``n_slice`` (fp32), from the sketch alone."""
+    c = x_shape[1]
+    pixels = math.prod(x_shape[2:])
+    xb = xbar[n_slice].float()
+    if mode == "spatial":
+        bucket, value = probe_buckets_and_values(seed, torch.arange(pixels, device=xbar.device),
+                                                 rank, probe, xbar.device)
+        xhat = xb[:, :, bucket] * value
+    else:
+        bucket, value = probe_buckets_and_values(seed, torch.arange(c * pixels, device=xbar.device),
+                                                 rank, probe, xbar.device)
+        xhat = xb[:, bucket] * value
+    return xhat.view(-1, *x_shape[1:])
+
+
+def exact_weight_grad(dy, x, weight_shape, geo: ConvGeometry) -> torch.Tensor:
+    """torch's own dW of conv(x, W) for the output gradient dy (x padded explicitly if asymmetric)."""
+    padding = list(geo.pad_left)
+    if not geo.symmetric:
+        pads = [p for a in reversed(range(len(padding))) for p in (geo.pad_left[a], geo.pad_right[a])]
+        x, padding = F.pad(x, pads), [0] * len(padding)
+    w = dy.new_empty(1).expand(weight_shape)
+    return torch.ops.aten.convolution_backward(
+        dy, x, w, None, list(geo.stride), padding, list(geo.dilation), False,
+        [0] * len(padding), geo.groups, [False, True, False])[1]
+
+
+def dw_channel(dy, xbar, seed, rank, probe, x_shape, weight_shape, geo) -> torch.Tensor:
+    """Estimate dW (fp32) by rebuilding Xhat in batch chunks and calling torch's exact wgrad."""
+    n = x_shape[0]
+    dw = torch.zeros(weight_shape, dtype=torch.float32, device=dy.device)
+    step = _chunk(n, math.prod(x_shape[1:]))
+    for i in range(0, n, step):
+        xhat = reconstruct(xbar, seed, rank, "channel", probe, x_shape, slice(i, i + step))
+        dw += exact_weight_grad(dy[i:i + step].float(), xhat, weight_shape, geo)
+    return dw
+
+
+def _input_and_bias_grad(dy, x_shape, weight, has_bias, need_dx, need_db, geo):
+    """Exact dX and db with torch's convolution backward (they need only W and dY)."""
+    d = len(geo.stride)
+    shape, padding = list(x_shape), list(geo.pad_left)
+    if not geo.symmetric:
+        # Asymmetric 'same': gradient of a padding-free conv on the padded input, then crop.
+        shape = shape[:2] + [s + l + r for s, l, r in zip(shape[2:], geo.pad_left, geo.pad_right)]
+        padding = [0] * d
+    x_stub = dy.new_empty(1).expand(shape)
+    dx, _, db = torch.ops.aten.convolution_backward(
+        dy, x_stub, weight, [weight.shape[0]] if has_bias else None, list(geo.stride), padding,
+        list(geo.dilation), False, [0] * d, geo.groups, [need_dx, False, need_db])
+    if need_dx and not geo.symmetric:
+        dx = dx[(slice(None), slice(None)) + tuple(slice(l, l + s) for l, s in zip(geo.pad_left, x_shape[2:]))]
+    return dx, db
+
+
+class _ProbedConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, rank, mode, probe):
+        d = weight.dim() - 2
+        y = _CONV_FN[d](x, weight, bias, stride, padding, dilation, groups)
+        ctx.geo = conv_geometry(tuple(weight.shape), stride, padding, dilation, groups)
+        ctx.x_shape, ctx.has_bias = tuple(x.shape), bias is not None
+        ctx.rank, ctx.mode, ctx.probe = rank, mode, probe
+        if ctx.needs_input_grad[1]:
+            # One draw from the caller's RNG: fresh probes every step, reproducible under manual_seed.
+            ctx.seed = int(torch.randint(2**31 - 1, ()).item())
+            ctx.save_for_backward(sketch(x.detach(), ctx.seed, rank, mode, probe), weight)
+        else:
+            ctx.seed = None
+            ctx.save_for_backward(weight)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        saved = ctx.saved_tensors
+        weight = saved[-1]
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        dx = db = dw = None
+        if need_dx or need_db:
+            dx, db = _input_and_bias_grad(dy, ctx.x_shape, weight, ctx.has_bias, need_dx, need_db, ctx.geo)
+        if need_dw:
+            args = (dy, saved[0], ctx.seed, ctx.rank, ctx.probe)
+            if ctx.mode == "spatial":
+                dw = dw_spatial(*args, ctx.x_shape[2:], tuple(weight.shape), ctx.geo)
+            else:
+                dw = dw_channel(*args, ctx.x_shape, tuple(weight.shape), ctx.geo)
+            dw = dw.to(weight.dtype)
+        return dx, dw, db if need_db else None, None, None, None, None, None, None, None
+
+
+def probed_conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
+                rank, mode="spatial", probe="gaussian"):
+    """A 1d/2d/3d convolution (from ``weight.dim()``) with an unbiased, sketched dW.
+
+    Takes every argument ``F.convNd`` takes; output, dX and db are torch's own, dW is estimated
+    from a sketch of ``rank`` probe columns (mode="spatial": N x C x rank values saved; mode="channel":
+    N x rank). Each call draws one integer seed from torch's default RNG when the weight needs a
+    gradient, so results are reproducible under ``torch.manual_seed``.
+
+    >>> x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3, requires_grad=True)
+    >>> probed_conv(x, w, padding="same", rank=16).shape
+    torch.Size([2, 4, 8, 8])
+    """
+    check_rank_mode_probe(rank, mode, probe)
+    if weight.dim() - 2 not in _CONV_FN:
+        raise ValueError(f"weight must be 3-, 4- or 5-dimensional (1d/2d/3d conv), got shape {tuple(weight.shape)}")
+    d = weight.dim() - 2
+    if input.dim() not in (d + 1, d + 2):
+        raise ValueError(f"a {d}d conv (weight {tuple(weight.shape)}) needs input of {d + 2} dims "
+                         f"(N, C, *spatial) or {d + 1} unbatched, got input shape {tuple(input.shape)}")
+    unbatched = input.dim() == d + 1
+    x = input.unsqueeze(0) if unbatched else input
+    y = _ProbedConv.apply(x, weight, bias, stride, padding, dilation, groups, rank, mode, probe)
+    return y.squeeze(0) if unbatched else y
