@@ -118,18 +118,26 @@ def sketch(x: torch.Tensor, seed: int, rank: int, mode: str, probe: str) -> torc
     return out.to(x.dtype)
 
 
-def _tap_index(k_idx, out_shape, in_shape, geo: ConvGeometry):
-    """Flat unpadded input index q(p, k) for every output position p, and whether it is real."""
-    flat = torch.zeros((), dtype=torch.int64)
-    valid = torch.ones((), dtype=torch.bool)
+def tap_indices(kernel, out_shape, in_shape, geo: ConvGeometry, device=None):
+    """Flat unpadded input index q(p, k) for every tap k and output position p, shape (K, P_out),
+    and whether it is a real input position (False where it falls in the zero padding).
+
+    Per axis q = stride * p + dilation * k - pad_left: stride and dilation enter only here.
+    """
     d = len(out_shape)
+    flat = torch.zeros((), dtype=torch.int64, device=device)
+    valid = torch.ones((), dtype=torch.bool, device=device)
     for a in range(d):
-        shape = [1] * d
-        shape[a] = out_shape[a]
-        q = torch.arange(out_shape[a]) * geo.stride[a] + geo.dilation[a] * k_idx[a] - geo.pad_left[a]
-        valid = valid & ((q >= 0) & (q < in_shape[a])).view(shape)
-        flat = flat * in_shape[a] + q.clamp(0, in_shape[a] - 1).view(shape)
-    return flat.reshape(-1), valid.reshape(-1)
+        # Axis a of a (k_0..k_{d-1}, p_0..p_{d-1}) grid, broadcast against the others.
+        k_shape, p_shape = [1] * (2 * d), [1] * (2 * d)
+        k_shape[a], p_shape[d + a] = kernel[a], out_shape[a]
+        k = torch.arange(kernel[a], device=device).view(k_shape)
+        p = torch.arange(out_shape[a], device=device).view(p_shape)
+        q = p * geo.stride[a] + k * geo.dilation[a] - geo.pad_left[a]
+        valid = valid & (q >= 0) & (q < in_shape[a])
+        flat = flat * in_shape[a] + q.clamp(0, in_shape[a] - 1)
+    taps, pixels_out = math.prod(kernel), math.prod(out_shape)
+    return flat.reshape(taps, pixels_out), valid.reshape(taps, pixels_out)
 
 
 def dw_spatial(dy, xbar, seed, rank, probe, in_spatial, weight_shape, geo) -> torch.Tensor:
@@ -140,28 +148,19 @@ def dw_spatial(dy, xbar, seed, rank, probe, in_spatial, weight_shape, geo) -> to
     c, g = xbar.shape[1], geo.groups
     bucket_in, value_in = probe_buckets_and_values(
         seed, torch.arange(pixels_in, device=dy.device), rank, probe, dy.device)
-    taps = []
-    for k_idx in _all_taps(weight_shape[2:]):
-        flat, valid = _tap_index(k_idx, out_spatial, in_spatial, geo)
-        flat, valid = flat.to(dy.device), valid.to(dy.device)
-        taps.append((bucket_in[flat], value_in[flat] * valid))
-    dw = torch.zeros(len(taps), g, o // g, c // g, dtype=torch.float32, device=dy.device)
+    flat, valid = tap_indices(weight_shape[2:], out_spatial, in_spatial, geo, dy.device)
+    buckets, values = bucket_in[flat], value_in[flat] * valid  # (K, P_out): probe shifted per tap
+    dw = torch.zeros(flat.shape[0], g, o // g, c // g, dtype=torch.float32, device=dy.device)
     step = _chunk(n, o * pixels_out)
     for i in range(0, n, step):
-        # (pixels_out, n*o): a scatter over rows adds contiguous rows, the fast layout.
+        # (P_out, n*o): index_add over rows adds contiguous rows, the fast layout.
         dyt = dy[i:i + step].reshape(-1, o, pixels_out).float().permute(2, 0, 1).reshape(pixels_out, -1)
         xb = xbar[i:i + step].float().view(-1, g, c // g, rank)
-        for t, (bucket, value) in enumerate(taps):
+        for t in range(flat.shape[0]):
             b = torch.zeros(rank, dyt.shape[1], dtype=torch.float32, device=dy.device)
-            b.index_add_(0, bucket, dyt * value[:, None])
+            b.index_add_(0, buckets[t], dyt * values[t, :, None])
             dw[t] += torch.einsum("jngo,ngcj->goc", b.view(rank, -1, g, o // g), xb)
     return dw.permute(1, 2, 3, 0).reshape(weight_shape)
-
-
-def _all_taps(kernel):
-    """Every kernel tap as a tuple of per-axis indices, in row-major (weight layout) order."""
-    return [tuple(int(v) for v in idx) for idx in torch.cartesian_prod(
-        *[torch.arange(k) for k in kernel]).view(-1, len(kernel)).tolist()]
 
 
 def reconstruct(xbar, seed, rank, mode, probe, x_shape, n_slice=slice(None)) -> torch.Tensor:
