@@ -19,7 +19,7 @@ wrap mod 2**32), so buckets are bit-identical to the reference and values agree 
 The per-stream keys are computed on the host with ``probes.stream_key``.
 
 Without a GPU the kernels run on CPU tensors under the Triton interpreter (``TRITON_INTERPRET=1``,
-which must be set before triton is imported); that is how CI tests them.
+read when the first kernel is launched); that is how CI tests them.
 """
 from __future__ import annotations
 
@@ -47,9 +47,28 @@ except Exception:  # ImportError, or a triton that fails to load its backend
     triton = tl = None
     HAS_TRITON = False
 
-# triton.jit picks interpreter or compiler when the kernels are decorated (at import of this
-# module), so a later change of the environment variable has no effect on them.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# triton.jit picks interpreter or compiler when a kernel is decorated. The kernels below are
+# decorated on first use (see _build), so importing this module early (e.g. from probed_conv)
+# does not fix the mode before a test sets TRITON_INTERPRET; once built, the mode is fixed.
+_BUILT_INTERPRET: bool | None = None
+_KERNELS = ("_mix32", "_probe", "_sketch_kernel", "_dw_scatter_kernel", "_reconstruct_kernel")
+
+
+def _interpret() -> bool:
+    """Whether the kernels run (or, not built yet, will run) under Triton's interpreter."""
+    if _BUILT_INTERPRET is not None:
+        return _BUILT_INTERPRET
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _build() -> None:
+    """Decorate the kernel functions with triton.jit, once (they call each other by global name)."""
+    global _BUILT_INTERPRET
+    if _BUILT_INTERPRET is None:
+        mode = _interpret()
+        for name in _KERNELS:
+            globals()[name] = triton.jit(globals()[name])
+        _BUILT_INTERPRET = mode
 
 # Transient fp32 elements of B in one dw_spatial_triton chunk (64 MiB); at least one sample-tap.
 B_CHUNK_ELEMS = 1 << 24
@@ -61,7 +80,7 @@ def triton_available(device) -> bool:
     """Whether the Triton kernels can run on ``device`` (a torch.device, str or tensor).
 
     True when triton imports and the device is CUDA, or the device is CPU and this process runs
-    Triton's interpreter (TRITON_INTERPRET=1 set before import).
+    Triton's interpreter (TRITON_INTERPRET=1 set before the first kernel launch).
 
     >>> triton_available("meta")
     False
@@ -72,17 +91,18 @@ def triton_available(device) -> bool:
         device = device.device
     device = torch.device(device)
     if device.type == "cuda":
-        return _INTERPRET or torch.cuda.is_available()
-    return device.type == "cpu" and _INTERPRET
+        return _interpret() or torch.cuda.is_available()
+    return device.type == "cpu" and _interpret()
 
 
 def _require(device) -> None:
     if not triton_available(device):
         why = ("triton is not installed" if not HAS_TRITON else
                f"tensors are on {torch.device(device).type}; the kernels need CUDA, or CPU tensors "
-               "with TRITON_INTERPRET=1 set before triton is imported")
+               "with TRITON_INTERPRET=1 set before the first kernel launch")
         raise RuntimeError(f"fxsketch Triton kernels unavailable: {why}; use the torch reference "
                            "in fxsketch.ops.probed_conv instead")
+    _build()
 
 
 def _keys(seed: int) -> tuple[int, int, int, int]:
@@ -101,8 +121,8 @@ def _launch_sizes(rows: int, cols: int, device) -> tuple[int, int]:
 
 
 if HAS_TRITON:
+    # Plain functions until _build() decorates them.
 
-    @triton.jit
     def _mix32(x):
         # lowbias32 on uint32: the products wrap mod 2**32 exactly like probes.mix32.
         x = x ^ (x >> 16)
@@ -112,7 +132,6 @@ if HAS_TRITON:
         x = x ^ (x >> 16)
         return x
 
-    @triton.jit
     def _probe(q, rank, key_b, key_v, key_v2, key_s, PROBE: tl.constexpr):
         """(bucket int32, value fp32) of int64 positions q in [0, 2**32), as probes.probe_buckets_and_values."""
         qu = q.to(tl.uint32)
@@ -131,7 +150,6 @@ if HAS_TRITON:
             value = 1.0 - 2.0 * (u >> 31).to(tl.float32)
         return bucket.to(tl.int32), value
 
-    @triton.jit
     def _sketch_kernel(x_ptr, out_ptr, R, L, C, P, sN, sC, sP, rank,
                        key_b, key_v, key_v2, key_s,
                        PROBE: tl.constexpr, CHANNEL: tl.constexpr,
@@ -154,7 +172,6 @@ if HAS_TRITON:
         dst = out_ptr + rows[:, None] * rank + bucket[None, :]
         tl.atomic_add(dst, x * value[None, :], mask=mask)
 
-    @triton.jit
     def _dw_scatter_kernel(dy_ptr, b_ptr, R, O, NB, P_out, K_lo, K_hi, rank,
                            OD1, OD2, ID0, ID1, ID2, KD1, KD2,
                            S0, S1, S2, D0, D1, D2, PL0, PL1, PL2,
@@ -190,7 +207,6 @@ if HAS_TRITON:
             dst = b_ptr + row_base[:, None] + bucket[None, :]
             tl.atomic_add(dst, dy * value[None, :], mask=rmask[:, None] & valid[None, :])
 
-    @triton.jit
     def _reconstruct_kernel(xbar_ptr, out_ptr, R, L, C, P, rank,
                             key_b, key_v, key_v2, key_s,
                             PROBE: tl.constexpr, CHANNEL: tl.constexpr,
