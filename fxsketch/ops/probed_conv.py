@@ -150,16 +150,22 @@ def dw_spatial(dy, xbar, seed, rank, probe, in_spatial, weight_shape, geo) -> to
         seed, torch.arange(pixels_in, device=dy.device), rank, probe, dy.device)
     flat, valid = tap_indices(weight_shape[2:], out_spatial, in_spatial, geo, dy.device)
     buckets, values = bucket_in[flat], value_in[flat] * valid  # (K, P_out): probe shifted per tap
+    taps = torch.arange(flat.shape[0], device=dy.device)
     dw = torch.zeros(flat.shape[0], g, o // g, c // g, dtype=torch.float32, device=dy.device)
     step = _chunk(n, o * pixels_out)
     for i in range(0, n, step):
         # (P_out, n*o): index_add over rows adds contiguous rows, the fast layout.
         dyt = dy[i:i + step].reshape(-1, o, pixels_out).float().permute(2, 0, 1).reshape(pixels_out, -1)
         xb = xbar[i:i + step].float().view(-1, g, c // g, rank)
-        for t in range(flat.shape[0]):
-            b = torch.zeros(rank, dyt.shape[1], dtype=torch.float32, device=dy.device)
-            b.index_add_(0, buckets[t], dyt * values[t, :, None])
-            dw[t] += torch.einsum("jngo,ngcj->goc", b.view(rank, -1, g, o // g), xb)
+        # Taps in blocks: one scatter and one matmul per block, transient <= ~CHUNK_ELEMS.
+        t_step = max(1, min(len(taps), CHUNK_ELEMS // max(1, dyt.numel())))
+        for t in range(0, len(taps), t_step):
+            kb = len(taps[t:t + t_step])
+            src = (values[t:t + t_step, :, None] * dyt).reshape(kb * pixels_out, -1)
+            index = (buckets[t:t + t_step] + rank * taps[:kb, None]).view(-1)
+            b = torch.zeros(kb * rank, dyt.shape[1], dtype=torch.float32, device=dy.device)
+            b.index_add_(0, index, src)
+            dw[t:t + kb] += torch.einsum("kjngo,ngcj->kgoc", b.view(kb, rank, -1, g, o // g), xb)
     return dw.permute(1, 2, 3, 0).reshape(weight_shape)
 
 
@@ -223,8 +229,8 @@ class _ProbedConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, rank, mode, probe):
         d = weight.dim() - 2
-        y = _CONV_FN[d](x, weight, bias, stride, padding, dilation, groups)
         ctx.geo = conv_geometry(tuple(weight.shape), stride, padding, dilation, groups)
+        y = _CONV_FN[d](x, weight, bias, stride, padding, dilation, groups)
         ctx.x_shape, ctx.has_bias = tuple(x.shape), bias is not None
         ctx.rank, ctx.mode, ctx.probe = rank, mode, probe
         if ctx.needs_input_grad[1]:
