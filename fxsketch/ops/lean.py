@@ -172,7 +172,9 @@ def lean_max_pool(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=
         d = x.dim() - 2
     else:
         d = len(kernel_size)
-    if d not in (1, 2, 3) or x.dim() not in (d + 1, d + 2):
+    if d not in (1, 2, 3):
+        raise ValueError(f"kernel_size must have 1, 2 or 3 entries (1d/2d/3d pooling), got {kernel_size}")
+    if x.dim() not in (d + 1, d + 2):
         raise ValueError(f"a {d}d max pool needs input of {d + 2} dims (or {d + 1} unbatched), got {tuple(x.shape)}")
     kernel = _tuple(kernel_size, d, "kernel_size")
     stride = kernel if stride is None or stride == [] or stride == () else _tuple(stride, d, "stride")

@@ -1,0 +1,145 @@
+"""Lean ReLU / leaky ReLU / max pool: same outputs and gradients as torch, and they save only a
+bit mask or window offsets."""
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+from fxsketch.ops import lean_leaky_relu, lean_max_pool, lean_relu
+from fxsketch.ops.lean import pack_bits, unpack_bits
+
+POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+
+def _saved(fn, *args, **kwargs):
+    """Output of fn and the tensors autograd saved for its backward."""
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = fn(*args, **kwargs)
+    return out, saved
+
+
+@settings(max_examples=20, deadline=None)
+@given(n=st.integers(0, 40))
+def test_pack_unpack_roundtrip(n):
+    mask = torch.rand(n) > 0.5
+    packed = pack_bits(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(n / 8)
+    assert torch.equal(unpack_bits(packed, n), mask)
+
+
+@pytest.mark.parametrize("fn,ref", [
+    (lean_relu, F.relu),
+    (lambda x, **k: lean_leaky_relu(x, 0.2, **k), lambda x: F.leaky_relu(x, 0.2)),
+])
+def test_relus_match_torch_and_save_only_mask(fn, ref):
+    x = torch.randn(3, 5, 7, requires_grad=True)
+    x_zero = x.detach().clone()
+    x_zero[0, 0, :3] = 0.0  # torch's gradient rule at exactly 0 must match too
+    x_zero.requires_grad_(True)
+    for inp in (x, x_zero):
+        out, saved = _saved(fn, inp)
+        want = ref(inp)
+        torch.testing.assert_close(out, want)
+        g = torch.randn_like(out)
+        torch.testing.assert_close(torch.autograd.grad(out, inp, g)[0], torch.autograd.grad(want, inp, g)[0])
+        assert len(saved) == 1 and saved[0].dtype == torch.uint8
+        assert saved[0].numel() == math.ceil(inp.numel() / 8)
+
+
+def test_gradcheck_float64():
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lean_relu, (x,))
+    assert torch.autograd.gradcheck(lambda t: lean_leaky_relu(t, 0.3), (x,))
+    xp = torch.randn(2, 2, 6, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: lean_max_pool(t, 3, 2, 1), (xp,))
+
+
+def test_inplace_leaky_with_negative_slope():
+    x = torch.randn(10, requires_grad=True)
+    got_in = x.detach().clone().requires_grad_(True)
+    y = lean_leaky_relu(got_in * 1.0, -0.5, inplace=True)
+    torch.testing.assert_close(y, F.leaky_relu(x, -0.5))
+    g = torch.randn(10)
+    torch.testing.assert_close(torch.autograd.grad(y, got_in, g)[0],
+                               torch.where(x > 0, g, -0.5 * g))
+
+
+class _Block(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.conv1, self.bn, self.conv2 = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 4, 3)
+        self.act = act
+
+    def forward(self, x):
+        return self.conv2(self.act(self.bn(self.conv1(x))))
+
+
+@pytest.mark.parametrize("lean,eager", [
+    (lambda t: lean_relu(t, inplace=True), lambda t: F.relu(t, inplace=True)),
+    (lambda t: lean_leaky_relu(t, 0.1, inplace=True), lambda t: F.leaky_relu(t, 0.1, inplace=True)),
+])
+def test_inplace_in_conv_bn_block_matches_eager(lean, eager):
+    torch.manual_seed(0)
+    ref = _Block(eager)
+    mod = _Block(lean)
+    mod.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 3, 9, 9)
+    out_ref, out = ref(x), mod(x)
+    torch.testing.assert_close(out, out_ref)
+    out_ref.square().sum().backward()
+    out.square().sum().backward()
+    for (name, p), q in zip(ref.named_parameters(), mod.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)
+
+
+def test_inplace_on_leaf_is_refused_like_torch():
+    x = torch.randn(4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="in-place"):
+        lean_relu(x, inplace=True)
+
+
+@st.composite
+def pool_cases(draw):
+    d = draw(st.integers(1, 3))
+    kernel = tuple(draw(st.integers(1, 3)) for _ in range(d))
+    stride = tuple(draw(st.integers(1, 3)) for _ in range(d))
+    dilation = tuple(draw(st.integers(1, 2)) for _ in range(d))
+    padding = tuple(draw(st.integers(0, k // 2)) for k in kernel)
+    size = tuple(dl * (k - 1) + 1 + draw(st.integers(0, {1: 8, 2: 5, 3: 3}[d]))
+                 for k, dl in zip(kernel, dilation))
+    return d, kernel, stride, padding, dilation, draw(st.booleans()), size
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=pool_cases(), unbatched=st.booleans())
+def test_max_pool_matches_torch_and_saves_small_offsets(case, unbatched):
+    d, kernel, stride, padding, dilation, ceil_mode, size = case
+    shape = ((3,) if unbatched else (2, 3)) + size
+    x = torch.randn(shape, requires_grad=True)
+    args = (kernel, stride, padding, dilation, ceil_mode)
+    out, saved = _saved(lean_max_pool, x, *args)
+    want = POOL[d](x, *args)
+    torch.testing.assert_close(out, want)
+    g = torch.randn_like(want)
+    torch.testing.assert_close(torch.autograd.grad(out, x, g)[0], torch.autograd.grad(want, x, g)[0])
+    assert len(saved) == 1 and saved[0].dtype == torch.uint8 and saved[0].numel() == out.numel()
+
+
+def test_max_pool_int_kernel_and_large_window_dtype():
+    x = torch.randn(1, 2, 40, 40, requires_grad=True)
+    out, saved = _saved(lean_max_pool, x, 17, 5)  # 289 window elements: more than uint8 holds
+    torch.testing.assert_close(out, F.max_pool2d(x, 17, 5))
+    assert saved[0].dtype == torch.int16
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0],
+                               torch.autograd.grad(F.max_pool2d(x, 17, 5).sum(), x)[0])
+
+
+def test_max_pool_clear_errors():
+    with pytest.raises(ValueError, match="3-5 dims"):
+        lean_max_pool(torch.randn(4, 4), 2)
+    with pytest.raises(ValueError, match="kernel_size"):
+        lean_max_pool(torch.randn(1, 1, 4, 4), (2, 2, 2, 2, 2))
