@@ -1,0 +1,181 @@
+"""Command line: ``python -m fxsketch plan MODULE:CALLABLE --input 8x3x224x224 [...]``.
+
+With no arguments it plans (and measures) a built-in default model, torchvision's resnet18 at
+8x3x224x224 (a small CNN when torchvision is missing).
+
+    $ python -m fxsketch plan torchvision.models:resnet50 --input 32x3x224x224 --json plan.json
+    fxsketch memory plan for ResNet
+      parameters           97.49 MiB
+      ...
+
+Each subcommand is one ``cmd_<name>(args)`` function registered in :func:`build_parser`;
+:func:`load_model` is what they share (the model and its example inputs from the arguments).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["main", "build_parser", "load_model", "parse_shape"]
+
+DEFAULT_MODEL = "torchvision.models:resnet18"
+DEFAULT_INPUT = "8x3x224x224"
+
+
+# --------------------------------------------------------------------------------------------
+# shared: model and inputs from the arguments
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"8x3x224x224"`` → ``(8, 3, 224, 224)``."""
+    try:
+        shape = tuple(int(d) for d in text.lower().replace("*", "x").split("x"))
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise argparse.ArgumentTypeError(
+            f"cannot read {text!r} as a shape: write positive sizes joined by 'x', e.g. 8x3x224x224")
+    return shape
+
+
+def parse_dtype(text: str) -> torch.dtype:
+    dtype = getattr(torch, text, None)
+    if not isinstance(dtype, torch.dtype):
+        raise argparse.ArgumentTypeError(
+            f"unknown dtype {text!r}: use a torch dtype name such as float32, bfloat16, float16")
+    return dtype
+
+
+def _resolve(spec: str) -> Callable[[], nn.Module]:
+    """``"package.module:callable"`` → the callable (a model class or factory)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise SystemExit(f"fxsketch: model {spec!r} is not MODULE:CALLABLE, e.g. torchvision.models:resnet50")
+    try:
+        obj = importlib.import_module(module_name)
+    except ImportError as e:
+        raise SystemExit(f"fxsketch: cannot import {module_name!r} for {spec!r}: {e}") from e
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise SystemExit(f"fxsketch: {module_name!r} has no {attr!r} (from {spec!r})")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise SystemExit(f"fxsketch: {spec!r} is a {type(obj).__name__}, not a callable that builds a model")
+    return obj
+
+
+class SmallCNN(nn.Sequential):
+    """The default model when torchvision is not installed."""
+
+    def __init__(self, num_classes: int = 10):
+        def block(c_in, c_out):
+            return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out),
+                    nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        super().__init__(*block(3, 32), *block(32, 64), *block(64, 128),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, num_classes))
+
+
+def default_model_spec() -> str:
+    try:
+        importlib.import_module("torchvision")
+    except ImportError:
+        return "fxsketch.__main__:SmallCNN"
+    return DEFAULT_MODEL
+
+
+def load_model(args: argparse.Namespace) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """Build the model from ``args.model`` and one input per ``--input`` (meta tensors when
+    ``args.meta``, so planning a batch that does not fit here allocates nothing)."""
+    model = _resolve(args.model)()
+    if not isinstance(model, nn.Module):
+        raise SystemExit(f"fxsketch: {args.model} returned a {type(model).__name__}, not an nn.Module")
+    device = "meta" if getattr(args, "meta", False) else "cpu"
+    shapes = args.input or [parse_shape(DEFAULT_INPUT)]
+    # integer dtypes (token ids) would need real values: only floating inputs are made up here
+    inputs = tuple(torch.randn(s, dtype=args.dtype, device=device) for s in shapes)
+    model = model.to(dtype=args.dtype) if args.dtype.is_floating_point else model
+    return model, inputs
+
+
+# --------------------------------------------------------------------------------------------
+# subcommands: one function each
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    import fxsketch
+    from fxsketch.units import format_bytes
+
+    model, inputs = load_model(args)
+    p = fxsketch.plan(model, inputs)
+    print(p)
+    if args.json:
+        p.to_json(args.json)
+        print(f"\nwrote {args.json}")
+    if args.plot:
+        p.save(args.plot)
+        print(f"wrote {args.plot}")
+    if args.measure:
+        if any(x.device.type == "meta" for x in inputs):
+            raise SystemExit("fxsketch: --measure needs real inputs; leave out --meta")
+        m = fxsketch.measure(model, inputs)
+        err = 100 * (p.peak_bytes / m.peak_bytes - 1)
+        print(f"\npredicted peak {format_bytes(p.peak_bytes)}, measured {format_bytes(m.peak_bytes)} "
+              f"({err:+.2f}%); {m}")
+    return 0
+
+
+def _add_model_arguments(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """The arguments every subcommand that loads a model takes (see :func:`load_model`)."""
+    p.add_argument("model", nargs=None if required else "?", default=None,
+                   help="MODULE:CALLABLE that builds the model, e.g. torchvision.models:resnet50")
+    p.add_argument("--input", action="append", type=parse_shape, metavar="SHAPE",
+                   help=f"shape of one example input, e.g. {DEFAULT_INPUT}; repeat for several "
+                        f"inputs (default {DEFAULT_INPUT})")
+    p.add_argument("--dtype", type=parse_dtype, default=torch.float32,
+                   help="dtype of the inputs and the model (default float32)")
+    p.add_argument("--meta", action="store_true",
+                   help="plan on meta inputs: shapes only, nothing allocated (not with --measure)")
+
+
+def _add_report_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
+    p.add_argument("--plot", metavar="PATH", help="also draw the timeline (.png, .svg, .pdf, .html)")
+    p.add_argument("--measure", action="store_true",
+                   help="also run real training steps and print predicted vs measured peak")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fxsketch", description="Predict (and cut) the memory of one training step of a PyTorch model.",
+        epilog="With no arguments: plan and measure a default model "
+               f"({DEFAULT_MODEL} at {DEFAULT_INPUT}).")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("plan", help="print the memory plan of one training step")
+    _add_model_arguments(p)
+    _add_report_arguments(p)
+    p.set_defaults(func=cmd_plan)
+    return parser
+
+
+def default_argv() -> list[str]:
+    """What ``python -m fxsketch`` with no arguments runs."""
+    return ["plan", default_model_spec(), "--input", DEFAULT_INPUT, "--measure"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv or default_argv())
+    if args.command is None:
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
