@@ -10,9 +10,14 @@ from torch import nn
 from .passes.liveness import Schedule, Timeline, build_schedule, simulate
 from .passes.saved import Kind, profile_step
 from .passes.trace import check_inputs, trace
-from .plan import Decision, MemoryPlan, NodeRow, TimelineData
+from .config import Config, resolve_budget
+from .passes.candidates import Device, build_problem
+from .passes.rewrite import rewrite
+from .passes.solve import BudgetError, evaluate, solve
+from .plan import Decision, MemoryPlan, NodeRow, Option, TimelineData
+from .units import format_bytes
 
-__all__ = ["plan", "analyze"]
+__all__ = ["plan", "optimize", "analyze"]
 
 _RESIDENT = (Kind.PARAM, Kind.BUFFER, Kind.INPUT)
 
@@ -87,13 +92,99 @@ def _cat(info, sid: int, tl: Timeline) -> str:
     return "saved" if tl.intervals[sid][1] > tl.peak_step or tl.steps[tl.peak_step][0] == "backward" else "activation"
 
 
-def plan(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | None = None,
-         leaf_modules: Sequence[type] = ()) -> MemoryPlan:
+def _fork_rng():
+    return torch.random.fork_rng(devices=[])  # planning leaves the caller's RNG stream alone
+
+
+def _optimize(model, example_inputs, config: Config, loss_fn, leaf_modules):
+    """Analyse, choose, rewrite, then re-analyse the rewritten graph for the report."""
+    with _fork_rng():
+        gm, schedule = analyze(model, example_inputs, loss_fn=loss_fn, leaf_modules=leaf_modules)
+        baseline = simulate(schedule)
+        budget = resolve_budget(config.budget, baseline.peak_bytes)
+        inputs = check_inputs(model, example_inputs)
+        device = Device.for_tensor(next(iter(gm.parameters()), inputs[0]))
+        problem, cands, _ = build_problem(
+            gm, schedule, baseline, methods=config.methods, ratios=config.ratios,
+            probe_rank=config.probe_rank, mode=config.mode, probe=config.probe, device=device)
+        target = budget
+        notes = []
+        for attempt in range(3):
+            try:
+                sol = solve(problem, target, max_overhead=config.max_overhead)
+            except BudgetError as e:
+                raise BudgetError(
+                    f"budget {format_bytes(budget)} cannot be met for {type(model).__name__}: the lowest "
+                    f"reachable predicted peak with methods {config.methods} is {format_bytes(e.lowest)} "
+                    f"(unmodified: {format_bytes(baseline.peak_bytes)}). Raise the budget, or allow more "
+                    f"methods.", e.lowest) from None
+            chosen = [cands[i] for i in sol.chosen]
+            new = rewrite(model, gm, chosen, seed=config.seed)
+            new_schedule = _analyze_graph(new, inputs, loss_fn, leaf_modules)
+            tl = simulate(new_schedule)
+            if budget is None or tl.peak_bytes <= budget or not sol.chosen:
+                break
+            # the rewritten graph came out above the solver's estimate: tighten and solve again
+            notes.append(f"re-planned: the rewritten graph predicted {format_bytes(tl.peak_bytes)} "
+                         f"> budget; solver target lowered")
+            target = max(1, target - (tl.peak_bytes - budget))
+        if budget is not None and tl.peak_bytes > budget * 1.001:
+            notes.append(f"predicted peak exceeds the budget by {100 * (tl.peak_bytes / budget - 1):.1f} %")
+        decisions = _decisions(problem, cands, sol)
+        new.memory_plan = make_plan(new, new_schedule, baseline, tl, name=type(model).__name__,
+                                    decisions=decisions, budget=budget, notes=notes)
+        return new
+
+
+def _analyze_graph(gm, inputs, loss_fn, leaf_modules):
+    profile_step(gm, inputs, loss_fn or _default_loss)
+    return build_schedule(gm)
+
+
+def _decisions(problem, cands, sol) -> list[Decision]:
+    """One Decision per choice; freed_bytes = how much the peak rises if that choice alone is undone."""
+    out = []
+    for i in sol.chosen:
+        without = max(evaluate(problem, [c for c in sol.chosen if c != i]))
+        ch, cand = problem.choices[i], cands[i]
+        out.append(Decision(node=cand.nodes[0] if len(cand.nodes) == 1 else f"{cand.nodes[0]}..{cand.nodes[-1]}",
+                            option=Option(cand.kind), detail=cand.detail,
+                            freed_bytes=max(0, without - sol.peak_bytes), extra_time=ch.cost,
+                            grad_noise=ch.noise))
+    return out
+
+
+def optimize(model: nn.Module, example_inputs: Any, budget=None, *, loss_fn: Callable | None = None,
+             methods=("probe", "lean", "recompute"), max_overhead: float = 0.2,
+             probe_rank: int | None = None, seed: int | None = None,
+             leaf_modules: Sequence[type] = (), **options) -> fx.GraphModule:
+    """Rewrite ``model`` to train within ``budget`` bytes; return the new GraphModule.
+
+    The result is a drop-in for ``model``: same outputs, same parameter names and ``state_dict``
+    keys, and the *same* parameter and buffer objects (training either trains both). The model
+    itself is not modified. ``gm.memory_plan`` holds the report. ``budget``: bytes (int, or
+    "3.5GiB"), a fraction in (0, 1] of the unmodified peak, or None for the lowest peak within
+    ``max_overhead`` estimated extra step time. Other options: see :class:`fxsketch.Config`.
+
+    >>> gm = fxsketch.optimize(torchvision.models.resnet18(), (x,), budget=0.3)  # doctest: +SKIP
+    >>> print(gm.memory_plan.summary())                                          # doctest: +SKIP
+    """
+    config = Config(budget=budget, methods=methods, max_overhead=max_overhead, probe_rank=probe_rank,
+                    seed=seed, **options)
+    return _optimize(model, example_inputs, config, loss_fn, leaf_modules)
+
+
+def plan(model: nn.Module, example_inputs: Any, budget=None, *, loss_fn: Callable | None = None,
+         methods=None, max_overhead: float = 0.2, probe_rank: int | None = None,
+         seed: int | None = None, leaf_modules: Sequence[type] = (), **options) -> MemoryPlan:
     """Predict the memory of one training step of ``model`` (forward, loss, backward).
 
     ``example_inputs`` is a tuple of tensors, as in ``torch.export``; meta tensors are accepted
     (shapes only). ``loss_fn(output)`` gives the scalar to backpropagate (default: the sum of all
     floating-point outputs). Nothing is allocated for activations: the step runs on fake tensors.
+
+    With no planning arguments the plan is of the unmodified model. With a ``budget`` (or
+    ``methods``) it is the plan :func:`optimize` would carry out, without returning the module.
 
     >>> p = plan(torchvision.models.resnet18(), (torch.randn(8, 3, 224, 224),))  # doctest: +SKIP
     >>> print(p.summary())                                                       # doctest: +SKIP
@@ -102,6 +193,12 @@ def plan(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | None = No
       inputs                4.59 MiB
       predicted peak      ...
     """
-    gm, schedule = analyze(model, example_inputs, loss_fn=loss_fn, leaf_modules=leaf_modules)
+    if budget is not None or methods is not None:
+        methods = ("probe", "lean", "recompute") if methods is None else methods
+        return optimize(model, example_inputs, budget, loss_fn=loss_fn, methods=methods,
+                        max_overhead=max_overhead, probe_rank=probe_rank, seed=seed,
+                        leaf_modules=leaf_modules, **options).memory_plan
+    with _fork_rng():
+        gm, schedule = analyze(model, example_inputs, loss_fn=loss_fn, leaf_modules=leaf_modules)
     tl = simulate(schedule)
     return make_plan(gm, schedule, tl, tl, name=type(model).__name__)

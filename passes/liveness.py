@@ -185,9 +185,11 @@ def build_schedule(gm: fx.GraphModule) -> Schedule:
     made: dict[tuple[str, str], list[int]] = {}
     died: dict[tuple[str, str], list[int]] = {}
     for sid, key in record.backward_created.items():
+        if record.backward_died.get(sid) == key:
+            continue  # a temporary of one step: the step's workspace accounts for it
         made.setdefault(key, []).append(sid)
-    for sid, key in record.backward_died.items():
-        died.setdefault(key, []).append(sid)
+        if sid in record.backward_died:
+            died.setdefault(record.backward_died[sid], []).append(sid)
     by_name = {n.name: n for n in nodes}
     for key in dict.fromkeys(record.backward_order):
         phase, name = key

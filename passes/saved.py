@@ -21,6 +21,7 @@ import torch.fx as fx
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
+from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
@@ -231,6 +232,10 @@ class _StepInterpreter(fx.Interpreter):
                     and n.meta["fxsketch.alias"] is None:
                 self.grad_fns.append((n, len(metas) - 1, t.grad_fn, t.output_nr))
         saved = []
+        if n.op == "call_module" and getattr(self.module.get_submodule(n.target), "keeps_inputs", False):
+            # a checkpointed segment keeps its inputs for the replay; torch's checkpoint installs
+            # saved-tensor hooks of its own, so ours do not see that: add them here
+            packed = [t for a in n.all_input_nodes for t in _tensors(self.env[a])] + packed
         for t in packed:
             sid = self.reg.find(t)
             if sid is None:
@@ -272,7 +277,7 @@ def _fake_input(mode: FakeTensorMode, x: torch.Tensor, gm: fx.GraphModule) -> to
 
 
 class _Runner(nn.Module):
-    """Lets torch.func.functional_call swap fake parameters into the traced module."""
+    """Lets the fake parameters be swapped into the traced module (see profile_step)."""
 
     def __init__(self, gm: fx.GraphModule, interp: fx.Interpreter):
         super().__init__()
@@ -319,8 +324,11 @@ def profile_step(
             seen.add(id(t))
             t.register_hook(leaf_hook(name, t))
 
-    with mode, workspace:
-        out = torch.func.functional_call(runner, {f"gm.{k}": v for k, v in state.items()}, fake_inputs)
+    # The fake parameters stay swapped in through backward too (what torch.func.functional_call
+    # does for a forward only): a checkpointed segment replays its forward during backward.
+    swap = _reparametrize_module(runner, {f"gm.{k}": v for k, v in state.items()})
+    with mode, workspace, swap:
+        out = runner(*fake_inputs)
         record.output_storages = tuple(dict.fromkeys(reg.find(t) for t in _tensors(out)))
         node_grads: dict[tuple[str, int], int] = {}
         by_fn: dict[int, tuple[Any, list[tuple[fx.Node, int, int]]]] = {}

@@ -33,6 +33,12 @@ class _PathTracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return isinstance(m, self.leaf_types) or super().is_leaf_module(m, qualname)
 
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        # the module path the node was traced in: recomputation candidates are whole scopes
+        node.meta["fxsketch.scope"] = target if kind == "call_module" else (self.stack[-1][0] if self.stack else "")
+        return node
+
     def call_module(self, m, forward, args, kwargs):
         name = self.path_of_module(m)
         self.stack.append((name, type(m).__name__))

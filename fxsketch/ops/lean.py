@@ -16,9 +16,6 @@ import torch.nn.functional as F
 
 __all__ = ["lean_relu", "lean_leaky_relu", "lean_max_pool", "pack_bits", "unpack_bits"]
 
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
-
-
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Pack a bool tensor into uint8, 8 elements per byte (element i -> bit i % 8 of byte i // 8).
 
@@ -39,7 +36,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: a flat bool tensor of ``numel`` elements."""
-    bits = (packed[:, None] >> _SHIFTS.to(packed.device)) & 1
+    bits = (packed[:, None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
     return bits.view(-1)[:numel].bool()
 
 

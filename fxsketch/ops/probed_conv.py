@@ -18,9 +18,11 @@ calls torch's exact weight gradient on it. Both keep transients to a few MiB per
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 import torch.nn.functional as F
 
 from .probes import check_rank_mode_probe, probe_buckets_and_values
@@ -86,10 +88,26 @@ def _chunk(n: int, per_sample: int) -> int:
     return max(1, min(n, CHUNK_ELEMS // max(1, per_sample)))
 
 
-def _bucket_sum(src: torch.Tensor, bucket: torch.Tensor, rank: int) -> torch.Tensor:
-    """out[:, j] = sum over columns q with bucket[q] == j of src[:, q] (src 2-D, fp32 out)."""
-    out = torch.zeros(src.shape[0], rank, dtype=torch.float32, device=src.device)
-    return out.scatter_add_(1, bucket.expand(src.shape[0], -1), src.float())
+def _csr_sorted(rows, cols, values, shape) -> torch.Tensor:
+    """A CSR matrix from COO triplets already sorted by row; sparse @ dense is the fast scatter."""
+    crow = torch.zeros(shape[0] + 1, dtype=torch.int64, device=rows.device)
+    crow[1:] = torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0)
+    with warnings.catch_warnings():  # "CSR support is in beta": the ops used here are stable
+        warnings.simplefilter("ignore")
+        return torch.sparse_csr_tensor(crow, cols, values, shape)
+
+
+def _sorted_probe(seed, pixels, rank, probe, device):
+    """Pixel positions sorted by bucket, with their buckets and values: the one sort per pass,
+    over pixels only (shared by all samples, channels and taps)."""
+    bucket, value = probe_buckets_and_values(seed, torch.arange(pixels, device=device), rank, probe, device)
+    order = torch.argsort(bucket, stable=True)
+    return order, bucket[order], value[order]
+
+
+def _bucket_sum(zt: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """out[i, j] = sum_q Z[q, j] * rows[i, q] with Z^T given as CSR (rank x positions); fp32."""
+    return torch.sparse.mm(zt, rows.float().t()).t()
 
 
 def sketch(x: torch.Tensor, seed: int, rank: int, mode: str, probe: str) -> torch.Tensor:
@@ -98,13 +116,13 @@ def sketch(x: torch.Tensor, seed: int, rank: int, mode: str, probe: str) -> torc
     pixels = math.prod(x.shape[2:])
     x3 = x.reshape(n, c, pixels)
     if mode == "spatial":
-        bucket, value = probe_buckets_and_values(seed, torch.arange(pixels, device=x.device),
-                                                 rank, probe, x.device)
+        order, bucket, value = _sorted_probe(seed, pixels, rank, probe, x.device)
+        zt = _csr_sorted(bucket, order, value, (rank, pixels))
         out = torch.empty(n, c, rank, dtype=x.dtype, device=x.device)
         step = _chunk(n, c * pixels)
         for i in range(0, n, step):
             rows = x3[i:i + step].reshape(-1, pixels)
-            out[i:i + step] = _bucket_sum(rows * value, bucket, rank).view(-1, c, rank)
+            out[i:i + step] = _bucket_sum(zt, rows).reshape(-1, c, rank)
         return out
     out = torch.zeros(n, rank, dtype=torch.float32, device=x.device)
     step_c = max(1, min(c, CHUNK_ELEMS // max(1, pixels)))
@@ -113,8 +131,9 @@ def sketch(x: torch.Tensor, seed: int, rank: int, mode: str, probe: str) -> torc
         bucket, value = probe_buckets_and_values(seed, pos, rank, probe, x.device)
         step = _chunk(n, pos.numel())
         for i in range(0, n, step):
-            rows = x3[i:i + step, c0:c0 + step_c].reshape(-1, pos.numel())
-            out[i:i + step] += _bucket_sum(rows * value, bucket, rank)
+            # Few rows, many positions: a plain scatter beats sorting C*P positions for a CSR.
+            rows = x3[i:i + step, c0:c0 + step_c].reshape(-1, pos.numel()).float() * value
+            out[i:i + step].scatter_add_(1, bucket.expand(rows.shape[0], -1), rows)
     return out.to(x.dtype)
 
 
@@ -140,32 +159,55 @@ def tap_indices(kernel, out_shape, in_shape, geo: ConvGeometry, device=None):
     return flat.reshape(taps, pixels_out), valid.reshape(taps, pixels_out)
 
 
+def _tap_blocks(seed, rank, probe, in_spatial, out_spatial, kernel, geo, taps_per_block, device):
+    """CSR matrices S_b (taps*rank x P_out) with S_b[t*rank + h(q), p] = s(q), q = q(p, t): the
+    probe shifted per tap. Built from input pixels already sorted by bucket, inverting
+    q = stride * p + dilation * k - pad_left per axis, so rows come out sorted without a sort;
+    q with no output position p (stride gaps, borders) is simply absent."""
+    order, bucket, value = _sorted_probe(seed, math.prod(in_spatial), rank, probe, device)
+    coords, rest = [], order
+    for size in reversed(in_spatial):
+        coords.append(rest % size)
+        rest = torch.div(rest, size, rounding_mode="floor")
+    coords.reverse()
+    taps = torch.cartesian_prod(*[torch.arange(k, device=device) for k in kernel]).view(-1, len(kernel))
+    blocks = []
+    for t0 in range(0, taps.shape[0], taps_per_block):
+        k = taps[t0:t0 + taps_per_block]
+        flat = torch.zeros((), dtype=torch.int64, device=device)
+        ok = torch.ones((), dtype=torch.bool, device=device)
+        for a, (size_out, q) in enumerate(zip(out_spatial, coords)):
+            num = q[None, :] + geo.pad_left[a] - geo.dilation[a] * k[:, a:a + 1]
+            p = torch.div(num, geo.stride[a], rounding_mode="floor")
+            ok = ok & (num % geo.stride[a] == 0) & (p >= 0) & (p < size_out)
+            flat = flat * size_out + p
+        rows = bucket[None, :] + rank * torch.arange(k.shape[0], device=device)[:, None]
+        blocks.append(_csr_sorted(rows[ok], flat[ok], value.expand_as(ok)[ok],
+                                  (k.shape[0] * rank, math.prod(out_spatial))))
+    return blocks
+
+
 def dw_spatial(dy, xbar, seed, rank, probe, in_spatial, weight_shape, geo) -> torch.Tensor:
     """Estimate dW (fp32) in the sketch domain from dY and a spatial-mode sketch Xbar."""
     n, o = dy.shape[:2]
     out_spatial = dy.shape[2:]
-    pixels_in, pixels_out = math.prod(in_spatial), math.prod(out_spatial)
+    pixels_out = math.prod(out_spatial)
     c, g = xbar.shape[1], geo.groups
-    bucket_in, value_in = probe_buckets_and_values(
-        seed, torch.arange(pixels_in, device=dy.device), rank, probe, dy.device)
-    flat, valid = tap_indices(weight_shape[2:], out_spatial, in_spatial, geo, dy.device)
-    buckets, values = bucket_in[flat], value_in[flat] * valid  # (K, P_out): probe shifted per tap
-    taps = torch.arange(flat.shape[0], device=dy.device)
-    dw = torch.zeros(flat.shape[0], g, o // g, c // g, dtype=torch.float32, device=dy.device)
-    step = _chunk(n, o * pixels_out)
+    n_taps = math.prod(weight_shape[2:])
+    step = _chunk(n, o * max(pixels_out, n_taps * rank))
+    # Taps per block so that B (taps * rank x chunk * o) stays near CHUNK_ELEMS too.
+    per_block = max(1, min(n_taps, CHUNK_ELEMS // max(1, rank * step * o)))
+    blocks = _tap_blocks(seed, rank, probe, in_spatial, out_spatial, weight_shape[2:], geo,
+                         per_block, dy.device)
+    dw = torch.zeros(n_taps, g, o // g, c // g, dtype=torch.float32, device=dy.device)
     for i in range(0, n, step):
-        # (P_out, n*o): index_add over rows adds contiguous rows, the fast layout.
-        dyt = dy[i:i + step].reshape(-1, o, pixels_out).float().permute(2, 0, 1).reshape(pixels_out, -1)
+        # dY^T for the chunk, (P_out, n*o), contiguous: B_k = S_k @ dY^T scatters dY into buckets.
+        dyt = dy[i:i + step].reshape(-1, pixels_out).float().t().contiguous()
         xb = xbar[i:i + step].float().view(-1, g, c // g, rank)
-        # Taps in blocks: one scatter and one matmul per block, transient <= ~CHUNK_ELEMS.
-        t_step = max(1, min(len(taps), CHUNK_ELEMS // max(1, dyt.numel())))
-        for t in range(0, len(taps), t_step):
-            kb = len(taps[t:t + t_step])
-            src = (values[t:t + t_step, :, None] * dyt).reshape(kb * pixels_out, -1)
-            index = (buckets[t:t + t_step] + rank * taps[:kb, None]).view(-1)
-            b = torch.zeros(kb * rank, dyt.shape[1], dtype=torch.float32, device=dy.device)
-            b.index_add_(0, index, src)
-            dw[t:t + kb] += torch.einsum("kjngo,ngcj->kgoc", b.view(kb, rank, -1, g, o // g), xb)
+        for t0, s_block in zip(range(0, n_taps, per_block), blocks):
+            kb = s_block.shape[0] // rank
+            b = torch.sparse.mm(s_block, dyt).view(kb, rank, -1, g, o // g)
+            dw[t0:t0 + kb] += torch.einsum("kjngo,ngcj->kgoc", b, xb)
     return dw.permute(1, 2, 3, 0).reshape(weight_shape)
 
 
@@ -225,9 +267,16 @@ def _input_and_bias_grad(dy, x_shape, weight, has_bias, need_dx, need_db, geo):
     return dx, db
 
 
+def _draw_seed(generator=None) -> int:
+    """One integer from torch's RNG (or ``generator``). Drawn outside any fake-tensor mode, so the
+    op also runs while fxsketch plans on fake tensors."""
+    with unset_fake_temporarily():
+        return int(torch.randint(2**31 - 1, (), generator=generator).item())
+
+
 class _ProbedConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, rank, mode, probe):
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, rank, mode, probe, generator=None):
         d = weight.dim() - 2
         ctx.geo = conv_geometry(tuple(weight.shape), stride, padding, dilation, groups)
         y = _CONV_FN[d](x, weight, bias, stride, padding, dilation, groups)
@@ -235,7 +284,7 @@ class _ProbedConv(torch.autograd.Function):
         ctx.rank, ctx.mode, ctx.probe = rank, mode, probe
         if ctx.needs_input_grad[1]:
             # One draw from the caller's RNG: fresh probes every step, reproducible under manual_seed.
-            ctx.seed = int(torch.randint(2**31 - 1, ()).item())
+            ctx.seed = _draw_seed(generator)
             ctx.save_for_backward(sketch(x.detach(), ctx.seed, rank, mode, probe), weight)
         else:
             ctx.seed = None
@@ -258,11 +307,11 @@ class _ProbedConv(torch.autograd.Function):
             else:
                 dw = dw_channel(*args, ctx.x_shape, tuple(weight.shape), ctx.geo)
             dw = dw.to(weight.dtype)
-        return dx, dw, db if need_db else None, None, None, None, None, None, None, None
+        return dx, dw, db if need_db else None, None, None, None, None, None, None, None, None
 
 
 def probed_conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-                rank, mode="spatial", probe="gaussian"):
+                rank, mode="spatial", probe="gaussian", generator=None):
     """A 1d/2d/3d convolution (from ``weight.dim()``) with an unbiased, sketched dW.
 
     Takes every argument ``F.convNd`` takes; output, dX and db are torch's own, dW is estimated
@@ -283,5 +332,5 @@ def probed_conv(input, weight, bias=None, stride=1, padding=0, dilation=1, group
                          f"(N, C, *spatial) or {d + 1} unbatched, got input shape {tuple(input.shape)}")
     unbatched = input.dim() == d + 1
     x = input.unsqueeze(0) if unbatched else input
-    y = _ProbedConv.apply(x, weight, bias, stride, padding, dilation, groups, rank, mode, probe)
+    y = _ProbedConv.apply(x, weight, bias, stride, padding, dilation, groups, rank, mode, probe, generator)
     return y.squeeze(0) if unbatched else y
