@@ -173,7 +173,7 @@ def brute_force_live(s: Schedule) -> list[int]:
     return live
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(random_schedules())
 def test_sweep_matches_brute_force(s):
     tl = simulate(s)

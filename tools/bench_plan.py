@@ -1,0 +1,100 @@
+"""Benchmark the planner: planning time, predicted peak, measured peak (exact CPU tracker), error.
+
+    .venv/bin/python tools/bench_plan.py            # prints a markdown table
+
+Planning time is the median of ``--repeat`` calls after one warm-up call. The last row plans
+ResNet-50 at 256x3x224x224 on a meta input (shapes only; nothing is allocated or measured).
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import time
+from datetime import datetime, timezone
+
+import torch
+
+import fxsketch
+from fxsketch.units import format_bytes
+
+
+def _tv(name):
+    import torchvision
+    return lambda: getattr(torchvision.models.video if name == "r3d_18" else torchvision.models, name)()
+
+
+def _unet():
+    from monai.networks.nets import UNet
+    return UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(8, 16, 32, 64),
+                strides=(2, 2, 2), num_res_units=2)
+
+
+# (row name, model factory, input shape, measure?)
+CASES = [
+    ("resnet18", _tv("resnet18"), (8, 3, 64, 64), True),
+    ("resnet50", _tv("resnet50"), (8, 3, 64, 64), True),
+    ("vgg11", _tv("vgg11"), (8, 3, 64, 64), True),
+    ("mobilenet_v2", _tv("mobilenet_v2"), (8, 3, 64, 64), True),
+    ("r3d_18", _tv("r3d_18"), (2, 3, 8, 64, 64), True),
+    ("MONAI 3D UNet", _unet, (2, 1, 64, 64, 64), True),
+    ("resnet50 (meta input)", _tv("resnet50"), (256, 3, 224, 224), False),
+]
+
+
+def plan_seconds(model, inputs, repeat: int) -> tuple[float, fxsketch.MemoryPlan]:
+    p = fxsketch.plan(model, inputs)  # warm-up
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        p = fxsketch.plan(model, inputs)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), p
+
+
+def run(repeat: int, only: list[str] | None) -> list[tuple[str, ...]]:
+    rows = []
+    for name, make, shape, do_measure in CASES:
+        if only and not any(o.lower() in name.lower() for o in only):
+            continue
+        try:
+            torch.manual_seed(0)
+            model = make()
+        except ImportError as e:
+            rows.append((name, "x".join(map(str, shape)), "-", "-", "-", f"skipped: {e}"))
+            continue
+        x = torch.randn(shape) if do_measure else torch.empty(shape, device="meta")
+        seconds, p = plan_seconds(model, (x,), repeat)
+        if do_measure:
+            measured = fxsketch.measure(model, (x,), repeat=1).peak_bytes
+            cells = (format_bytes(measured), f"{100 * (p.peak_bytes / measured - 1):+.2f}")
+        else:
+            cells = ("-", "-")
+        rows.append((name, "x".join(map(str, shape)) + ("" if do_measure else " (meta)"),
+                     f"{seconds:.2f}", format_bytes(p.peak_bytes), *cells))
+        print(f"  done {name}", flush=True)
+    return rows
+
+
+def markdown(rows) -> str:
+    head = ("model", "input shape", "planning time (s)", "predicted peak", "measured peak (CPU tracker)", "error %")
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeat", type=int, default=3, help="timed planning calls per model (median)")
+    ap.add_argument("--only", nargs="*", help="run only rows whose name contains one of these")
+    args = ap.parse_args(argv)
+    rows = run(args.repeat, args.only)
+    print()
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
+          f"{torch.get_num_threads()} threads, {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC")
+    print()
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
