@@ -1,5 +1,6 @@
 """probed_conv against eager PyTorch: exact output/dX/db, unbiased dW, 1/sqrt(r) error,
 what is saved for backward, and seeding."""
+import importlib
 import math
 
 import numpy as np
@@ -32,13 +33,18 @@ def conv_cases(draw, max_d=3):
     groups = draw(st.sampled_from([1, 2]))
     cin, cout = groups * draw(st.integers(1, 2)), groups * draw(st.integers(1, 2))
     kernel = tuple(draw(st.integers(1, 3)) for _ in range(d))
-    dilation = draw(st.sampled_from([1, 2]))
+    dilation = draw(st.sampled_from([1, 2, "tuple"]))
+    if dilation == "tuple":
+        dilation = tuple(draw(st.integers(1, 2)) for _ in range(d))
     padding = draw(st.sampled_from([0, 1, "same", "valid", "tuple"]))
-    stride = 1 if padding == "same" else draw(st.integers(1, 3))
+    stride = 1 if padding == "same" else draw(st.sampled_from([1, 2, 3, "tuple"]))
+    if stride == "tuple":
+        stride = tuple(draw(st.integers(1, 3)) for _ in range(d))
     if padding == "tuple":
         padding = tuple(draw(st.integers(0, 2)) for _ in range(d))
     size_max = {1: 11, 2: 7, 3: 5}[d]
-    spatial = tuple(dilation * (k - 1) + 1 + draw(st.integers(0, size_max - 3)) for k in kernel)
+    dil = dilation if isinstance(dilation, tuple) else (dilation,) * d
+    spatial = tuple(dl * (k - 1) + 1 + draw(st.integers(0, size_max - 3)) for k, dl in zip(kernel, dil))
     return dict(d=d, x_shape=(2, cin) + spatial, w_shape=(cout, cin // groups) + kernel,
                 stride=stride, padding=padding, dilation=dilation, groups=groups,
                 mode=draw(st.sampled_from(["spatial", "channel"])), probe=draw(st.sampled_from(PROBES)))
@@ -225,3 +231,26 @@ def test_clear_errors():
         probed_conv(torch.randn(2, 3, 8, 8, 8), w, rank=2)
     with pytest.raises(ValueError, match="padding string"):
         probed_conv(x, w, rank=2, padding="full")
+
+
+@pytest.mark.parametrize("mode", ["spatial", "channel"])
+def test_chunked_paths_give_the_same_estimate(mode, monkeypatch):
+    """Tiny CHUNK_ELEMS forces batch chunks, channel blocks and tap blocks: same seed, same dW."""
+    # importlib: the attribute fxsketch.ops.probed_conv is the function, not the module.
+    pc = importlib.import_module("fxsketch.ops.probed_conv")
+
+    x, w = torch.randn(5, 4, 9, 7, dtype=torch.float64), torch.randn(6, 2, 3, 3, dtype=torch.float64)
+    geo = conv_geometry(w.shape, 2, "valid", (1, 2), 2)
+    dy = torch.randn_like(F.conv2d(x, w, None, 2, "valid", (1, 2), 2))
+
+    def estimate():
+        xbar = sketch(x, 99, 6, mode, "orthogonal")
+        if mode == "spatial":
+            return xbar, dw_spatial(dy, xbar, 99, 6, "orthogonal", x.shape[2:], w.shape, geo)
+        return xbar, dw_channel(dy, xbar, 99, 6, "orthogonal", x.shape, w.shape, geo)
+
+    whole = estimate()
+    monkeypatch.setattr(pc, "CHUNK_ELEMS", 40)
+    chunked = estimate()
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b)
