@@ -50,6 +50,17 @@ def test_triton_available_answers_for_devices_and_tensors():
     assert tk.triton_available("cpu") == tk._interpret()
 
 
+def test_use_triton_only_for_real_cuda_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    assert tk.use_triton(torch.zeros(2)) is False  # CPU keeps the torch path, even when interpreted
+    with FakeTensorMode():
+        fake = torch.empty(2, device="cuda") if torch.cuda.is_available() else torch.empty(2)
+    assert tk.use_triton(fake) is False  # fxsketch plans on fake tensors: no kernel launch
+    if torch.cuda.is_available():
+        assert tk.use_triton(torch.zeros(2, device="cuda")) is True
+
+
 def test_bad_arguments_raise_the_reference_errors():
     x = torch.randn(1, 2, 4, 4)
     with pytest.raises(ValueError, match="rank must be a positive int"):

@@ -33,6 +33,7 @@ from .probes import _S_BUCKET, _S_SHIFT, _S_VALUE, _S_VALUE2, check_rank_mode_pr
 __all__ = [
     "HAS_TRITON",
     "triton_available",
+    "use_triton",
     "sketch_triton",
     "dw_spatial_triton",
     "reconstruct_triton",
@@ -93,6 +94,19 @@ def triton_available(device) -> bool:
     if device.type == "cuda":
         return _interpret() or torch.cuda.is_available()
     return device.type == "cpu" and _interpret()
+
+
+def use_triton(tensor: torch.Tensor) -> bool:
+    """Whether probed_conv should send ``tensor``'s work to the kernels: a real CUDA tensor (not a
+    fake or meta tensor, as while fxsketch plans) and the kernels available. CPU tensors keep the
+    torch path even under the interpreter, which is far slower.
+
+    >>> use_triton(torch.zeros(1))
+    False
+    """
+    from torch._subclasses.fake_tensor import is_fake
+
+    return tensor.device.type == "cuda" and not is_fake(tensor) and triton_available(tensor)
 
 
 def _require(device) -> None:
