@@ -220,10 +220,14 @@ def reconstruct(xbar, seed, rank, mode, probe, x_shape, n_slice=slice(None)) -> 
         bucket, value = probe_buckets_and_values(seed, torch.arange(pixels, device=xbar.device),
                                                  rank, probe, xbar.device)
         xhat = xb[:, :, bucket] * value
-    else:
-        bucket, value = probe_buckets_and_values(seed, torch.arange(c * pixels, device=xbar.device),
-                                                 rank, probe, xbar.device)
-        xhat = xb[:, bucket] * value
+        return xhat.view(-1, *x_shape[1:])
+    xhat = torch.empty(xb.shape[0], c * pixels, dtype=torch.float32, device=xbar.device)
+    # Hash in channel blocks: the int64 hash temporaries would otherwise be several times |X|.
+    step_c = max(1, min(c, CHUNK_ELEMS // max(1, pixels)))
+    for lo in range(0, c * pixels, step_c * pixels):
+        pos = torch.arange(lo, min(c * pixels, lo + step_c * pixels), device=xbar.device)
+        bucket, value = probe_buckets_and_values(seed, pos, rank, probe, xbar.device)
+        xhat[:, lo:lo + pos.numel()] = xb[:, bucket] * value
     return xhat.view(-1, *x_shape[1:])
 
 
