@@ -113,8 +113,12 @@ def checkpointed(name: str, model: nn.Module) -> nn.Module:
 # methods: each returns (step function, predicted peak bytes or None)
 
 
+def _functorch_config():
+    return importlib.import_module("torch._functorch.config")
+
+
 def _reset_compile():
-    torch._dynamo.reset()
+    importlib.import_module("torch._dynamo").reset()
 
 
 def prepare(method: str, name: str, base: nn.Module, x: torch.Tensor):
@@ -127,7 +131,7 @@ def prepare(method: str, name: str, base: nn.Module, x: torch.Tensor):
         run = checkpointed(name, model)
     elif kind == "compile":
         _reset_compile()
-        torch._functorch.config.activation_memory_budget = float(arg)
+        _functorch_config().activation_memory_budget = float(arg)
         run = torch.compile(model, dynamic=False)
     elif kind == "fxsketch":
         import fxsketch
@@ -149,7 +153,7 @@ def prepare(method: str, name: str, base: nn.Module, x: torch.Tensor):
 
 
 def _cleanup():
-    torch._functorch.config.activation_memory_budget = 1.0
+    _functorch_config().activation_memory_budget = 1.0
     _reset_compile()
     gc.collect()
     if torch.cuda.is_available():
