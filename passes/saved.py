@@ -19,13 +19,13 @@ from typing import Any, Callable
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensorMode
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .trace import InputError
+from .trace import InputError, TraceError
 
 __all__ = ["Kind", "StorageInfo", "TensorMeta", "StepRecord", "profile_step", "require"]
 
@@ -206,6 +206,13 @@ class _StepInterpreter(fx.Interpreter):
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             try:
                 result = super().run_node(n)
+            except DataDependentOutputException as e:
+                where = f" (module '{n.target}')" if n.op == "call_module" else ""
+                raise TraceError(
+                    f"node '{n.name}'{where} reads tensor values in Python ({e.func}), which fxsketch "
+                    f"cannot follow when it plans on fake tensors. Fix: make the forward depend on "
+                    f"shapes only, or move the value-dependent code out of the model."
+                ) from e
             except Exception as e:
                 where = f" (module '{n.target}')" if n.op == "call_module" else ""
                 raise InputError(
@@ -345,6 +352,8 @@ def profile_step(
         packed: list[torch.Tensor] = []
         known = set(reg.infos)
         workspace.enter(("loss", "loss"))
+        # a loss_fn may hold real tensors (its targets), used in its forward and backward
+        mode.allow_non_fake_inputs = True
         with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
             loss = loss_fn(out)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:

@@ -376,10 +376,6 @@ def test_custom_loss_fn():
     assert_predicts(_seeded(Classifier), image(), loss_fn=loss_fn)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "passes/saved.py: profile_step runs loss_fn under FakeTensorMode(allow_non_fake_inputs=False), "
-    "so a loss_fn that closes over a real tensor (the usual targets) fails with 'Please convert "
-    "all Tensors to FakeTensors first'"))
 def test_custom_loss_fn_with_captured_targets():
     targets = torch.randint(0, 10, (32,))
     assert_predicts(_seeded(Classifier), image(), loss_fn=lambda out: F.cross_entropy(out, targets))

@@ -22,10 +22,10 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from torch._subclasses.fake_tensor import unset_fake_temporarily
+from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 import torch.nn.functional as F
 
-from .probes import check_rank_mode_probe, probe_buckets_and_values
+from .probes import sketch_shape, check_rank_mode_probe, probe_buckets_and_values
 
 __all__ = ["probed_conv", "ConvGeometry", "conv_geometry"]
 
@@ -289,7 +289,11 @@ class _ProbedConv(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # One draw from the caller's RNG: fresh probes every step, reproducible under manual_seed.
             ctx.seed = _draw_seed(generator)
-            ctx.save_for_backward(sketch(x.detach(), ctx.seed, rank, mode, probe), weight)
+            if is_fake(x):  # fxsketch is planning: only the sketch's size matters
+                xbar = x.new_empty(sketch_shape(x.shape, rank, mode))
+            else:
+                xbar = sketch(x.detach(), ctx.seed, rank, mode, probe)
+            ctx.save_for_backward(xbar, weight)
         else:
             ctx.seed = None
             ctx.save_for_backward(weight)
@@ -304,7 +308,9 @@ class _ProbedConv(torch.autograd.Function):
         dx = db = dw = None
         if need_dx or need_db:
             dx, db = _input_and_bias_grad(dy, ctx.x_shape, weight, ctx.has_bias, need_dx, need_db, ctx.geo)
-        if need_dw:
+        if need_dw and is_fake(dy):  # planning on fake tensors: the estimate's size only
+            dw = torch.empty_like(weight)
+        elif need_dw:
             args = (dy, saved[0], ctx.seed, ctx.rank, ctx.probe)
             if ctx.mode == "spatial":
                 dw = dw_spatial(*args, ctx.x_shape[2:], tuple(weight.shape), ctx.geo)
