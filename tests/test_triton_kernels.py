@@ -230,10 +230,11 @@ from triton.backends.compiler import GPUTarget
 from fxsketch.ops import triton_kernels as tk
 tk._build()
 const = {"PROBE": None, "CHANNEL": False, "BLOCK_R": 4, "BLOCK_C": 256}
-for name in ("_sketch_kernel", "_reconstruct_kernel", "_dw_scatter_kernel"):
+# every probe kind through the dW kernel; the other two (sharing _probe) with Gaussian probes
+for name, probes in (("_dw_scatter_kernel", (0, 1, 2)), ("_sketch_kernel", (1,)), ("_reconstruct_kernel", (1,))):
     fn = getattr(tk, name)
     params = list(inspect.signature(fn.fn).parameters)
-    for probe in (0, 1, 2):
+    for probe in probes:
         const["PROBE"] = probe
         sig, consts = {}, {}
         for i, p in enumerate(params):
