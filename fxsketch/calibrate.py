@@ -153,15 +153,17 @@ def _group_grads(x, dy, geo, weight_shape, k: int) -> torch.Tensor:
     return exact_weight_grad(dy, x.contiguous(), wshape, geo_k).reshape(k, *weight_shape)
 
 
-def sgd_noise_of(calls: Sequence[_Call], k: int) -> float:
-    """||std_g(M_g)||_F / sqrt(k), M_g = k * (sum over group g of per-sample dW), summed over calls."""
+def sgd_noise_of(calls: Sequence[_Call], k: int) -> tuple[float, torch.Tensor]:
+    """(||std_g(M_g)||_F / sqrt(k), exact dW), M_g = k * (sum over group g of per-sample dW),
+    summed over the conv's calls; dW = mean_g M_g comes for free."""
     total = None
     for c in calls:
         s = _group_grads(c.x, c.dy, c.geo, c.weight_shape, k)
-        total = s if total is None else total + s
-    means = k * total.double()
-    var = means.var(dim=0, correction=1)  # unbiased over the k groups
-    return float(torch.sqrt(var.sum() / k))
+        total = s if total is None else total.add_(s)
+    exact = total.sum(dim=0)
+    dev = total.mul_(k).sub_(exact)  # M_g - mean_g M_g
+    var_sum = float(torch.linalg.vector_norm(dev)) ** 2 / (k - 1)  # unbiased over the k groups
+    return math.sqrt(var_sum / k), exact
 
 
 def probe_noise_of(calls: Sequence[_Call], exact: torch.Tensor, rank: int, mode: str, probe: str,
@@ -174,15 +176,16 @@ def probe_noise_of(calls: Sequence[_Call], exact: torch.Tensor, rank: int, mode:
     elements and converge in a few draws; small ones use every seed)."""
     sq = []
     for s in seeds:
-        est = torch.zeros_like(exact)
+        est = None
         for j, c in enumerate(calls):
             seed = (int(s) * 7919 + j) % (2**31 - 1)
             xbar = sketch(c.x, seed, rank, mode, probe)
             if mode == "spatial":
-                est += dw_spatial(c.dy, xbar, seed, rank, probe, c.x.shape[2:], c.weight_shape, c.geo)
+                dw = dw_spatial(c.dy, xbar, seed, rank, probe, c.x.shape[2:], c.weight_shape, c.geo)
             else:
-                est += dw_channel(c.dy, xbar, seed, rank, probe, tuple(c.x.shape), c.weight_shape, c.geo)
-        sq.append(float(((est - exact).double() ** 2).sum()))
+                dw = dw_channel(c.dy, xbar, seed, rank, probe, tuple(c.x.shape), c.weight_shape, c.geo)
+            est = dw if est is None else est.add_(dw)
+        sq.append(float(torch.linalg.vector_norm(est.sub_(exact))) ** 2)
         if rel_tol > 0 and len(sq) >= max(2, min_seeds):
             t = torch.tensor(sq, dtype=torch.float64)
             if float(t.std() / math.sqrt(len(sq))) <= rel_tol * float(t.mean()):
@@ -294,16 +297,15 @@ def calibrate_convs(model: nn.Module, example_inputs: Any, convs: Mapping[str, A
         k = n if sgd_groups is None else int(sgd_groups)
         if not 2 <= k <= n or n % k:
             raise ValueError(f"the SGD noise needs k >= 2 equal batch groups; batch {n}, sgd_groups {sgd_groups}")
-        exact = sum(exact_weight_grad(c.dy.float(), c.x.float(), c.weight_shape, c.geo) for c in calls)
+        sgd, exact = sgd_noise_of(calls, k)
         err = float((exact - grad.float()).norm()) / max(float(grad.float().norm()), 1e-30)
         if err > 1e-3:
             warnings.warn(f"conv {name!r}: dW rebuilt from the captured X and dY differs from autograd's "
                           f"by {err:.2e} (relative); an in-place op may have changed X or dY")
-        sgd = sgd_noise_of(calls, k)
         probe_noise = {int(r): probe_noise_of(calls, exact, int(r), mode, probe, seeds, rel_tol)
                        for r in sorted(set(ranks_by_conv[name]))}
         result[name] = ConvNoise(sgd_noise=sgd, probe_noise=probe_noise,
-                                 grad_norm=float(exact.double().norm()), groups=k, calls=len(calls),
+                                 grad_norm=float(torch.linalg.vector_norm(exact)), groups=k, calls=len(calls),
                                  shape=tuple(calls[0].x.shape))
         for c in calls:  # free X and dY as we go
             c.x = c.dy = None
