@@ -12,7 +12,7 @@ weight-gradient kernels; the model is not run again.
 Definitions (all norms are Frobenius norms over every element of dW):
 
 * exact gradient: ``dW = wgrad(X, dY)`` for the whole batch (summed over the conv's calls).
-* SGD noise: split the batch into k groups G_1..G_k of equal size (k = the batch size by default:
+* SGD noise: split the batch into k contiguous groups G_1..G_k of equal size (k = the batch size by default:
   per-sample gradients). With g_i the contribution of sample i to dW (so dW = sum_i g_i), the
   group-mean gradient is M_g = k * sum_{i in G_g} g_i, and dW = mean_g M_g. The SGD noise is the
   standard error of that mean::
@@ -197,6 +197,11 @@ def probe_noise_of(calls: Sequence[_Call], exact: torch.Tensor, rank: int, mode:
 # public entry
 
 
+def _is_fake(t: torch.Tensor) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+    return isinstance(t, FakeTensor)
+
+
 def _weight_of(name: str, conv) -> torch.Tensor:
     if isinstance(conv, torch.Tensor):
         return conv
@@ -242,6 +247,9 @@ def calibrate_convs(model: nn.Module, example_inputs: Any, convs: Mapping[str, A
         for r in ranks_by_conv[n]:
             check_rank_mode_probe(r, mode, probe)
     inputs = tuple(x.detach() for x in _check_inputs(example_inputs))
+    if any(x.device.type == "meta" or _is_fake(x) for x in inputs):
+        raise ValueError("calibrate_convs needs real tensors as example_inputs (it runs one real "
+                         "forward+backward); got meta or fake tensors")
     loss_fn = default_loss if loss_fn is None else loss_fn
     weights = {name: _weight_of(name, c) for name, c in convs.items()}
     by_id: dict[int, str] = {}
