@@ -106,12 +106,41 @@ def load_model(args: argparse.Namespace) -> tuple[nn.Module, tuple[torch.Tensor,
 # subcommands: one function each
 
 
+def parse_budget(text: str):
+    """'0.3' -> 0.3 (a fraction of the unmodified peak); '3.5GiB', '800MB', '1000000' -> a byte size."""
+    try:
+        value = float(text)
+    except ValueError:
+        return text
+    return value if value <= 1 else int(value)
+
+
+def _planning_options(args: argparse.Namespace) -> dict | None:
+    """optimize() keyword arguments from the command line, or None to plan the model as it is."""
+    if args.budget is None and not args.optimize and args.methods is None:
+        return None
+    opts = dict(budget=args.budget, max_overhead=args.max_overhead, probe_rank=args.probe_rank,
+                seed=args.seed)
+    if args.methods is not None:
+        opts["methods"] = tuple(m for m in args.methods.split(",") if m)
+    return opts
+
+
 def cmd_plan(args: argparse.Namespace) -> int:
     import fxsketch
     from fxsketch.units import format_bytes
 
     model, inputs = load_model(args)
-    p = fxsketch.plan(model, inputs)
+    opts = _planning_options(args)
+    gm = None
+    if opts is None:
+        p = fxsketch.plan(model, inputs)
+    else:
+        try:
+            gm = fxsketch.optimize(model, inputs, **opts)
+        except fxsketch.BudgetError as e:
+            raise SystemExit(f"fxsketch: {e}")
+        p = gm.memory_plan
     print(p)
     if args.json:
         p.to_json(args.json)
@@ -122,11 +151,27 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.measure:
         if any(x.device.type == "meta" for x in inputs):
             raise SystemExit("fxsketch: --measure needs real inputs; leave out --meta")
-        m = fxsketch.measure(model, inputs)
-        err = 100 * (p.peak_bytes / m.peak_bytes - 1)
-        print(f"\npredicted peak {format_bytes(p.peak_bytes)}, measured {format_bytes(m.peak_bytes)} "
-              f"({err:+.2f}%); {m}")
+        base = fxsketch.measure(model, inputs)
+        print(f"\nunmodified model: predicted peak {format_bytes(p.baseline_peak_bytes)}, measured "
+              f"{format_bytes(base.peak_bytes)} ({100 * (p.baseline_peak_bytes / base.peak_bytes - 1):+.2f}%); {base}")
+        if gm is not None:
+            m = fxsketch.measure(gm, inputs)
+            print(f"optimized module: predicted peak {format_bytes(p.peak_bytes)}, measured "
+                  f"{format_bytes(m.peak_bytes)} ({100 * (p.peak_bytes / m.peak_bytes - 1):+.2f}%); {m}")
+            print(f"measured peak {base.peak_bytes / m.peak_bytes:.2f}x lower, step time "
+                  f"{100 * (m.seconds / base.seconds - 1):+.1f}% (CPU, this machine)")
     return 0
+
+
+def _add_planning_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--budget", type=parse_budget, default=None,
+                   help="plan to fit this peak: a fraction of the unmodified peak (0.3) or bytes ('3.5GiB')")
+    p.add_argument("--optimize", action="store_true",
+                   help="plan the lowest peak within --max-overhead (what --budget does without a budget)")
+    p.add_argument("--methods", default=None, help="comma-separated subset of probe,lean,recompute")
+    p.add_argument("--max-overhead", type=float, default=0.2, help="estimated extra step time allowed (0.2)")
+    p.add_argument("--probe-rank", type=int, default=None, help="force this rank on every probed conv")
+    p.add_argument("--seed", type=int, default=None, help="seed of a private generator for the probes")
 
 
 def _add_model_arguments(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -152,11 +197,12 @@ def _add_report_arguments(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fxsketch", description="Predict (and cut) the memory of one training step of a PyTorch model.",
-        epilog="With no arguments: plan and measure a default model "
+        epilog="With no arguments: optimize a default model and measure it against the original "
                f"({DEFAULT_MODEL} at {DEFAULT_INPUT}).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     p = sub.add_parser("plan", help="print the memory plan of one training step")
     _add_model_arguments(p)
+    _add_planning_arguments(p)
     _add_report_arguments(p)
     p.set_defaults(func=cmd_plan)
     return parser
@@ -164,7 +210,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def default_argv() -> list[str]:
     """What ``python -m fxsketch`` with no arguments runs."""
-    return ["plan", default_model_spec(), "--input", DEFAULT_INPUT, "--measure"]
+    return ["plan", default_model_spec(), "--input", DEFAULT_INPUT, "--optimize", "--measure"]
 
 
 def main(argv: Sequence[str] | None = None) -> int:

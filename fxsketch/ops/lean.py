@@ -99,26 +99,46 @@ def _axes(out_shape, geo):
     return starts
 
 
+_CHUNK = 1 << 14  # at least this many elements per chunk (fewer Python steps on small tensors)
+
+
+def _batch_chunks(n: int, per_sample: int):
+    """Up to 16 batch chunks: the int64 index temporaries stay ~1/16 of an int64 copy of the tensor."""
+    step = max(1, max(_CHUNK, n * per_sample // 16) // max(1, per_sample))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)]
+
+
 class _LeanMaxPool(torch.autograd.Function):
+    """Max-pool that saves, per output, the argmax's offset inside its window (uint8 for windows
+    of up to 256 elements) instead of the input and int64 indices. Works in batch chunks so the
+    int64 temporaries stay small."""
+
     @staticmethod
     def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):
         d = len(kernel)
         fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[d]
-        out, idx = fn(x, kernel, stride, padding, dilation, ceil_mode, return_indices=True)
         geo = {"kernel": kernel, "stride": stride, "padding": padding, "dilation": dilation}
-        in_sp, out_sp = x.shape[2:], out.shape[2:]
-        # Flat plane index -> per-axis coordinate -> offset inside the window, ravelled.
-        offset = torch.zeros_like(idx)
-        rest = idx
-        coords = []
-        for a in reversed(range(d)):
-            coords.append(rest % in_sp[a])
-            rest = rest // in_sp[a]
-        coords.reverse()
-        for a, start in enumerate(_axes(out_sp, geo)):
-            offset = offset * kernel[a] + (coords[a] - start.to(idx.device)) // dilation[a]
+        in_sp = x.shape[2:]
+        out = offset = None
+        for sl in _batch_chunks(x.shape[0], math.prod(x.shape[1:])):
+            o, idx = fn(x[sl], kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+            if out is None:
+                out = x.new_empty((x.shape[0],) + o.shape[1:])
+                offset = torch.empty(out.shape, dtype=_offset_dtype(math.prod(kernel)), device=x.device)
+            out[sl] = o
+            # flat plane index -> per-axis coordinate -> offset inside the window, ravelled
+            off = torch.zeros_like(idx)
+            rest = idx
+            coords = []
+            for a in reversed(range(d)):
+                coords.append(rest % in_sp[a])
+                rest = rest // in_sp[a]
+            coords.reverse()
+            for a, start in enumerate(_axes(out.shape[2:], geo)):
+                off = off * kernel[a] + (coords[a] - start.to(idx.device)) // dilation[a]
+            offset[sl] = off
         ctx.geo, ctx.in_shape = geo, x.shape
-        ctx.save_for_backward(offset.to(_offset_dtype(math.prod(kernel))))
+        ctx.save_for_backward(offset)
         return out
 
     @staticmethod
@@ -127,18 +147,21 @@ class _LeanMaxPool(torch.autograd.Function):
         (offset,) = ctx.saved_tensors
         geo, in_shape = ctx.geo, ctx.in_shape
         in_sp, out_sp, kernel = in_shape[2:], grad.shape[2:], geo["kernel"]
-        rest = offset.long()
-        flat = torch.zeros((), dtype=torch.int64, device=grad.device)
-        offs = []
-        for a in reversed(range(len(kernel))):
-            offs.append(rest % kernel[a])
-            rest = rest // kernel[a]
-        offs.reverse()
-        for a, start in enumerate(_axes(out_sp, geo)):
-            flat = flat * in_sp[a] + start.to(grad.device) + offs[a] * geo["dilation"][a]
         n, c = in_shape[:2]
         dx = torch.zeros(n, c, math.prod(in_sp), dtype=grad.dtype, device=grad.device)
-        dx.scatter_add_(2, flat.reshape(n, c, -1), grad.reshape(n, c, -1))
+        starts = [s.to(grad.device) for s in _axes(out_sp, geo)]
+        for sl in _batch_chunks(n, math.prod(grad.shape[1:])):
+            rest = offset[sl].long()
+            offs = []
+            for a in reversed(range(len(kernel))):
+                offs.append(rest % kernel[a])
+                rest = rest // kernel[a]
+            offs.reverse()
+            flat = torch.zeros((), dtype=torch.int64, device=grad.device)
+            for a, start in enumerate(starts):
+                flat = flat * in_sp[a] + start + offs[a] * geo["dilation"][a]
+            m = flat.shape[0]
+            dx[sl].scatter_add_(2, flat.reshape(m, c, -1), grad[sl].reshape(m, c, -1))
         return dx.view(in_shape), None, None, None, None, None
 
 

@@ -26,6 +26,7 @@ from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 import torch.nn.functional as F
 
 from .probes import sketch_shape, check_rank_mode_probe, probe_buckets_and_values
+from .triton_kernels import dw_spatial_triton, sketch_triton, use_triton
 
 __all__ = ["probed_conv", "ConvGeometry", "conv_geometry"]
 
@@ -292,7 +293,7 @@ class _ProbedConv(torch.autograd.Function):
             if is_fake(x):  # fxsketch is planning: only the sketch's size matters
                 xbar = x.new_empty(sketch_shape(x.shape, rank, mode))
             else:
-                xbar = sketch(x.detach(), ctx.seed, rank, mode, probe)
+                xbar = (sketch_triton if use_triton(x) else sketch)(x.detach(), ctx.seed, rank, mode, probe)
             ctx.save_for_backward(xbar, weight)
         else:
             ctx.seed = None
@@ -313,7 +314,7 @@ class _ProbedConv(torch.autograd.Function):
         elif need_dw:
             args = (dy, saved[0], ctx.seed, ctx.rank, ctx.probe)
             if ctx.mode == "spatial":
-                dw = dw_spatial(*args, ctx.x_shape[2:], tuple(weight.shape), ctx.geo)
+                dw = (dw_spatial_triton if use_triton(dy) else dw_spatial)(*args, ctx.x_shape[2:], tuple(weight.shape), ctx.geo)
             else:
                 dw = dw_channel(*args, ctx.x_shape, tuple(weight.shape), ctx.geo)
             dw = dw.to(weight.dtype)
