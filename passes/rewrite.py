@@ -72,8 +72,10 @@ def _share_modules(new: fx.GraphModule, model: nn.Module) -> None:
 
 
 def _attr(graph: fx.Graph, target, like: fx.Node):
-    if target is None or isinstance(target, fx.Node):
-        return target
+    if target is None:
+        return None
+    if isinstance(target, fx.Node):  # a node of the analysed graph: its copy in this one
+        return next(n for n in graph.nodes if n.name == target.name)
     with graph.inserting_before(like):
         return graph.get_attr(target)
 
@@ -116,6 +118,9 @@ def _recompute(gm: fx.GraphModule, model: nn.Module, names: Sequence[str], index
     segment = fx.GraphModule(model, sub, f"segment_{index}")
     name = f"fxsketch_recompute_{index}"
     gm.add_submodule(name, Recompute(segment))
+    for a in inputs:
+        if a.op == "get_attr":  # a weight fetched inside the range: fetch it before the call
+            seg[0].prepend(a)
     with graph.inserting_before(seg[0]):
         call = graph.call_module(name, tuple(inputs))
         if len(outputs) == 1:

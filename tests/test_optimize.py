@@ -8,6 +8,10 @@ from torch import nn
 
 import fxsketch
 from fxsketch import BudgetError
+from fxsketch.api import analyze
+from fxsketch.passes.candidates import build_problem
+from fxsketch.passes.liveness import simulate
+from fxsketch.passes.rewrite import rewrite
 from fxsketch.plan import Option
 
 # non-probed gradients go through the same kernels as eager (recomputation replays them), so
@@ -39,9 +43,9 @@ def net_and_input(seed=0):
     return Net(), torch.randn(8, 3, 32, 32)
 
 
-def budget_between(model, x, f):
+def budget_between(model, x, f, methods=("probe", "lean", "recompute")):
     """A budget a fraction f of the way from the lowest reachable peak up to the unmodified one."""
-    lowest = fxsketch.plan(model, (x,), methods=("probe", "lean", "recompute"), max_overhead=10.0)
+    lowest = fxsketch.plan(model, (x,), methods=methods, max_overhead=10.0)
     return int(lowest.peak_bytes + f * (lowest.baseline_peak_bytes - lowest.peak_bytes))
 
 
@@ -104,7 +108,10 @@ def test_non_probed_gradients_equal_eager(optimized):
 
 def test_probed_gradients_unbiased():
     model, x = net_and_input(1)
-    gm = fxsketch.optimize(model, (x,), methods=("probe",), probe_rank=16, max_overhead=10.0)
+    # every conv probed (r=16), whether or not the planner would: the rewrite itself is under test
+    tgm, schedule = analyze(model, (x,))
+    _, cands, _ = build_problem(tgm, schedule, simulate(schedule), methods=("probe",), probe_rank=16)
+    gm = rewrite(model, tgm, cands)
     probed = probed_weights(gm)
     assert probed
     ref = copy.deepcopy(model)
@@ -201,9 +208,10 @@ def test_plan_accepts_the_same_arguments():
 def _check_budget(model, x, fracs):
     met = 0
     for f in fracs:
-        budget = budget_between(model, x, f)
+        budget = budget_between(model, x, f, methods=("lean", "recompute"))
         try:
-            gm = fxsketch.optimize(model, (x,), budget, max_overhead=1.0)
+            # probed convs' real workspace is not yet in the fake-tensor model (see docs/optimize.md)
+            gm = fxsketch.optimize(model, (x,), budget, methods=("lean", "recompute"), max_overhead=1.0)
         except BudgetError as e:
             assert e.lowest > budget
             continue
