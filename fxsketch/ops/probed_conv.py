@@ -84,9 +84,15 @@ def conv_geometry(weight_shape, stride, padding, dilation, groups) -> ConvGeomet
     return ConvGeometry(stride, dilation, left, right, int(groups))
 
 
-def _chunk(n: int, per_sample: int) -> int:
-    """Samples per chunk so that a chunk holds about CHUNK_ELEMS elements (at least one)."""
-    return max(1, min(n, CHUNK_ELEMS // max(1, per_sample)))
+def _transient_elems(numel: int) -> int:
+    """Elements a temporary may hold: about 1/8 of the tensor it is made from, capped at
+    CHUNK_ELEMS (and at least 2**16, so small tensors are not cut into many pieces)."""
+    return max(1 << 16, min(CHUNK_ELEMS, numel // 8))
+
+
+def _chunk(n: int, per_sample: int, budget: int = CHUNK_ELEMS) -> int:
+    """Samples per chunk so that a chunk holds about ``budget`` elements (at least one sample)."""
+    return max(1, min(n, budget // max(1, per_sample)))
 
 
 def _csr_sorted(rows, cols, values, shape) -> torch.Tensor:
@@ -120,7 +126,7 @@ def sketch(x: torch.Tensor, seed: int, rank: int, mode: str, probe: str) -> torc
         order, bucket, value = _sorted_probe(seed, pixels, rank, probe, x.device)
         zt = _csr_sorted(bucket, order, value, (rank, pixels))
         out = torch.empty(n, c, rank, dtype=x.dtype, device=x.device)
-        step = _chunk(n, c * pixels)
+        step = _chunk(n, c * pixels, _transient_elems(x.numel()))
         for i in range(0, n, step):
             rows = x3[i:i + step].reshape(-1, pixels)
             out[i:i + step] = _bucket_sum(zt, rows).reshape(-1, c, rank)
@@ -161,7 +167,7 @@ def tap_indices(kernel, out_shape, in_shape, geo: ConvGeometry, device=None):
 
 
 def _tap_blocks(seed, rank, probe, in_spatial, out_spatial, kernel, geo, taps_per_block, device):
-    """CSR matrices S_b (taps*rank x P_out) with S_b[t*rank + h(q), p] = s(q), q = q(p, t): the
+    """Yields (first tap, S_b), one block at a time: CSR matrices S_b (taps*rank x P_out) with S_b[t*rank + h(q), p] = s(q), q = q(p, t): the
     probe shifted per tap. Built from input pixels already sorted by bucket, inverting
     q = stride * p + dilation * k - pad_left per axis, so rows come out sorted without a sort;
     q with no output position p (stride gaps, borders) is simply absent."""
@@ -172,7 +178,6 @@ def _tap_blocks(seed, rank, probe, in_spatial, out_spatial, kernel, geo, taps_pe
         rest = torch.div(rest, size, rounding_mode="floor")
     coords.reverse()
     taps = torch.cartesian_prod(*[torch.arange(k, device=device) for k in kernel]).view(-1, len(kernel))
-    blocks = []
     for t0 in range(0, taps.shape[0], taps_per_block):
         k = taps[t0:t0 + taps_per_block]
         flat = torch.zeros((), dtype=torch.int64, device=device)
@@ -183,9 +188,8 @@ def _tap_blocks(seed, rank, probe, in_spatial, out_spatial, kernel, geo, taps_pe
             ok = ok & (num % geo.stride[a] == 0) & (p >= 0) & (p < size_out)
             flat = flat * size_out + p
         rows = bucket[None, :] + rank * torch.arange(k.shape[0], device=device)[:, None]
-        blocks.append(_csr_sorted(rows[ok], flat[ok], value.expand_as(ok)[ok],
-                                  (k.shape[0] * rank, math.prod(out_spatial))))
-    return blocks
+        yield t0, _csr_sorted(rows[ok], flat[ok], value.expand_as(ok)[ok],
+                              (k.shape[0] * rank, math.prod(out_spatial)))
 
 
 def dw_spatial(dy, xbar, seed, rank, probe, in_spatial, weight_shape, geo) -> torch.Tensor:
@@ -195,20 +199,24 @@ def dw_spatial(dy, xbar, seed, rank, probe, in_spatial, weight_shape, geo) -> to
     pixels_out = math.prod(out_spatial)
     c, g = xbar.shape[1], geo.groups
     n_taps = math.prod(weight_shape[2:])
-    step = _chunk(n, o * max(pixels_out, n_taps * rank))
-    # Taps per block so that B (taps * rank x chunk * o) stays near CHUNK_ELEMS too.
-    per_block = max(1, min(n_taps, CHUNK_ELEMS // max(1, rank * step * o)))
-    blocks = _tap_blocks(seed, rank, probe, in_spatial, out_spatial, weight_shape[2:], geo,
-                         per_block, dy.device)
+    budget = _transient_elems(dy.numel())
+    step = _chunk(n, o * max(pixels_out, rank), budget)
+    # taps per block: B (taps * rank x chunk * o) and the block's int64 index temporaries
+    # (taps x input pixels) stay within the transient budget too
+    pixels_in = math.prod(in_spatial)
+    per_block = max(1, min(n_taps, budget // max(1, rank * step * o, 4 * pixels_in)))
     dw = torch.zeros(n_taps, g, o // g, c // g, dtype=torch.float32, device=dy.device)
-    for i in range(0, n, step):
-        # dY^T for the chunk, (P_out, n*o), contiguous: B_k = S_k @ dY^T scatters dY into buckets.
-        dyt = dy[i:i + step].reshape(-1, pixels_out).float().t().contiguous()
-        xb = xbar[i:i + step].float().view(-1, g, c // g, rank)
-        for t0, s_block in zip(range(0, n_taps, per_block), blocks):
-            kb = s_block.shape[0] // rank
+    # blocks outer, batch chunks inner: each block is built once and only one is alive at a time
+    for t0, s_block in _tap_blocks(seed, rank, probe, in_spatial, out_spatial, weight_shape[2:], geo,
+                                   per_block, dy.device):
+        kb = s_block.shape[0] // rank
+        for i in range(0, n, step):
+            # dY^T for the chunk, (P_out, n*o), contiguous: B_k = S_k @ dY^T scatters dY into buckets.
+            dyt = dy[i:i + step].reshape(-1, pixels_out).float().t().contiguous()
+            xb = xbar[i:i + step].float().view(-1, g, c // g, rank)
             b = torch.sparse.mm(s_block, dyt).view(kb, rank, -1, g, o // g)
             dw[t0:t0 + kb] += torch.einsum("kjngo,ngcj->kgoc", b, xb)
+            del dyt, b
     return dw.permute(1, 2, 3, 0).reshape(weight_shape)
 
 
@@ -279,6 +287,35 @@ def _draw_seed(generator=None) -> int:
         return int(torch.randint(2**31 - 1, (), generator=generator).item())
 
 
+def workspace_nbytes(x_shape, y_shape, weight_shape, rank: int, mode: str) -> tuple[int, int]:
+    """Estimated peak bytes of the temporaries of the forward sketch and of the dW estimate,
+    following the chunking above (probe hashing, CSR matrices, dY chunk, bucketed B). Used when
+    the op runs on fake tensors, so that fxsketch's plan sees the workspace the real op needs."""
+    n, c = x_shape[:2]
+    o = y_shape[1]
+    p_in, p_out = math.prod(x_shape[2:]), math.prod(y_shape[2:])
+    taps = math.prod(weight_shape[2:])
+    if mode == "spatial":
+        step = _chunk(n, c * p_in, _transient_elems(n * c * p_in))
+        fwd = max(48 * p_in, 12 * p_in + 8 * step * c * rank)
+        budget = _transient_elems(n * o * p_out)
+        step = _chunk(n, o * max(p_out, rank), budget)
+        kb = max(1, min(taps, budget // max(1, rank * step * o, 4 * p_in)))
+        bwd = 32 * p_in + max(88 * kb * p_in, 20 * kb * p_in + 4 * step * o * p_out + 8 * kb * rank * step * o)
+        return fwd, bwd
+    step_c = max(1, min(c, CHUNK_ELEMS // max(1, p_in)))
+    fwd = 48 * step_c * p_in
+    step = _chunk(n, c * p_in)
+    bwd = 48 * step_c * p_in + 8 * step * c * p_in
+    return fwd, bwd
+
+
+def _fake_workspace(like: torch.Tensor, nbytes: int) -> None:
+    """Allocate and drop ``nbytes`` on a fake tensor: what a plan's workspace tracker must see."""
+    tmp = like.new_empty(max(1, nbytes // like.element_size()))
+    del tmp
+
+
 class _ProbedConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, stride, padding, dilation, groups, rank, mode, probe, generator=None):
@@ -290,7 +327,9 @@ class _ProbedConv(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             # One draw from the caller's RNG: fresh probes every step, reproducible under manual_seed.
             ctx.seed = _draw_seed(generator)
-            if is_fake(x):  # fxsketch is planning: only the sketch's size matters
+            if is_fake(x):  # fxsketch is planning: sizes only (the sketch, and the workspace)
+                ctx.workspace = workspace_nbytes(x.shape, y.shape, weight.shape, rank, mode)
+                _fake_workspace(x, ctx.workspace[0])
                 xbar = x.new_empty(sketch_shape(x.shape, rank, mode))
             else:
                 xbar = (sketch_triton if use_triton(x) else sketch)(x.detach(), ctx.seed, rank, mode, probe)
@@ -309,7 +348,8 @@ class _ProbedConv(torch.autograd.Function):
         dx = db = dw = None
         if need_dx or need_db:
             dx, db = _input_and_bias_grad(dy, ctx.x_shape, weight, ctx.has_bias, need_dx, need_db, ctx.geo)
-        if need_dw and is_fake(dy):  # planning on fake tensors: the estimate's size only
+        if need_dw and is_fake(dy):  # planning on fake tensors: the estimate's size and workspace
+            _fake_workspace(dy, ctx.workspace[1])
             dw = torch.empty_like(weight)
         elif need_dw:
             args = (dy, saved[0], ctx.seed, ctx.rank, ctx.probe)
