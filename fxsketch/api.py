@@ -11,7 +11,7 @@ from .passes.liveness import Schedule, Timeline, build_schedule, simulate
 from .passes.saved import Kind, profile_step
 from .passes.trace import check_inputs, trace
 from .config import Config, resolve_budget
-from .passes.candidates import Device, build_problem
+from .passes.candidates import Device, build_problem, conv_ranks, probe_targets
 from .passes.rewrite import rewrite
 from .passes.solve import BudgetError, evaluate, solve
 from .plan import Decision, MemoryPlan, NodeRow, Option, TimelineData
@@ -104,11 +104,13 @@ def _optimize(model, example_inputs, config: Config, loss_fn, leaf_modules):
         budget = resolve_budget(config.budget, baseline.peak_bytes)
         inputs = check_inputs(model, example_inputs)
         device = Device.for_tensor(next(iter(gm.parameters()), inputs[0]))
+        notes = []
+        noise = _calibrate(model, gm, inputs, loss_fn, config, notes)
         problem, cands, _ = build_problem(
             gm, schedule, baseline, methods=config.methods, ratios=config.ratios,
-            probe_rank=config.probe_rank, mode=config.mode, probe=config.probe, device=device)
+            probe_rank=config.probe_rank, mode=config.mode, probe=config.probe, device=device,
+            noise=noise, max_grad_noise=config.max_grad_noise)
         target = budget
-        notes = []
         for attempt in range(3):
             try:
                 sol = solve(problem, target, max_overhead=config.max_overhead)
@@ -134,6 +136,26 @@ def _optimize(model, example_inputs, config: Config, loss_fn, leaf_modules):
         new.memory_plan = make_plan(new, new_schedule, baseline, tl, name=type(model).__name__,
                                     decisions=decisions, budget=budget, notes=notes)
         return new
+
+
+def _calibrate(model, gm, inputs, loss_fn, config: Config, notes: list[str]):
+    """Per probe-able conv, its SGD and probe noise on the example batch (None if not calibrated)."""
+    if "probe" not in config.methods or config.probe_rank is not None or not config.calibrate:
+        return None
+    if any(x.device.type == "meta" for x in inputs):
+        notes.append("probe noise not calibrated (meta inputs): noise column is a heuristic")
+        return None
+    targets = probe_targets(gm)
+    if not targets:
+        return None
+    from .calibrate import calibrate_convs
+    convs = {name: w for name, (w, _) in targets.items()}
+    ranks = {name: conv_ranks(shape, config.ratios, config.mode) for name, (_, shape) in targets.items()}
+    noise = calibrate_convs(model, inputs, convs, ranks, loss_fn=loss_fn, mode=config.mode,
+                            probe=config.probe, progress=config.progress)
+    notes.append(f"probe ranks calibrated on the example batch: probe noise <= {config.max_grad_noise:g}x "
+                 f"SGD noise of each layer's dW")
+    return noise
 
 
 def _analyze_graph(gm, inputs, loss_fn, leaf_modules):

@@ -35,7 +35,13 @@ class Config:
     ratios: tuple[float, ...] = (1 / 4, 1 / 16, 1 / 64)
     """Sketch sizes the planner may choose from, as fractions of the conv input."""
     max_grad_noise: float = 1.0
-    """Largest probe noise allowed, relative to the SGD noise of each layer's dW (see calibrate)."""
+    """Largest probe noise allowed, relative to the SGD noise of each layer's dW, measured on the
+    example batch (fxsketch.calibrate). Each probed conv gets the smallest sketch within it."""
+    calibrate: bool = True
+    """Calibrate probe ranks from gradient noise (needs real example inputs and one real
+    forward+backward). False: ranks from ``ratios`` with a heuristic noise estimate."""
+    progress: bool = True
+    """Show a progress bar while calibrating."""
 
     def __post_init__(self):
         methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)

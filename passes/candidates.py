@@ -25,7 +25,8 @@ from .liveness import Schedule, Timeline
 from .saved import Kind, require
 from .solve import Choice, Problem, Saved, Span
 
-__all__ = ["Candidate", "Device", "build_problem", "conv_spec", "lean_spec", "node_seconds"]
+__all__ = ["Candidate", "Device", "build_problem", "conv_ranks", "conv_spec", "lean_spec", "node_seconds",
+           "probe_targets"]
 
 _RESIDENT = (Kind.PARAM, Kind.BUFFER, Kind.INPUT)
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -132,6 +133,27 @@ def node_seconds(gm: fx.GraphModule, n: fx.Node, device: Device) -> float:
     return max(flops / device.flops, moved / device.bandwidth)
 
 
+def conv_ranks(x_shape, ratios, mode: str) -> list[int]:
+    """The candidate ranks of a conv input: one per storage ratio."""
+    return sorted({rank_for_ratio(x_shape, r, mode) for r in ratios})
+
+
+def probe_targets(gm: fx.GraphModule) -> dict[str, tuple[torch.Tensor, tuple[int, ...]]]:
+    """Node name -> (conv weight, input shape) of every conv that could be probed."""
+    out = {}
+    for n in gm.graph.nodes:
+        spec = conv_spec(gm, n) if n.op != "output" else None
+        metas = n.all_input_nodes[0].meta.get("fxsketch.tensor", ()) if spec and n.all_input_nodes else ()
+        if spec is None or not metas or len(metas[0].shape) < 3:
+            continue
+        w = spec["weight"]
+        weight = gm.get_parameter(w) if isinstance(w, str) else gm.get_parameter(w.target) \
+            if isinstance(w, fx.Node) and w.op == "get_attr" else None
+        if isinstance(weight, torch.Tensor) and weight.requires_grad:
+            out[n.name] = (weight, metas[0].shape)
+    return out
+
+
 def _storage_of_input(n: fx.Node, i: int = 0) -> int | None:
     arg = n.all_input_nodes[i] if len(n.all_input_nodes) > i else None
     metas = arg.meta.get("fxsketch.tensor", ()) if arg is not None else ()
@@ -180,10 +202,15 @@ def _inplace(gm: fx.GraphModule, n: fx.Node) -> bool:
 def build_problem(gm: fx.GraphModule, schedule: Schedule, timeline: Timeline, *,
                   methods=("probe", "lean", "recompute"), ratios=(1 / 4, 1 / 16, 1 / 64),
                   probe_rank: int | None = None, mode: str = "spatial", probe: str = "gaussian",
-                  device: Device | None = None) -> tuple[Problem, list[Candidate], float]:
+                  device: Device | None = None, noise: dict | None = None,
+                  max_grad_noise: float = 1.0) -> tuple[Problem, list[Candidate], float]:
     """Describe every option of every node on ``schedule``; return (problem, candidates, step seconds).
 
-    ``problem.choices[i]`` and ``candidates[i]`` describe the same option.
+    ``problem.choices[i]`` and ``candidates[i]`` describe the same option. With ``noise``
+    (node name -> :class:`fxsketch.calibrate.ConvNoise`), a conv is offered at one rank only: the
+    smallest whose probe noise is at most ``max_grad_noise`` times its SGD noise (none if no
+    calibrated rank qualifies); the reported noise is that ratio. Without it the noise is a
+    heuristic, sqrt(1 / storage ratio).
     """
     require(gm, "fxsketch.step")
     storages = schedule.storages
@@ -245,7 +272,11 @@ def build_problem(gm: fx.GraphModule, schedule: Schedule, timeline: Timeline, *,
                 ks = math.prod(out.shape[2:]) and (math.prod(
                     (gm.get_submodule(n.target).weight.shape if n.op == "call_module"
                      else n.args[1].meta["fxsketch.tensor"][0].shape)[2:]))
-                ranks = [probe_rank] if probe_rank else sorted({rank_for_ratio(xmeta.shape, r, mode) for r in ratios})
+                ranks = [probe_rank] if probe_rank else conv_ranks(xmeta.shape, ratios, mode)
+                calibrated = noise.get(n.name) if noise and not probe_rank else None
+                if calibrated is not None:
+                    r = calibrated.smallest_rank(max_grad_noise)
+                    ranks = [r] if calibrated.ratio(r) <= max_grad_noise else []
                 exact_wgrad = seconds[n.name]
                 for r in ranks:
                     nb = sketch_nbytes(xmeta.shape, r, mode, xmeta.dtype)
@@ -253,11 +284,16 @@ def build_problem(gm: fx.GraphModule, schedule: Schedule, timeline: Timeline, *,
                     extra = (2 * storages[x].nbytes + 2 * ks * _bytes(out)) / device.bandwidth \
                         + ratio * exact_wgrad - exact_wgrad
                     cost = max(extra, 0.02 * exact_wgrad) / step_seconds
-                    noise = math.sqrt(1.0 / ratio) if ratio < 1 else 0.0
-                    add(Choice(n.name, cost, noise, drops=((saved_index[x], n.name),),
+                    if calibrated is not None:
+                        level = calibrated.ratio(r)
+                        detail = f"{mode}, r={r} ({ratio:.3g} of X, {probe}), noise {level:.2f}x SGD"
+                    else:
+                        level = math.sqrt(1.0 / ratio) if ratio < 1 else 0.0
+                        detail = f"{mode}, r={r} ({ratio:.3g} of X, {probe})"
+                    add(Choice(n.name, cost, level, drops=((saved_index[x], n.name),),
                                adds=(Span(nb, f, b),)),
                         Candidate("probe", (n.name,), dict(spec, rank=r, mode=mode, probe=probe, ratio=ratio),
-                                  f"{mode}, r={r} ({ratio:.3g} of X, {probe})"))
+                                  detail))
         if "lean" in methods and (spec := lean_spec(gm, n)) is not None:
             drops = tuple((saved_index[s], n.name) for s in own_saved(n))
             out = n.meta["fxsketch.tensor"][0]
