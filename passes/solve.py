@@ -201,7 +201,12 @@ def solve(problem: Problem, budget: int | None = None, *, max_overhead: float = 
     def lowest_peak(overhead_cap: float | None):
         # minimise the peak (scaled to ~1), cost as a tie-break
         p = n_var
+        # a step whose live bytes can never exceed what some step must hold anyway cannot be the
+        # peak: leave its row out (most steps, on real models; the MILP gets much smaller)
+        floor = float(np.max(fixed)) if T else 0.0
         for t in range(T):
+            if fixed[t] + sum(w for _, w in step_terms[t]) <= floor:
+                continue
             row([(v, w / scale) for v, w in step_terms[t]] + [(p, -1.0)], -np.inf, -fixed[t] / scale)
         if overhead_cap is not None and nc:
             row([(c, cost[c]) for c in range(nc)], -np.inf, overhead_cap)
@@ -221,7 +226,9 @@ def solve(problem: Problem, budget: int | None = None, *, max_overhead: float = 
     obj[:nc] = cost + noise_weight * noise
     chosen = run(obj, n_rows, False, n_entries)
     if chosen is None:
-        best = lowest_peak(None)
-        lowest = _solution(problem, best or []).peak_bytes
-        raise BudgetError(f"budget of {budget} bytes is below the lowest reachable peak", lowest)
+        # infeasible, or no plan found within the time limit: the lowest-peak plan decides
+        best = _solution(problem, lowest_peak(None) or [])
+        if best.peak_bytes <= budget:
+            return best
+        raise BudgetError(f"budget of {budget} bytes is below the lowest reachable peak", best.peak_bytes)
     return _solution(problem, chosen)
