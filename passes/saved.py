@@ -146,6 +146,10 @@ class _StepTracker(TorchDispatchMode):
             st = t.untyped_storage()
             self._seen.setdefault(st._cdata, StorageWeakRef(st))
 
+    def made_by_an_op(self, t: torch.Tensor) -> bool:
+        """Whether an op of the step produced ``t``'s storage (else it came from outside)."""
+        return t.untyped_storage()._cdata in self._seen
+
     def enter(self, step: tuple[str, str]) -> None:
         self._reap()
         self.step = step
@@ -246,6 +250,8 @@ class _StepInterpreter(fx.Interpreter):
         for t in packed:
             sid = self.reg.find(t)
             if sid is None:
+                if not self.workspace.made_by_an_op(t):
+                    continue  # a constant from outside the step (a captured tensor): not ours
                 sid = self.reg.add(t, Kind.INTERNAL, n.name)
             if sid not in saved:
                 saved.append(sid)
@@ -363,8 +369,10 @@ def profile_step(
             raise ValueError("the loss does not depend on any parameter that requires grad: "
                              "nothing to train (check requires_grad and loss_fn)")
         record.loss_allocs = tuple(reg.add(t, Kind.ACTIVATION, "loss") for t in [loss])
+        # the loss's targets are captured constants (made by no op of the step): not counted
         record.loss_saved = tuple(dict.fromkeys(
-            (reg.find(t) if reg.find(t) is not None else reg.add(t, Kind.INTERNAL, "loss")) for t in packed))
+            (reg.find(t) if reg.find(t) is not None else reg.add(t, Kind.INTERNAL, "loss"))
+            for t in packed if reg.find(t) is not None or workspace.made_by_an_op(t)))
         record.loss_allocs += tuple(s for s in record.loss_saved if s not in known)
         workspace.enter(("backward", "loss"))
         loss.backward()
