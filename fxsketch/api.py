@@ -62,8 +62,9 @@ def make_plan(gm: fx.GraphModule, schedule: Schedule, baseline: Timeline, timeli
         elif own and own[0] in timeline.intervals:
             phase, node = timeline.steps[timeline.intervals[own[0]][1]]
             freed = f"{phase} {node}"
-        else:
-            freed = "view of an input"
+        else:  # a view or an in-place result: the storage belongs to the node that made it
+            owner = storages[metas[0].storage].owner if metas else ""
+            freed = f"shares {owner}'s storage" if owner else "-"
         target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
         rows.append(NodeRow(
             name=n.name, op=n.op, target=str(target),

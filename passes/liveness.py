@@ -75,14 +75,18 @@ class Timeline:
         return self.steps[self.peak_step]
 
 
-def _category(info: StorageInfo, saved_later: bool) -> str:
+def _category(info: StorageInfo, read_in_backward: bool) -> str:
+    """Report category: activations (and internals) that backward reads count as saved for their
+    whole life; everything else that is not a parameter, input or parameter gradient is transient."""
     if info.kind in (Kind.PARAM, Kind.BUFFER):
         return "parameters"
     if info.kind is Kind.INPUT:
         return "inputs"
     if info.kind is Kind.PARAM_GRAD:
         return "gradients"
-    return "saved" if saved_later else "transient"
+    if info.kind in (Kind.ACTIVATION, Kind.INTERNAL) and read_in_backward:
+        return "saved"
+    return "transient"
 
 
 def simulate(schedule: Schedule) -> Timeline:
@@ -114,19 +118,14 @@ def simulate(schedule: Schedule) -> Timeline:
             if s in first:
                 last[s] = end
     delta = [0] * (len(schedule.steps) + 1)
-    starts: dict[int, list[int]] = {}
     for s, a in first.items():
         delta[a] += schedule.storages[s].nbytes
         delta[last[s] + 1] -= schedule.storages[s].nbytes
-        starts.setdefault(a, []).append(s)
     live, total = [], 0
     for i in range(len(schedule.steps)):
         total += delta[i]
         live.append(total)
     peak_step = max(range(len(live)), key=live.__getitem__) if live else 0
-    by_cat = []
-    for i in range(len(schedule.steps)):
-        by_cat.append(None)  # filled lazily below for the peak; the full table is cheap enough
     by_cat = _categories(schedule, first, last, backward_reads)
     alive = tuple(sorted((s for s in first if first[s] <= peak_step <= last[s]),
                          key=lambda s: -schedule.storages[s].nbytes))
@@ -146,14 +145,9 @@ def _categories(schedule: Schedule, first, last, backward_reads) -> tuple[dict[s
     deltas = {c: [0] * (n + 1) for c in CATEGORIES}
     for s, a in first.items():
         info = schedule.storages[s]
-        b = last[s]
-        if info.kind in (Kind.ACTIVATION, Kind.INTERNAL) and s in backward_reads:
-            # transient while the forward still uses it, saved once only backward needs it
-            c = "saved"
-        else:
-            c = _category(info, False)
+        c = _category(info, s in backward_reads)
         deltas[c][a] += info.nbytes
-        deltas[c][b + 1] -= info.nbytes
+        deltas[c][last[s] + 1] -= info.nbytes
     out, run = [], {c: 0 for c in CATEGORIES}
     for i in range(n):
         for c in CATEGORIES:
