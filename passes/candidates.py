@@ -46,9 +46,42 @@ class Device:
 
     @staticmethod
     def for_tensor(t: torch.Tensor) -> "Device":
-        if t.device.type == "cuda":
-            return Device(flops=5e13, bandwidth=2e12)
-        return Device()
+        """Constants measured once per device (a matmul and a copy), so that overheads are in the
+        proportions of this machine; meta tensors are timed on the CPU."""
+        dev = torch.device("cpu") if t.device.type == "meta" else t.device
+        key = str(dev)
+        if key not in _MEASURED:
+            _MEASURED[key] = _measure(dev)
+        return _MEASURED[key]
+
+
+_MEASURED: dict[str, Device] = {}
+
+
+def _measure(dev: torch.device) -> Device:
+    import time
+
+    def best(fn, reps=3):
+        times = []
+        for _ in range(reps):
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            t0 = time.perf_counter()
+            fn()
+            if dev.type == "cuda":
+                torch.cuda.synchronize(dev)
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+    n = 1024 if dev.type == "cuda" else 384
+    a = torch.randn(n, n, device=dev)
+    b = torch.randn(n, n, device=dev)
+    src = torch.empty(1 << 22, device=dev)
+    dst = torch.empty_like(src)
+    a @ b, dst.copy_(src)  # warm up
+    flops = 2 * n ** 3 / max(best(lambda: a @ b), 1e-9)
+    bandwidth = 2 * src.nbytes / max(best(lambda: dst.copy_(src)), 1e-9)
+    return Device(flops=flops, bandwidth=bandwidth)
 
 
 @dataclass(frozen=True)
