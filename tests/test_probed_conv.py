@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from fxsketch.ops import probed_conv, sketch_nbytes, sketch_shape
+from fxsketch.ops import probed_conv, rank_for_ratio, sketch_nbytes, sketch_shape
 from fxsketch.ops.probed_conv import (conv_geometry, dw_channel, dw_spatial, exact_weight_grad, reconstruct,
                                       sketch, tap_indices)
 from fxsketch.ops.probes import PROBES
@@ -254,3 +254,26 @@ def test_chunked_paths_give_the_same_estimate(mode, monkeypatch):
     chunked = estimate()
     for a, b in zip(whole, chunked):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("shape, weight", [((16, 64, 32, 32), (64, 64, 3, 3)), ((32, 256, 14, 14), (256, 256, 3, 3)),
+                                           ((4, 32, 8, 28, 28), (32, 32, 3, 3, 3))])
+def test_transient_memory_is_a_fraction_of_the_tensors(shape, weight):
+    """Temporaries of the sketch (forward) and of the dW estimate (backward), seen by the exact
+    live-storage tracker, stay a fraction of X and dY (chunked to ~1/8 of them, but never less
+    than one sample: with a batch of N the dY chunk alone is at least 1/N of dY)."""
+    from fxsketch.measure import LiveStorageTracker
+    x, w = torch.randn(shape), torch.randn(weight, requires_grad=True)
+    rank = rank_for_ratio(shape, 1 / 16, "spatial")
+    with LiveStorageTracker([x, w], record=True) as tr:
+        y = probed_conv(x, w, padding=1, rank=rank)
+        n_fwd, fwd_peak = len(tr.timeline), tr.peak_bytes
+        dy = torch.ones_like(y)
+        before = tr.live_bytes
+        torch.autograd.grad(y, w, dy)
+    x_bytes, y_bytes, w_bytes = x.numel() * 4, y.numel() * 4, w.numel() * 4
+    sketch_bytes = shape[0] * shape[1] * rank * 4
+    fwd_transient = fwd_peak - (x_bytes + w_bytes + y_bytes + sketch_bytes)
+    bwd_transient = max(b for _, b in tr.timeline[n_fwd:]) - before - w_bytes
+    assert fwd_transient <= 0.25 * x_bytes, fwd_transient / x_bytes
+    assert bwd_transient <= 0.75 * max(x_bytes, y_bytes), bwd_transient / max(x_bytes, y_bytes)

@@ -204,7 +204,8 @@ def dw_spatial(dy, xbar, seed, rank, probe, in_spatial, weight_shape, geo) -> to
     # taps per block: B (taps * rank x chunk * o) and the block's int64 index temporaries
     # (taps x input pixels) stay within the transient budget too
     pixels_in = math.prod(in_spatial)
-    per_block = max(1, min(n_taps, budget // max(1, rank * step * o, 4 * pixels_in)))
+    # (building a block holds ~88 bytes, ~22 float elements, per tap and input pixel)
+    per_block = max(1, min(n_taps, budget // max(1, rank * step * o, 22 * pixels_in)))
     dw = torch.zeros(n_taps, g, o // g, c // g, dtype=torch.float32, device=dy.device)
     # blocks outer, batch chunks inner: each block is built once and only one is alive at a time
     for t0, s_block in _tap_blocks(seed, rank, probe, in_spatial, out_spatial, weight_shape[2:], geo,
@@ -300,7 +301,7 @@ def workspace_nbytes(x_shape, y_shape, weight_shape, rank: int, mode: str) -> tu
         fwd = max(48 * p_in, 12 * p_in + 8 * step * c * rank)
         budget = _transient_elems(n * o * p_out)
         step = _chunk(n, o * max(p_out, rank), budget)
-        kb = max(1, min(taps, budget // max(1, rank * step * o, 4 * p_in)))
+        kb = max(1, min(taps, budget // max(1, rank * step * o, 22 * p_in)))
         bwd = 32 * p_in + max(88 * kb * p_in, 20 * kb * p_in + 4 * step * o * p_out + 8 * kb * rank * step * o)
         return fwd, bwd
     step_c = max(1, min(c, CHUNK_ELEMS // max(1, p_in)))
