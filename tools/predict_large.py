@@ -1,0 +1,55 @@
+"""Predicted (not measured) peaks of optimize() at GPU-sized inputs, planned on meta tensors.
+
+    .venv/bin/python tools/predict_large.py
+
+Prints a markdown table: unmodified and optimized predicted peak, reduction, the planner's
+estimated overhead, and the decisions by kind. Planning allocates nothing, so it runs on a CPU;
+the figures are predictions of the liveness model (within 1 % of measurement on the CPU models
+in docs/liveness.md), not measurements: measure them on a GPU with tools/bench_gpu.py.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from collections import Counter
+
+import torch
+
+import fxsketch
+from fxsketch.units import format_bytes
+
+
+def models():
+    import torchvision
+    from monai.networks.nets import UNet
+    return {
+        "resnet50": (torchvision.models.resnet50, (64, 3, 224, 224)),
+        "vgg16": (torchvision.models.vgg16, (64, 3, 224, 224)),
+        "unet3d": (lambda: UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(16, 32, 64, 128, 256),
+                                strides=(2, 2, 2, 2), num_res_units=2), (2, 1, 128, 128, 128)),
+    }
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--max-overhead", type=float, default=0.15)
+    args = ap.parse_args(argv)
+    print(f"| model | input | unmodified | optimized (budget=None, max_overhead={args.max_overhead}) | "
+          "reduction | est. overhead | decisions | planning s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, (make, shape) in models().items():
+        torch.manual_seed(0)
+        x = torch.empty(shape, device="meta")
+        t = time.perf_counter()
+        gm = fxsketch.optimize(make(), (x,), None, max_overhead=args.max_overhead)
+        p = gm.memory_plan
+        kinds = Counter(d.option.value for d in p.decisions)
+        print(f"| {name} | {'x'.join(map(str, shape))} | {format_bytes(p.baseline_peak_bytes)} | "
+              f"{format_bytes(p.peak_bytes)} | {p.baseline_peak_bytes / p.peak_bytes:.2f}x | "
+              f"{100 * sum(d.extra_time for d in p.decisions):.1f} % | "
+              f"{', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))} | {time.perf_counter() - t:.1f} |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
