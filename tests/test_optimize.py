@@ -187,11 +187,13 @@ def test_seed_makes_probes_reproducible():
         torch.testing.assert_close(ga[n], gb[n])
 
 
-def test_unreachable_budget_names_the_lowest_peak():
+def test_unreachable_budget_names_the_lowest_peak_and_it_is_reachable():
     model, x = net_and_input()
     with pytest.raises(BudgetError, match="lowest reachable predicted peak") as e:
-        fxsketch.optimize(model, (x,), "1KB")
+        fxsketch.optimize(model, (x,), "1KB", calibrate=False)
     assert e.value.lowest > 1000
+    gm = fxsketch.optimize(model, (x,), e.value.lowest, calibrate=False)
+    assert gm.memory_plan.peak_bytes <= e.value.lowest
 
 
 @pytest.mark.parametrize("kwargs, match", [
