@@ -218,8 +218,9 @@ def plan(model: nn.Module, example_inputs: Any, budget=None, *, loss_fn: Callabl
     (shapes only). ``loss_fn(output)`` gives the scalar to backpropagate (default: the sum of all
     floating-point outputs). Nothing is allocated for activations: the step runs on fake tensors.
 
-    With no planning arguments the plan is of the unmodified model. With a ``budget`` (or
-    ``methods``) it is the plan :func:`optimize` would carry out, without returning the module.
+    With no planning arguments the plan is of the unmodified model. With any of them (``budget``,
+    ``methods``, ``max_overhead``, ``probe_rank``, ``seed`` or a :class:`~fxsketch.Config` field) it
+    is the plan :func:`optimize` would carry out, without returning the module.
 
     >>> p = plan(torchvision.models.resnet18(), (torch.randn(8, 3, 224, 224),))  # doctest: +SKIP
     >>> print(p.summary())                                                       # doctest: +SKIP
@@ -228,7 +229,9 @@ def plan(model: nn.Module, example_inputs: Any, budget=None, *, loss_fn: Callabl
       inputs                4.59 MiB
       predicted peak      ...
     """
-    if budget is not None or methods is not None:
+    planning = (budget is not None or methods is not None or max_overhead != 0.2 or probe_rank is not None
+                or seed is not None or bool(options))
+    if planning:
         methods = ("probe", "lean", "recompute") if methods is None else methods
         return optimize(model, example_inputs, budget, loss_fn=loss_fn, methods=methods,
                         max_overhead=max_overhead, probe_rank=probe_rank, seed=seed,
