@@ -302,9 +302,9 @@ def build_problem(gm: fx.GraphModule, schedule: Schedule, timeline: Timeline, *,
             xmeta = n.all_input_nodes[0].meta["fxsketch.tensor"][0]
             if x in saved_index and len(xmeta.shape) >= 3 and xmeta.dtype.is_floating_point:
                 out = n.meta["fxsketch.tensor"][0]
-                ks = math.prod(out.shape[2:]) and (math.prod(
-                    (gm.get_submodule(n.target).weight.shape if n.op == "call_module"
-                     else n.args[1].meta["fxsketch.tensor"][0].shape)[2:]))
+                wshape = (gm.get_submodule(n.target).weight.shape if n.op == "call_module"
+                          else n.args[1].meta["fxsketch.tensor"][0].shape)
+                ks = math.prod(wshape[2:])  # kernel taps: the estimate scatters dY once per tap
                 ranks = [probe_rank] if probe_rank else conv_ranks(xmeta.shape, ratios, mode)
                 calibrated = noise.get(n.name) if noise and not probe_rank else None
                 if calibrated is not None:
@@ -344,25 +344,25 @@ def build_problem(gm: fx.GraphModule, schedule: Schedule, timeline: Timeline, *,
     if "recompute" in methods:
         for i, j in _segments(gm, nodes):
             seg = nodes[i:j + 1]
-            if _segment_choice(gm, seg, saved_index, fwd, bwd, seconds, step_seconds, storages, add) is False:
-                continue
+            _segment_choice(gm, seg, saved_index, fwd, bwd, seconds, step_seconds, storages, add)
     return problem, cands, step_seconds
 
 
-def _segment_choice(gm, seg, saved_index, fwd, bwd, seconds, step_seconds, storages, add):
+def _segment_choice(gm, seg, saved_index, fwd, bwd, seconds, step_seconds, storages, add) -> None:
+    """Offer recomputing ``seg`` (via ``add``) if it is a valid segment that frees something."""
     names = {n.name for n in seg}
     if any(n.op in ("placeholder", "get_attr") for n in seg):
         seg = [n for n in seg if n.op not in ("placeholder", "get_attr")]
     if len(seg) < 2 or not all(n.name in fwd for n in seg):
-        return False
+        return
     ext_inputs = {m.storage for n in seg for a in n.all_input_nodes if a.name not in names
                   for m in a.meta.get("fxsketch.tensor", ())}
     for n in seg:  # replaying an in-place op on a segment input would apply it twice
         if _inplace(gm, n) and any(a.name not in names for a in n.all_input_nodes):
-            return False
+            return
     back = [bwd[n.name] for n in seg if n.name in bwd]
     if not back:
-        return False
+        return
     rec = min(back)
     drops, copies = [], {}
     for n in seg:
@@ -373,7 +373,7 @@ def _segment_choice(gm, seg, saved_index, fwd, bwd, seconds, step_seconds, stora
                 drops.append((saved_index[s], n.name))
                 copies[s] = max(copies.get(s, 0), bwd[n.name])
     if not drops:
-        return False
+        return
     largest = max((storages[m.storage].nbytes for n in seg for m in n.meta.get("fxsketch.tensor", ())
                    if m.storage in storages), default=0)
     adds = tuple(Span(storages[s].nbytes, rec, end) for s, end in copies.items()) + (Span(largest, rec, rec),)
@@ -384,4 +384,3 @@ def _segment_choice(gm, seg, saved_index, fwd, bwd, seconds, step_seconds, stora
     add(Choice(f"segment:{first}..{last}", cost, 0.0, drops=tuple(drops), adds=adds, holds=holds,
                covers=tuple(n.name for n in seg)),
         Candidate("recompute", tuple(n.name for n in seg), {}, f"{first} .. {last} ({len(seg)} nodes)"))
-    return True
