@@ -1,0 +1,67 @@
+"""Candidates on the liveness model: the numeric problem reproduces the schedule, and each option
+releases what it should."""
+import torch
+from torch import nn
+
+from fxsketch.api import analyze
+from fxsketch.passes.candidates import build_problem, conv_spec, lean_spec
+from fxsketch.passes.liveness import simulate
+from fxsketch.passes.solve import evaluate
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv2(self.pool(self.relu(self.bn(self.conv1(x))))).sum((2, 3))
+
+
+def problem(**kw):
+    torch.manual_seed(0)
+    model = Block()
+    gm, schedule = analyze(model, (torch.randn(4, 3, 16, 16),))
+    tl = simulate(schedule)
+    prob, cands, _ = build_problem(gm, schedule, tl, **kw)
+    return gm, schedule, tl, prob, cands
+
+
+def test_no_choice_reproduces_the_simulated_timeline():
+    _, _, tl, prob, _ = problem()
+    assert evaluate(prob, []) == list(tl.live_bytes)
+
+
+def test_each_kind_of_option_is_offered_where_it_applies():
+    gm, _, _, prob, cands = problem()
+    kinds = {(c.kind, c.nodes[0]) for c in cands}
+    assert ("probe", "conv2") in kinds          # conv1's input is the model input: kept anyway
+    assert ("probe", "conv1") not in kinds
+    assert ("lean", "relu") in kinds and ("lean", "pool") in kinds
+    assert any(c.kind == "recompute" for c in cands)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    assert conv_spec(gm, nodes["conv2"])["padding"] == (1, 1)
+    assert lean_spec(gm, nodes["pool"])["op"] == "max_pool"
+
+
+def test_probe_releases_the_conv_input_and_adds_the_sketch():
+    _, schedule, _, prob, cands = problem(methods=("probe",), probe_rank=4)
+    (i,) = [k for k, c in enumerate(cands) if c.nodes == ("conv2",)]
+    choice = prob.choices[i]
+    saved = {s for s, key in choice.drops}
+    assert [key for _, key in choice.drops] == ["conv2"]
+    assert len(saved) == 1 and choice.adds[0].nbytes == 4 * 8 * 4 * 4  # N x C x r floats
+    assert max(evaluate(prob, [i])) <= max(evaluate(prob, []))
+
+
+def test_a_storage_saved_twice_is_freed_only_by_both_options():
+    # pool's output is saved by conv2 (its input) only; relu's output by relu and by pool
+    _, _, _, prob, cands = problem(methods=("lean",))
+    relu = next(k for k, c in enumerate(cands) if c.nodes == ("relu",))
+    pool = next(k for k, c in enumerate(cands) if c.nodes == ("pool",))
+    both, only_relu, none = (max(evaluate(prob, s)) for s in ([relu, pool], [relu], []))
+    assert both < only_relu <= none
