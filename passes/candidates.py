@@ -380,7 +380,6 @@ def _segment_choice(gm, seg, saved_index, fwd, bwd, seconds, step_seconds, stora
     holds = tuple((saved_index[s], rec) for s in ext_inputs if s in saved_index)
     cost = sum(seconds[n.name] for n in seg) / step_seconds
     first, last = seg[0].name, seg[-1].name
-    scope = seg[0].meta.get("fxsketch.scope", "")
     add(Choice(f"segment:{first}..{last}", cost, 0.0, drops=tuple(drops), adds=adds, holds=holds,
                covers=tuple(n.name for n in seg)),
         Candidate("recompute", tuple(n.name for n in seg), {}, f"{first} .. {last} ({len(seg)} nodes)"))

@@ -188,12 +188,10 @@ def _tensors(x: Any) -> list[torch.Tensor]:
 
 
 class _StepInterpreter(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, reg: _Registry, param_of: dict[str, torch.Tensor],
-                 workspace: _WorkspaceTracker):
+    def __init__(self, gm: fx.GraphModule, reg: _Registry, workspace: _StepTracker):
         super().__init__(gm, garbage_collect_values=False)
         self.reg = reg
         self.workspace = workspace
-        self.param_of = param_of
         # (node, output index, grad_fn, output_nr): the grad_fn is taken right after the node ran,
         # so an in-place op later on the same tensor does not move it
         self.grad_fns: list[tuple[fx.Node, int, Any, int]] = []
@@ -319,7 +317,7 @@ def profile_step(
 
     workspace = _StepTracker(reg)
     workspace.add_existing(list(state.values()) + list(fake_inputs))
-    interp = _StepInterpreter(gm, reg, state, workspace)
+    interp = _StepInterpreter(gm, reg, workspace)
     runner = _Runner(gm, interp)
     record = StepRecord()
     leaf_grads: dict[int, int] = {}  # id(fake leaf) -> grad storage
