@@ -158,6 +158,10 @@ def _calibrate(model, gm, inputs, loss_fn, config: Config, notes: list[str]):
     if any(x.device.type == "meta" for x in inputs):
         notes.append("probe noise not calibrated (meta inputs): noise column is a heuristic")
         return None
+    if inputs[0].dim() == 0 or inputs[0].shape[0] < 2:
+        notes.append("probe noise not calibrated (a batch of one has no SGD noise to compare with): "
+                     "noise column is a heuristic")
+        return None
     targets = probe_targets(gm)
     if not targets:
         return None

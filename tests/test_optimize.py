@@ -253,3 +253,10 @@ def test_measured_peak_within_budget(name):
                                          channels=(8, 16, 32, 64), strides=(2, 2, 2), num_res_units=2)
         x = torch.randn(2, 1, 32, 32, 32)
     _check_budget(model, x, (0.6, 0.2))
+
+
+def test_a_batch_of_one_plans_without_calibration():
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(1, 3, 32, 32)
+    gm = fxsketch.optimize(model, (x,), max_overhead=1.0, progress=False)
+    assert any("batch of one" in n for n in gm.memory_plan.notes)
