@@ -21,7 +21,6 @@ import argparse
 import copy
 import gc
 import importlib
-import math
 import statistics
 import sys
 import time
@@ -83,19 +82,8 @@ class _Checkpointed(nn.Module):
         return torch.utils.checkpoint.checkpoint(self.inner, x, use_reentrant=False)
 
 
-class _CheckpointSequential(nn.Module):
-    def __init__(self, blocks: list[nn.Module]):
-        super().__init__()
-        self.segments = max(1, math.ceil(math.sqrt(len(blocks))))
-        size = len(blocks) // self.segments
-        # An in-place ReLU that starts a segment would overwrite the input its checkpoint keeps
-        # for recomputation (VGG); those few run out of place. In-place ones inside a segment stay.
-        blocks = [nn.ReLU() if i % size == 0 and isinstance(b, nn.ReLU) and b.inplace else b
-                  for i, b in enumerate(blocks)]
-        self.blocks = nn.Sequential(*blocks)
-
-    def forward(self, x):
-        return torch.utils.checkpoint.checkpoint_sequential(self.blocks, self.segments, x, use_reentrant=False)
+# checkpoint_sequential over ceil(sqrt(n)) segments: the same baseline as the CPU benchmark
+from bench_optimize import CheckpointSequential as _CheckpointSequential  # noqa: E402
 
 
 def checkpointed(name: str, model: nn.Module) -> nn.Module:
