@@ -193,9 +193,10 @@ def _storage_of_input(n: fx.Node, i: int = 0) -> int | None:
     return metas[0].storage if metas else None
 
 
-def _segments(gm: fx.GraphModule, nodes: list[fx.Node], reach: int = 4) -> list[tuple[int, int]]:
+def _segments(gm: fx.GraphModule, nodes: list[fx.Node], reach: int = 4,
+              window: int = 6) -> list[tuple[int, int]]:
     """Contiguous node ranges [i, j] to recompute: each module scope (a block) at every depth,
-    and the ranges between articulation points of the graph."""
+    the ranges between articulation points of the graph, and chains of up to ``window`` nodes."""
     spans: dict[str, list[int]] = {}
     for i, n in enumerate(nodes):
         scope = n.meta.get("fxsketch.scope", "")
@@ -221,6 +222,21 @@ def _segments(gm: fx.GraphModule, nodes: list[fx.Node], reach: int = 4) -> list[
         for b in range(a + 1, min(a + 1 + reach, len(cuts))):
             if cuts[b] - cuts[a] >= 2:
                 out.add((cuts[a] + 1, cuts[b]))
+    # short chains anywhere (MONeT-style): replay e.g. bn -> relu -> conv -> bn from the first
+    # node's input, so that only that input is kept; at most two activations enter the chain
+    for i in range(len(nodes)):
+        entering: set[fx.Node] = set()
+        inside: set[fx.Node] = set()
+        for j in range(i, min(i + window, len(nodes))):
+            n = nodes[j]
+            if n.op in ("placeholder", "get_attr", "output"):
+                break
+            inside.add(n)
+            entering |= {a for a in n.all_input_nodes if a not in inside and a.op != "get_attr"}
+            if len(entering) > 2:
+                break
+            if j > i:
+                out.add((i, j))
     return sorted(out)
 
 
