@@ -11,7 +11,7 @@ from .passes.liveness import Schedule, Timeline, build_schedule, simulate
 from .passes.saved import Kind, profile_step
 from .passes.trace import check_inputs, trace
 from .config import Config, resolve_budget
-from .passes.candidates import Device, build_problem, conv_ranks, probe_targets
+from .passes.candidates import Device, build_problem, conv_ranks, probe_targets, time_nodes
 from .passes.rewrite import rewrite
 from .passes.solve import BudgetError, evaluate, solve
 from .plan import Decision, MemoryPlan, NodeRow, Option, TimelineData
@@ -107,10 +107,15 @@ def _optimize(model, example_inputs, config: Config, loss_fn, leaf_modules):
         device = Device.for_tensor(next(iter(gm.parameters()), inputs[0]))
         notes = []
         noise = _calibrate(model, gm, inputs, loss_fn, config, notes)
+        timings = None
+        if config.time_nodes and not any(x.device.type == "meta" for x in inputs):
+            timings = time_nodes(gm, inputs)
+            notes.append("extra time estimated from measured node times on the example batch "
+                         "(backward = 2 x forward; probes: roofline)")
         problem, cands, _ = build_problem(
             gm, schedule, baseline, methods=config.methods, ratios=config.ratios,
             probe_rank=config.probe_rank, mode=config.mode, probe=config.probe, device=device,
-            noise=noise, max_grad_noise=config.max_grad_noise)
+            noise=noise, max_grad_noise=config.max_grad_noise, timings=timings)
         def build(sol):  # rewrite the chosen plan and predict it on the rewritten graph
             new = rewrite(model, gm, [cands[i] for i in sol.chosen], seed=config.seed)
             new_schedule = _analyze_graph(new, inputs, loss_fn, leaf_modules)

@@ -42,6 +42,10 @@ class Config:
     forward+backward). False: ranks from ``ratios`` with a heuristic noise estimate."""
     progress: bool = True
     """Show a progress bar while calibrating."""
+    time_nodes: bool = True
+    """Time every node's forward on the example batch (when it holds real tensors) and estimate
+    extra step time from those times; False (or meta inputs): a roofline estimate from FLOPs and
+    bytes with this machine's measured matmul and copy rates."""
 
     def __post_init__(self):
         methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)

@@ -26,7 +26,7 @@ from .saved import Kind, require
 from .solve import Choice, Problem, Saved, Span
 
 __all__ = ["Candidate", "Device", "build_problem", "conv_ranks", "conv_spec", "lean_spec", "node_seconds",
-           "probe_targets"]
+           "probe_targets", "time_nodes"]
 
 _RESIDENT = (Kind.PARAM, Kind.BUFFER, Kind.INPUT)
 _CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -166,6 +166,37 @@ def node_seconds(gm: fx.GraphModule, n: fx.Node, device: Device) -> float:
     return max(flops / device.flops, moved / device.bandwidth)
 
 
+def time_nodes(gm: fx.GraphModule, inputs, repeat: int = 2) -> dict[str, float]:
+    """Measured forward seconds of every node on real ``inputs`` (best of ``repeat`` runs after a
+    warm-up, no autograd): the planner's time model where a roofline misjudges the machine
+    (e.g. BatchNorm and ReLU on a CPU cost far more than their bytes suggest)."""
+    import time
+
+    sync = torch.cuda.synchronize if any(x.is_cuda for x in inputs) else (lambda: None)
+    best: dict[str, float] = {}
+
+    class _Timed(fx.Interpreter):
+        def run_node(self, n):
+            sync()
+            t0 = time.perf_counter()
+            out = super().run_node(n)
+            sync()
+            dt = time.perf_counter() - t0
+            best[n.name] = min(best.get(n.name, dt), dt)
+            return out
+
+    state = {k: v.clone() for k, v in gm.state_dict().items()}  # BN running stats stay as they were
+    try:
+        with torch.no_grad():
+            for i in range(repeat + 1):
+                if i == 1:
+                    best.clear()  # the first run is the warm-up
+                _Timed(gm).run(*inputs)
+    finally:
+        gm.load_state_dict(state)
+    return best
+
+
 def conv_ranks(x_shape, ratios, mode: str) -> list[int]:
     """The candidate ranks of a conv input: one per storage ratio."""
     return sorted({rank_for_ratio(x_shape, r, mode) for r in ratios})
@@ -252,14 +283,16 @@ def build_problem(gm: fx.GraphModule, schedule: Schedule, timeline: Timeline, *,
                   methods=("probe", "lean", "recompute"), ratios=(1 / 4, 1 / 16, 1 / 64),
                   probe_rank: int | None = None, mode: str = "spatial", probe: str = "gaussian",
                   device: Device | None = None, noise: dict | None = None,
-                  max_grad_noise: float = 1.0) -> tuple[Problem, list[Candidate], float]:
+                  max_grad_noise: float = 1.0,
+                  timings: dict[str, float] | None = None) -> tuple[Problem, list[Candidate], float]:
     """Describe every option of every node on ``schedule``; return (problem, candidates, step seconds).
 
     ``problem.choices[i]`` and ``candidates[i]`` describe the same option. With ``noise``
     (node name -> :class:`fxsketch.calibrate.ConvNoise`), a conv is offered at one rank only: the
     smallest whose probe noise is at most ``max_grad_noise`` times its SGD noise (none if no
     calibrated rank qualifies); the reported noise is that ratio. Without it the noise is a
-    heuristic, sqrt(1 / storage ratio).
+    heuristic, sqrt(1 / storage ratio). ``timings`` (node name -> measured forward seconds, see
+    :func:`time_nodes`) replace the roofline estimate of the nodes it names.
     """
     require(gm, "fxsketch.step")
     storages = schedule.storages
@@ -270,6 +303,8 @@ def build_problem(gm: fx.GraphModule, schedule: Schedule, timeline: Timeline, *,
     bwd = {s.node: i for i, s in enumerate(steps) if s.phase == "backward"}
     device = device or Device()
     seconds = {n.name: node_seconds(gm, n, device) for n in nodes}
+    if timings:
+        seconds.update({k: v for k, v in timings.items() if k in seconds})
     step_seconds = max(3.0 * sum(seconds.values()), 1e-12)
 
     # saved activations: alive until their last forward use, then while a saver keeps them

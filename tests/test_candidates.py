@@ -65,3 +65,20 @@ def test_a_storage_saved_twice_is_freed_only_by_both_options():
     pool = next(k for k, c in enumerate(cands) if c.nodes == ("pool",))
     both, only_relu, none = (max(evaluate(prob, s)) for s in ([relu, pool], [relu], []))
     assert both < only_relu <= none
+
+
+def test_time_nodes_measures_every_compute_node_and_leaves_bn_stats_alone():
+    import torchvision
+    from fxsketch.passes.candidates import time_nodes
+    from fxsketch.passes.trace import trace
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10)
+    x = torch.randn(2, 3, 32, 32)
+    gm = trace(model, (x,), leaf_modules=())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    times = time_nodes(gm, (x,))
+    compute = [n.name for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")]
+    assert set(compute) <= set(times) and all(times[n] >= 0 for n in compute)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k

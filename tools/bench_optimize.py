@@ -18,7 +18,7 @@ Per model (small CPU sizes) and method, one row:
 Methods: eager; checkpoint (checkpoint_sequential over ceil(sqrt(n)) segments of the model's
 top-level blocks; skipped for the UNet, whose skip connections are not a sequence); fxsketch with
 methods ("recompute",), ("probe", "lean"), ("probe", "lean", "recompute") at budget=None and
-("probe", "lean", "recompute") at budget=0.5, all with max_overhead=0.15 and seed=0 (a private
+("probe", "lean", "recompute") at budget=1/3, all with max_overhead=0.15 and seed=0 (a private
 probe generator, so probes do not shift the dropout masks that eager draws from the same seed).
 Every cell catches its own exception and reports the error class and first line.
 """
@@ -42,12 +42,12 @@ MAX_OVERHEAD = 0.15
 
 # name -> (factory, full input shape, quick input shape)
 MODELS = {
-    "resnet18": ("resnet18", (32, 3, 64, 64), (8, 3, 64, 64)),
-    "resnet50": ("resnet50", (16, 3, 64, 64), (4, 3, 64, 64)),
-    "vgg16": ("vgg16", (16, 3, 64, 64), (4, 3, 64, 64)),
-    "mobilenet_v2": ("mobilenet_v2", (32, 3, 64, 64), (8, 3, 64, 64)),
-    "r3d_18": ("r3d_18", (2, 3, 8, 56, 56), (1, 3, 4, 56, 56)),
-    "unet3d": ("unet3d", (2, 1, 48, 48, 48), (1, 1, 32, 32, 32)),
+    "resnet18": ("resnet18", (16, 3, 224, 224), (8, 3, 64, 64)),
+    "resnet50": ("resnet50", (16, 3, 224, 224), (4, 3, 64, 64)),
+    "vgg16": ("vgg16", (16, 3, 224, 224), (4, 3, 64, 64)),
+    "mobilenet_v2": ("mobilenet_v2", (32, 3, 224, 224), (8, 3, 64, 64)),
+    "r3d_18": ("r3d_18", (2, 3, 8, 112, 112), (1, 3, 4, 56, 56)),
+    "unet3d": ("unet3d", (2, 1, 96, 96, 96), (1, 1, 32, 32, 32)),
 }
 
 # method -> fxsketch.optimize arguments (None: not an fxsketch method)
@@ -57,7 +57,7 @@ METHODS = {
     "fxsketch recompute": dict(budget=None, methods=("recompute",)),
     "fxsketch probe+lean": dict(budget=None, methods=("probe", "lean")),
     "fxsketch all": dict(budget=None, methods=("probe", "lean", "recompute")),
-    "fxsketch all, budget=0.5": dict(budget=0.5, methods=("probe", "lean", "recompute")),
+    "fxsketch all, budget=1/3": dict(budget=1 / 3, methods=("probe", "lean", "recompute")),
 }
 
 

@@ -74,6 +74,21 @@ def make_deep(c=32, n_full=6, n_half=2) -> nn.Module:
     return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * c, 10))
 
 
+def make_plain(c=32, n_full=12, n_half=2) -> nn.Module:
+    """A plain (VGG-style, no BatchNorm) deep CNN: conv + ReLU, most layers at full 32x32."""
+    layers = [nn.Conv2d(1, c, 3, padding=1), nn.ReLU(inplace=True)]
+    for _ in range(n_full - 1):
+        layers += [nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True)]
+    layers.append(nn.MaxPool2d(2))
+    for _ in range(n_half):
+        layers += [nn.Conv2d(c, c, 3, padding=1), nn.ReLU(inplace=True)]
+    for m in layers:
+        if isinstance(m, nn.Conv2d):  # He init: a plain deep ReLU net does not train from torch's default
+            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            nn.init.zeros_(m.bias)
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(16 * c, 10))
+
+
 def make_small(width=(16, 32, 32)) -> nn.Module:
     c1, c2, c3 = width
 
@@ -128,7 +143,7 @@ def evaluate(model, x, y) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", choices=("deep", "small"), default="deep")
+    ap.add_argument("--model", choices=("deep", "plain", "small"), default="deep")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--lr", type=float, default=0.05)
@@ -139,7 +154,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    make_model = make_deep if args.model == "deep" else make_small
+    make_model = dict(deep=make_deep, plain=make_plain, small=make_small)[args.model]
     settings = SETTINGS
     if args.only:
         keep = {0} | {int(i) for i in args.only.split(",")}
