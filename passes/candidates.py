@@ -325,6 +325,13 @@ def build_problem(gm: fx.GraphModule, schedule: Schedule, timeline: Timeline, *,
         start = timeline.intervals[s][0]
         saved_index[s] = len(saved)
         saved.append(Saved(storages[s].nbytes, start, base_end.get(s, start), tuple(savers[s])))
+    # activations no backward node saves are listed too (no savers): a recompute segment that
+    # starts from one must hold it until the replay, which the solver has to see
+    for s, (a, b) in timeline.intervals.items():
+        info = storages[s]
+        if s not in saved_index and info.kind in (Kind.ACTIVATION, Kind.INTERNAL) and s not in schedule.pinned:
+            saved_index[s] = len(saved)
+            saved.append(Saved(info.nbytes, a, b, ()))
     diff = [0] * (T + 1)
     for s, (a, b) in timeline.intervals.items():
         if s not in saved_index:
@@ -351,7 +358,8 @@ def build_problem(gm: fx.GraphModule, schedule: Schedule, timeline: Timeline, *,
         if "probe" in methods and (spec := conv_spec(gm, n)) is not None:
             x = _storage_of_input(n)
             xmeta = n.all_input_nodes[0].meta["fxsketch.tensor"][0]
-            if x in saved_index and len(xmeta.shape) >= 3 and xmeta.dtype.is_floating_point:
+            if x in saved_index and any(k == n.name for k, _ in saved[saved_index[x]].savers) \
+                    and len(xmeta.shape) >= 3 and xmeta.dtype.is_floating_point:
                 out = n.meta["fxsketch.tensor"][0]
                 wshape = (gm.get_submodule(n.target).weight.shape if n.op == "call_module"
                           else n.args[1].meta["fxsketch.tensor"][0].shape)

@@ -214,12 +214,14 @@ def solve(problem: Problem, budget: int | None = None, *, max_overhead: float = 
         cons = [LinearConstraint(A, lo, hi)]
         res = None
         if nc > reduce_above:
-            # LP-guided reduction (as in RINS): choices at zero in the LP relaxation are fixed to
-            # zero, so the MILP branches over the ~10 % the relaxation wants; exact MILP otherwise
+            # LP-guided reduction (as in RINS): choices at zero in the LP relaxation, and in the
+            # relaxation of the lowest-peak problem, are fixed to zero, so the MILP branches over
+            # the ~10 % the relaxations want (the second keeps an integer plan within reach when
+            # the first's support alone has none); exact MILP if that finds nothing
             relaxed = milp(objective, constraints=cons, bounds=Bounds(lower, upper))
             if relaxed.x is not None:
                 fixed_upper = upper.copy()
-                fixed_upper[:nc] = relaxed.x[:nc] > 1e-6
+                fixed_upper[:nc] = (relaxed.x[:nc] > 1e-6) | support()
                 res = milp(objective, constraints=cons, integrality=integrality,
                            bounds=Bounds(lower, fixed_upper), options=options)
         if res is None or res.x is None:
@@ -232,6 +234,29 @@ def solve(problem: Problem, budget: int | None = None, *, max_overhead: float = 
         return [c for c in range(nc) if res.x[c] > 0.5]
 
     n_rows, n_entries = len(lo), len(rows)
+    cached: list[np.ndarray] = []
+
+    def support() -> np.ndarray:
+        # choices the LP relaxation of "lowest peak, any overhead" uses (computed once)
+        if not cached:
+            p = n_var
+            entries_before, rows_before = len(rows), len(lo)
+            for t in range(T):
+                row([(L + t, 1.0), (p, -1.0)], -np.inf, 0.0)
+            A = coo_matrix((vals, (rows, cols)), shape=(len(lo), n_var + 1)).tocsr()
+            obj = np.zeros(n_var + 1)
+            obj[-1] = 1.0
+            obj[:nc] = 1e-4 * cost
+            lower = np.zeros(n_var + 1)
+            lower[L:L + T] = -np.inf
+            upper = np.ones(n_var + 1)
+            upper[L:L + T] = np.inf
+            upper[-1] = np.inf
+            relaxed = milp(obj, constraints=[LinearConstraint(A, lo, hi)], bounds=Bounds(lower, upper))
+            del rows[entries_before:], cols[entries_before:], vals[entries_before:]
+            del lo[rows_before:], hi[rows_before:]
+            cached.append(relaxed.x[:nc] > 1e-6 if relaxed.x is not None else np.zeros(nc, bool))
+        return cached[0]
 
     def lowest_peak(overhead_cap: float | None):
         # minimise the peak (scaled to ~1), cost as a tie-break

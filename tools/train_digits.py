@@ -147,6 +147,8 @@ def main(argv=None):
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--opt", choices=("sgd", "adam"), default="sgd",
+                    help="SGD (momentum 0.9, wd 1e-4) or Adam; both with a cosine schedule")
     ap.add_argument("--out", default="docs/img")
     ap.add_argument("--json", default=None, help="write raw results here")
     ap.add_argument("--threads", type=int, default=0)
@@ -206,7 +208,10 @@ def main(argv=None):
             init = make_model().state_dict()
             model.load_state_dict(init)  # gm shares model's parameter and buffer objects
             g = torch.Generator().manual_seed(1000 + seed)
-            opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
+            if args.opt == "adam":
+                opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+            else:
+                opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * steps)
             losses, accs = [], []
             t0 = time.time()
