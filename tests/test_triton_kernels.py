@@ -2,7 +2,8 @@
 
 Same seed -> same sketch, same Xhat, same dW estimate (float tolerance; buckets are bit-identical).
 Without CUDA the kernels run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set
-here before triton is imported unless the caller set it); with CUDA the same tests run on CUDA.
+in tests/conftest.py before triton is imported, unless the caller set it); with CUDA the same tests
+run on CUDA.
 """
 from __future__ import annotations
 
@@ -29,8 +30,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even k
 PROBES = ("rademacher", "gaussian", "orthogonal")
 DEVICES = [pytest.param(d, marks=pytest.mark.skipif(
     not tk.triton_available(d), reason=f"Triton kernels cannot run on {d} in this process "
-    "(CPU needs TRITON_INTERPRET=1 before the first kernel launch)")) for d in ("cpu", "cuda")
-    if d == "cpu" or torch.cuda.is_available()]
+    "(CPU needs TRITON_INTERPRET=1 before triton is imported; tests/conftest.py sets it)"))
+    for d in ("cpu", "cuda") if d == "cpu" or torch.cuda.is_available()]
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 SPATIAL = {1: (10,), 2: (8, 8), 3: (4, 5, 4)}
 

@@ -55,11 +55,22 @@ _BUILT_INTERPRET: bool | None = None
 _KERNELS = ("_mix32", "_probe", "_sketch_kernel", "_dw_scatter_kernel", "_reconstruct_kernel")
 
 
+def _stdlib_interpreted() -> bool:
+    """Whether triton's own jit functions (tl.cdiv, ...) were built for the interpreter: triton
+    fixes that when triton.language is first imported, so TRITON_INTERPRET=1 set later leaves
+    them compiled-only and an interpreted kernel that calls them fails."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(tl.cdiv, InterpretedFunction)
+
+
 def _interpret() -> bool:
-    """Whether the kernels run (or, not built yet, will run) under Triton's interpreter."""
+    """Whether the kernels run (or, not built yet, will run) under Triton's interpreter: needs
+    TRITON_INTERPRET=1 both when triton was imported and at the first kernel launch."""
     if _BUILT_INTERPRET is not None:
         return _BUILT_INTERPRET
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return (HAS_TRITON and os.environ.get("TRITON_INTERPRET", "0") == "1"
+            and _stdlib_interpreted())
 
 
 def _build() -> None:
@@ -81,7 +92,8 @@ def triton_available(device) -> bool:
     """Whether the Triton kernels can run on ``device`` (a torch.device, str or tensor).
 
     True when triton imports and the device is CUDA, or the device is CPU and this process runs
-    Triton's interpreter (TRITON_INTERPRET=1 set before the first kernel launch).
+    Triton's interpreter (TRITON_INTERPRET=1 set before triton is first imported, e.g. by
+    ``import fxsketch``).
 
     >>> triton_available("meta")
     False
@@ -113,7 +125,7 @@ def _require(device) -> None:
     if not triton_available(device):
         why = ("triton is not installed" if not HAS_TRITON else
                f"tensors are on {torch.device(device).type}; the kernels need CUDA, or CPU tensors "
-               "with TRITON_INTERPRET=1 set before the first kernel launch")
+               "with TRITON_INTERPRET=1 set before triton is first imported")
         raise RuntimeError(f"fxsketch Triton kernels unavailable: {why}; use the torch reference "
                            "in fxsketch.ops.probed_conv instead")
     _build()

@@ -1,0 +1,12 @@
+"""Without CUDA, test the Triton kernels under Triton's interpreter on CPU tensors.
+
+Triton fixes interpreter-or-compiler for its own jit functions (tl.cdiv, ...) when triton is
+first imported, and fxsketch imports triton with the package, so TRITON_INTERPRET must be set
+here, before any test module imports fxsketch. A caller's own setting wins.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
