@@ -125,7 +125,8 @@ def _optimize(model, example_inputs, config: Config, loss_fn, leaf_modules):
         target = budget
         for _ in range(3):
             try:
-                result = build(solve(problem, target, max_overhead=config.max_overhead))
+                result = build(solve(problem, target, max_overhead=config.max_overhead,
+                                     time_limit=config.solver_time_limit))
             except BudgetError:
                 break
             peak = result[3].peak_bytes
@@ -138,7 +139,8 @@ def _optimize(model, example_inputs, config: Config, loss_fn, leaf_modules):
             result = None
         if result is None:
             # the lowest-peak plan decides: met, or its predicted peak is the reachable floor
-            lowest = build(solve(problem, None, max_overhead=float("inf")))
+            lowest = build(solve(problem, None, max_overhead=float("inf"),
+                                 time_limit=config.solver_time_limit))
             if lowest[3].peak_bytes > budget:
                 raise BudgetError(
                     f"budget {format_bytes(budget)} cannot be met for {type(model).__name__}: the lowest "

@@ -46,6 +46,12 @@ class Config:
     """Time every node's forward on the example batch (when it holds real tensors) and estimate
     extra step time from those times; False (or meta inputs): a roofline estimate from FLOPs and
     bytes with this machine's measured matmul and copy rates."""
+    solver_time_limit: float = 2.0
+    """Seconds HiGHS may spend on one MILP solve; then the best plan found so far is used (always
+    feasible). Small models solve to optimality (2 % gap) well within it; on ResNet-50 the MILP
+    does not close in any practical time, and 2 s keeps planning under 5 s at a plan whose peak
+    is within a few % of the 4 s one (docs/optimize.md). Raise it when minutes of planning for a
+    slightly lower peak are worth it."""
 
     def __post_init__(self):
         methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)
@@ -68,6 +74,8 @@ class Config:
             raise ValueError(f"ratios must be fractions in (0, 1], got {self.ratios!r}")
         if not (isinstance(self.max_grad_noise, (int, float)) and self.max_grad_noise > 0):
             raise ValueError(f"max_grad_noise must be > 0, got {self.max_grad_noise!r}")
+        if not (isinstance(self.solver_time_limit, (int, float)) and self.solver_time_limit > 0):
+            raise ValueError(f"solver_time_limit must be seconds > 0, got {self.solver_time_limit!r}")
         resolve_budget(self.budget, 1)  # fail early on a malformed budget
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import warnings
 from typing import Sequence
 
 import torch
@@ -76,7 +77,10 @@ def _attr(graph: fx.Graph, target, like: fx.Node):
         return None
     if isinstance(target, fx.Node):  # a node of the analysed graph: its copy in this one
         return next(n for n in graph.nodes if n.name == target.name)
-    with graph.inserting_before(like):
+    with graph.inserting_before(like), warnings.catch_warnings():
+        # fx warns for attributes that are not parameters, buffers or modules; the probes'
+        # private torch.Generator (gm.fxsketch_rng) is a plain attribute on purpose
+        warnings.filterwarnings("ignore", "Attempted to insert a get_attr Node")
         return graph.get_attr(target)
 
 

@@ -109,7 +109,7 @@ def _solution(problem: Problem, chosen) -> Solution:
 
 
 def solve(problem: Problem, budget: int | None = None, *, max_overhead: float = 0.2,
-          noise_weight: float = 0.01, time_limit: float = 4.0, mip_rel_gap: float = 0.02,
+          noise_weight: float = 0.01, time_limit: float = 2.0, mip_rel_gap: float = 0.02,
           reduce_above: int = 200) -> Solution:
     """With a budget: least cost (+ noise_weight x noise) with peak <= budget.
     Without: the lowest peak whose cost stays <= max_overhead.

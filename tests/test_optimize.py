@@ -206,6 +206,7 @@ def test_unreachable_budget_names_the_lowest_peak_and_it_is_reachable():
     (dict(probe_rank=0), "probe_rank"),
     (dict(probe="uniform"), "unknown probe"),
     (dict(mode="diagonal"), "unknown mode"),
+    (dict(solver_time_limit=0), "solver_time_limit"),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, match):
     model, x = net_and_input()

@@ -176,7 +176,8 @@ def _choices(plan) -> str:
     return " ".join(f"{v} {k}" for k, v in sorted(counts.items())) or "none"
 
 
-def run_model(name: str, shape, methods: list[str], repeat: int, log) -> list[dict]:
+def run_model(name: str, shape, methods: list[str], repeat: int, log, options=None) -> list[dict]:
+    """One row per method; ``options`` are extra fxsketch.optimize keywords (e.g. max_grad_noise)."""
     rows = []
     torch.manual_seed(0)
     try:
@@ -210,7 +211,7 @@ def run_model(name: str, shape, methods: list[str], repeat: int, log) -> list[di
             else:
                 stage = "optimize"
                 run = fxsketch.optimize(model, (x,), spec["budget"], methods=spec["methods"],
-                                        max_overhead=MAX_OVERHEAD, seed=0)
+                                        max_overhead=MAX_OVERHEAD, seed=0, **(options or {}))
                 p = run.memory_plan
                 row["pred"] = p.peak_bytes
                 row["pred_base"] = p.baseline_peak_bytes
@@ -283,7 +284,11 @@ def main(argv=None) -> int:
                     help="methods to run (default: all; eager is always added first)")
     ap.add_argument("--quick", action="store_true", help="smaller inputs, one timed step")
     ap.add_argument("--repeat", type=int, default=None, help="timed steps per cell (default 3; 1 with --quick)")
+    ap.add_argument("--shape", default=None, help="input shape for every model run, e.g. 64x3x224x224")
+    ap.add_argument("--max-grad-noise", type=float, default=None,
+                    help="fxsketch.optimize's max_grad_noise (default: its own, 1.0)")
     args = ap.parse_args(argv)
+    options = {} if args.max_grad_noise is None else dict(max_grad_noise=args.max_grad_noise)
     repeat = args.repeat or (1 if args.quick else 3)
     methods = ["eager"] + [m for m in args.methods if m != "eager"]
 
@@ -294,11 +299,13 @@ def main(argv=None) -> int:
     rows = []
     for name in args.models:
         _, full, quick = MODELS[name]
-        rows += run_model(name, quick if args.quick else full, methods, repeat, log)
+        shape = tuple(int(v) for v in args.shape.split("x")) if args.shape else (quick if args.quick else full)
+        rows += run_model(name, shape, methods, repeat, log, options)
     print(f"torch {torch.__version__}, fxsketch from {fxsketch.__file__}, "
           f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "
           f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {repeat} timed step(s) per cell (median), "
-          f"total {time.perf_counter() - start:.0f} s")
+          f"total {time.perf_counter() - start:.0f} s"
+          + "".join(f", {k}={v}" for k, v in options.items()))
     print()
     print(markdown(rows))
     notes = [(r["model"], r["method"], n) for r in rows for n in r.get("notes", ())]
