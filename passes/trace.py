@@ -10,6 +10,7 @@ from typing import Any, Sequence
 import torch
 import torch.fx as fx
 from torch import nn
+from .. import ops
 
 __all__ = ["TraceError", "InputError", "trace", "check_inputs"]
 
@@ -26,7 +27,11 @@ class _PathTracer(fx.Tracer):
     """A tracer that remembers which module it is inside, to name it when tracing fails."""
 
     def __init__(self, leaf_modules: Sequence[type] = ()):
-        super().__init__()
+        # fxsketch's own ops stay single call_function nodes when a user's model calls them
+        # (their argument checks would otherwise run on fx proxies and fail); fx wraps them where
+        # the traced forward's module has them as globals, i.e. imported at module level
+        super().__init__(autowrap_functions=(ops.probed_conv, ops.lean_relu, ops.lean_leaky_relu,
+                                             ops.lean_max_pool))
         self.leaf_types = tuple(leaf_modules)
         self.stack: list[tuple[str, str]] = []
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
-from fxsketch.ops import probed_conv, rank_for_ratio, sketch_nbytes, sketch_shape
+from fxsketch.ops import lean_relu, probed_conv, rank_for_ratio, sketch_nbytes, sketch_shape
 from fxsketch.ops.probed_conv import (conv_geometry, dw_channel, dw_spatial, exact_weight_grad, reconstruct,
                                       sketch, tap_indices)
 from fxsketch.ops.probes import PROBES
@@ -277,3 +277,33 @@ def test_transient_memory_is_a_fraction_of_the_tensors(shape, weight):
     bwd_transient = max(b for _, b in tr.timeline[n_fwd:]) - before - w_bytes
     assert fwd_transient <= 0.25 * x_bytes, fwd_transient / x_bytes
     assert bwd_transient <= 0.75 * max(x_bytes, y_bytes), bwd_transient / max(x_bytes, y_bytes)
+
+
+# --------------------------------------------------------------------------------------------
+# a user's model that calls the ops itself: traced as single nodes, planned to the measured peak
+
+
+class _UsesOps(torch.nn.Module):
+    def __init__(self, c, rank, mode):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(c, c, 3, 3) * 0.1)
+        self.rank, self.mode = rank, mode
+
+    def forward(self, x):
+        return lean_relu(probed_conv(x, self.w, None, 1, 1, 1, 1, rank=self.rank, mode=self.mode))
+
+
+@pytest.mark.parametrize("shape, rank, mode", [((16, 16, 32, 32), 64, "spatial"),
+                                               ((16, 16, 32, 32), 16, "spatial"),
+                                               ((16, 16, 32, 32), 8, "channel")])
+def test_model_calling_the_ops_plans_to_its_measured_peak(shape, rank, mode):
+    import fxsketch
+
+    model = _UsesOps(shape[1], rank, mode)
+    x = torch.randn(shape)
+    gm = fxsketch.passes.trace.trace(model, (x,))
+    assert {n.target.__name__ for n in gm.graph.nodes if n.op == "call_function"} >= {"probed_conv", "lean_relu"}
+    predicted = fxsketch.plan(model, (x,)).peak_bytes
+    measured = fxsketch.measure(model, (x,), repeat=1).peak_bytes
+    # the op's workspace is modelled from its chunking (workspace_nbytes): never far below
+    assert 0.98 * measured <= predicted <= 1.10 * measured, (predicted, measured)

@@ -136,7 +136,7 @@ def sketch(x: torch.Tensor, seed: int, rank: int, mode: str, probe: str) -> torc
     for c0 in range(0, c, step_c):
         pos = torch.arange(c0 * pixels, min(c, c0 + step_c) * pixels, device=x.device)
         bucket, value = probe_buckets_and_values(seed, pos, rank, probe, x.device)
-        step = _chunk(n, pos.numel())
+        step = _chunk(n, pos.numel(), _transient_elems(x.numel()))
         for i in range(0, n, step):
             # Few rows, many positions: a plain scatter beats sorting C*P positions for a CSR.
             rows = x3[i:i + step, c0:c0 + step_c].reshape(-1, pos.numel()).float() * value
@@ -229,15 +229,15 @@ def reconstruct(xbar, seed, rank, mode, probe, x_shape, n_slice=slice(None)) -> 
     if mode == "spatial":
         bucket, value = probe_buckets_and_values(seed, torch.arange(pixels, device=xbar.device),
                                                  rank, probe, xbar.device)
-        xhat = xb[:, :, bucket] * value
-        return xhat.view(-1, *x_shape[1:])
+        xhat = xb[:, :, bucket]
+        return xhat.mul_(value).view(-1, *x_shape[1:])  # in place: one |Xhat| temporary, not two
     xhat = torch.empty(xb.shape[0], c * pixels, dtype=torch.float32, device=xbar.device)
     # Hash in channel blocks: the int64 hash temporaries would otherwise be several times |X|.
     step_c = max(1, min(c, CHUNK_ELEMS // max(1, pixels)))
     for lo in range(0, c * pixels, step_c * pixels):
         pos = torch.arange(lo, min(c * pixels, lo + step_c * pixels), device=xbar.device)
         bucket, value = probe_buckets_and_values(seed, pos, rank, probe, xbar.device)
-        xhat[:, lo:lo + pos.numel()] = xb[:, bucket] * value
+        torch.mul(xb[:, bucket], value, out=xhat[:, lo:lo + pos.numel()])
     return xhat.view(-1, *x_shape[1:])
 
 
@@ -257,7 +257,8 @@ def dw_channel(dy, xbar, seed, rank, probe, x_shape, weight_shape, geo) -> torch
     """Estimate dW (fp32) by rebuilding Xhat in batch chunks and calling torch's exact wgrad."""
     n = x_shape[0]
     dw = torch.zeros(weight_shape, dtype=torch.float32, device=dy.device)
-    step = _chunk(n, math.prod(x_shape[1:]))
+    per_sample = math.prod(x_shape[1:])
+    step = _chunk(n, per_sample, _transient_elems(n * per_sample))  # Xhat chunks ~1/8 of X
     for i in range(0, n, step):
         xhat = reconstruct(xbar, seed, rank, "channel", probe, x_shape, slice(i, i + step))
         dw += exact_weight_grad(dy[i:i + step].float(), xhat, weight_shape, geo)
@@ -302,12 +303,20 @@ def workspace_nbytes(x_shape, y_shape, weight_shape, rank: int, mode: str) -> tu
         budget = _transient_elems(n * o * p_out)
         step = _chunk(n, o * max(p_out, rank), budget)
         kb = max(1, min(taps, budget // max(1, rank * step * o, 22 * p_in)))
-        bwd = 32 * p_in + max(88 * kb * p_in, 20 * kb * p_in + 4 * step * o * p_out + 8 * kb * rank * step * o)
+        # B, and einsum's contiguous copies of B and of the Xbar chunk, its bmm output, and the
+        # dW accumulator (fp32) beside dY^T of the chunk
+        bwd = 32 * p_in + max(88 * kb * p_in, 20 * kb * p_in + 4 * step * o * p_out
+                              + 12 * kb * rank * step * o + 4 * step * c * rank
+                              + 4 * (kb + taps) * math.prod(weight_shape[:2]))
         return fwd, bwd
-    step_c = max(1, min(c, CHUNK_ELEMS // max(1, p_in)))
-    fwd = 48 * step_c * p_in
-    step = _chunk(n, c * p_in)
-    bwd = 48 * step_c * p_in + 8 * step * c * p_in
+    # channel mode: probe hashing over one channel block (48 B per position) and, per batch
+    # chunk, the fp32 rows x probe values (forward) or Xhat, its gathered block and dY in fp32
+    block = max(1, min(c, CHUNK_ELEMS // max(1, p_in))) * p_in
+    budget = _transient_elems(n * c * p_in)
+    step = _chunk(n, block, budget)
+    fwd = 48 * block + 8 * step * block
+    step = _chunk(n, c * p_in, budget)
+    bwd = 48 * block + 4 * step * (c * p_in + block + o * p_out) + 4 * math.prod(weight_shape)
     return fwd, bwd
 
 
