@@ -87,3 +87,32 @@ def test_solver_matches_brute_force(p, budget):
         sol = solve(p, budget, noise_weight=0)
         assert sol.peak_bytes <= budget
         assert sol.cost == pytest.approx(best, rel=2e-2, abs=1e-6)
+
+
+@settings(max_examples=40, deadline=None)
+@given(problems(), st.sampled_from([0.0, 0.03, 0.3, 1.0, float("inf")]))
+def test_lowest_peak_matches_brute_force(p, cap):
+    """budget=None: the lowest peak over plans whose cost is within the cap (ladder included)."""
+    best = min(max(evaluate(p, combo)) for k in range(len(p.choices) + 1)
+               for combo in itertools.combinations(range(len(p.choices)), k)
+               if sum(p.choices[c].cost for c in combo) <= cap)
+    sol = solve(p, None, max_overhead=cap)
+    assert sol.cost <= cap + 1e-9
+    assert sol.peak_bytes == best
+
+
+def test_a_starting_plan_is_kept_when_the_solver_has_no_time():
+    """HiGHS takes the given plan as its first incumbent: with no time to search, it returns that
+    plan, where without one it has none to return."""
+    import numpy as np
+    from scipy.sparse import csr_matrix
+
+    from fxsketch.passes.solve import _highs
+    # max x0 + x1 + x2 subject to x0 + x1 <= 1, x1 + x2 <= 1 (binary); the start (0, 1, 0) is feasible
+    A = csr_matrix(np.array([[1.0, 1.0, 0.0], [0.0, 1.0, 1.0]]))
+    args = (-np.ones(3), A, [-np.inf] * 2, [1.0, 1.0], np.zeros(3), np.ones(3), np.ones(3))
+    assert _highs(*args, time_limit=1e-6) is None
+    x, obj = _highs(*args, time_limit=1e-6, start=(np.arange(3), np.array([0.0, 1.0, 0.0])))
+    assert obj == pytest.approx(-1.0) and x.round().tolist() == [0.0, 1.0, 0.0]
+    x, obj = _highs(*args, time_limit=10.0, start=(np.arange(3), np.array([0.0, 1.0, 0.0])))
+    assert obj == pytest.approx(-2.0)
