@@ -244,7 +244,7 @@ def solve(problem: Problem, budget: int | None = None, *, max_overhead: float = 
     noise = np.array([ch.noise for ch in problem.choices])
 
     def run(objective, upper_live: float, peak_var: bool, n_rows_before: int, n_entries_before: int,
-            limit: float, start: list[int] | None = None, relax: bool = True):
+            limit: float, start: list[int] | None = None, relax: bool = True, free=None):
         nv = n_var + (1 if peak_var else 0)
         A = coo_matrix((vals, (rows, cols)), shape=(len(lo), nv)).tocsr()
         integrality = np.zeros(nv)
@@ -262,18 +262,19 @@ def solve(problem: Problem, budget: int | None = None, *, max_overhead: float = 
                                       gap=mip_rel_gap, start=hint)
         res = None
         if nc > reduce_above:
-            # LP-guided reduction (as in RINS): choices at zero in the LP relaxation, and in the
-            # relaxation of the lowest-peak problem, are fixed to zero, so the MILP branches over
-            # the ~10 % the relaxations want (the second keeps an integer plan within reach when
-            # the first's support alone has none; the starting plan's choices stay free too);
-            # exact MILP if that finds nothing
+            # LP-guided reduction (as in RINS): choices at zero in the LP relaxation are fixed to
+            # zero, so the MILP branches over the ~10 % the relaxation wants; ``free`` choices
+            # (other relaxations' supports) and the starting plan's stay free too; exact MILP if
+            # that finds nothing
             relaxed = _highs(objective, A, lo, hi, lower, upper) if relax else None
             if relaxed is not None or not relax:
                 fixed_upper = upper.copy()
+                fixed_upper[:nc] = given if free is None else given | free
                 if relaxed is not None:
-                    pool[:] |= relaxed[0][:nc] > 1e-6
-                fixed_upper[:nc] = support() | given | pool
+                    fixed_upper[:nc] += relaxed[0][:nc] > 1e-6
                 res = solve_mip(fixed_upper)
+                if relaxed is not None and free is not None:
+                    free |= relaxed[0][:nc] > 1e-6
         if res is None or nc < also_full_below:
             full = solve_mip(upper)
             if res is None or (full is not None and full[1] < res[1] - 1e-9):
@@ -286,10 +287,11 @@ def solve(problem: Problem, budget: int | None = None, *, max_overhead: float = 
 
     n_rows, n_entries = len(lo), len(rows)
     cached: list[np.ndarray] = []
-    pool = np.zeros(nc, bool)  # every choice some relaxation so far wanted
 
     def support() -> np.ndarray:
-        # choices the LP relaxation of "lowest peak, any overhead" uses (computed once)
+        # choices the LP relaxation of "lowest peak, any overhead" uses (computed once, on the
+        # base rows: call it before any solve adds its own)
+        assert len(lo) == n_rows
         if not cached:
             p = n_var
             entries_before, rows_before = len(rows), len(lo)
@@ -320,7 +322,7 @@ def solve(problem: Problem, budget: int | None = None, *, max_overhead: float = 
         rungs = [f for f in LADDER if f < cap] + [cap]
         best = _solution(problem, [])
         floor = float(np.max(fixed)) if T else 0.0
-        pool[:] = False  # the rungs' own relaxations guide their reductions
+        pool = np.zeros(nc, bool)  # the rungs' relaxations so far: each rung's MILP may use them
         deadline = time.perf_counter() + time_limit
         for k, rung in enumerate(rungs):
             # the time left, shared by the rungs left (the tight ones usually finish early)
@@ -336,7 +338,8 @@ def solve(problem: Problem, budget: int | None = None, *, max_overhead: float = 
             obj[:nc] = 1e-4 * (cost + noise_weight * noise)
             # (an LP relaxation under a loose cap is slow, 0.6-0.8 s on ResNet-50, and adds little
             # to the choices the tighter rungs' relaxations already freed)
-            chosen = run(obj, np.inf, True, n_rows, n_entries, limit, list(best.chosen), relax=rung <= 0.1)
+            chosen = run(obj, np.inf, True, n_rows, n_entries, limit, list(best.chosen), relax=rung <= 0.1,
+                         free=pool)
             if chosen is not None:
                 found = _solution(problem, chosen)
                 if (found.peak_bytes, found.cost) < (best.peak_bytes, best.cost):
@@ -348,13 +351,17 @@ def solve(problem: Problem, budget: int | None = None, *, max_overhead: float = 
 
     obj = np.zeros(n_var)
     obj[:nc] = cost + noise_weight * noise
-    chosen = run(obj, budget / scale, False, n_rows, n_entries, time_limit)
+    # the lowest-peak relaxation's support stays free too: it keeps an integer plan within reach
+    # when the budget's own relaxation is too sparse (ResNet-50 at a loose budget went to the
+    # full MILP for lack of it, 9 s)
+    free = support().copy() if nc > reduce_above else None
+    chosen = run(obj, budget / scale, False, n_rows, n_entries, time_limit, free=free)
     if chosen is None:
         # infeasible, or no plan found within the time limit: the lowest-peak plan decides, and
         # if it meets the budget it starts a second search for a cheaper plan that does
         best = lowest_peak(None)
         if best.peak_bytes > budget:
             raise BudgetError(f"budget of {budget} bytes is below the lowest reachable peak", best.peak_bytes)
-        chosen = run(obj, budget / scale, False, n_rows, n_entries, time_limit, list(best.chosen))
+        chosen = run(obj, budget / scale, False, n_rows, n_entries, time_limit, list(best.chosen), free=free)
         return best if chosen is None else min(best, _solution(problem, chosen), key=lambda s: s.cost)
     return _solution(problem, chosen)
