@@ -47,11 +47,11 @@ class Config:
     extra step time from those times; False (or meta inputs): a roofline estimate from FLOPs and
     bytes with this machine's measured matmul and copy rates."""
     solver_time_limit: float = 2.0
-    """Seconds HiGHS may spend on one MILP solve; then the best plan found so far is used (always
-    feasible). Small models solve to optimality (2 % gap) well within it; on ResNet-50 the MILP
-    does not close in any practical time, and 2 s keeps planning under 5 s at a plan whose peak
-    is within a few % of the 4 s one (docs/optimize.md). Raise it when minutes of planning for a
-    slightly lower peak are worth it."""
+    """Seconds HiGHS may search for a plan (a budget solve, or a lowest-peak solve's whole ladder
+    of overhead caps); then the best plan found so far is used (always feasible). Small models
+    solve to optimality (2 % gap) well within it; on ResNet-50 the MILP does not close in any
+    practical time, and 2 s keeps planning under 5 s (docs/optimize.md). Raise it when more
+    planning time for a possibly lower peak is worth it."""
 
     def __post_init__(self):
         methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)

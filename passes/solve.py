@@ -258,8 +258,12 @@ def solve(problem: Problem, budget: int | None = None, *, max_overhead: float = 
         given = np.zeros(nc, bool)
         given[start or []] = True
         hint = (np.arange(nc), given.astype(float)) if start is not None else None
-        solve_mip = lambda up: _highs(objective, A, lo, hi, lower, up, integrality, time_limit=limit,  # noqa: E731
-                                      gap=mip_rel_gap, start=hint)
+        began = time.perf_counter()  # ``limit`` covers the relaxation too
+
+        def solve_mip(up):
+            left = max(limit - (time.perf_counter() - began), 0.1)
+            return _highs(objective, A, lo, hi, lower, up, integrality, time_limit=left,
+                          gap=mip_rel_gap, start=hint)
         res = None
         if nc > reduce_above:
             # LP-guided reduction (as in RINS): choices at zero in the LP relaxation are fixed to
@@ -316,17 +320,21 @@ def solve(problem: Problem, budget: int | None = None, *, max_overhead: float = 
         """Minimise the peak (scaled to ~1), cost as a tie-break, over a ladder of overhead caps
         up to ``overhead_cap``: HiGHS finds good plans quickly under a tight cap and poorly under
         a loose one (ResNet-50 at 16x3x224x224 on meta inputs, one 2 s solve: 525 MiB at cap 0.1,
-        606 MiB uncapped; with the ladder 478 MiB for every cap >= 0.1), so each rung starts from
-        the best plan so far, which every looser rung also admits."""
+        606 MiB uncapped; with the ladder 478 MiB at caps 0.15, 0.2 and uncapped), so each rung
+        starts from the best plan so far, which every looser rung also admits."""
         cap = np.inf if overhead_cap is None else overhead_cap
         rungs = [f for f in LADDER if f < cap] + [cap]
         best = _solution(problem, [])
         floor = float(np.max(fixed)) if T else 0.0
-        pool = np.zeros(nc, bool)  # the rungs' relaxations so far: each rung's MILP may use them
-        deadline = time.perf_counter() + time_limit
+        deadline = time.perf_counter() + time_limit  # for everything below, LPs included
+        # the choices the rungs' relaxations so far wanted: a rung's reduced MILP may use them
+        pool = np.zeros(nc, bool) if nc > reduce_above else None
         for k, rung in enumerate(rungs):
+            last = k == len(rungs) - 1
+            # the uncapped relaxation (1 s on ResNet-50 at batch 64): for the last rung only
+            uncapped = support() if last and pool is not None else None
             # the time left, shared by the rungs left (the tight ones usually finish early)
-            limit = max((deadline - time.perf_counter()) / (len(rungs) - k), 0.2)
+            limit = max((deadline - time.perf_counter()) / (len(rungs) - k), 0.1)
             p = n_var
             for t in range(T):
                 if most[t] > floor:  # a step that can never exceed what some step must hold is no peak
@@ -336,10 +344,15 @@ def solve(problem: Problem, budget: int | None = None, *, max_overhead: float = 
             obj = np.zeros(n_var + 1)
             obj[-1] = 1.0
             obj[:nc] = 1e-4 * (cost + noise_weight * noise)
-            # (an LP relaxation under a loose cap is slow, 0.6-0.8 s on ResNet-50, and adds little
-            # to the choices the tighter rungs' relaxations already freed)
-            chosen = run(obj, np.inf, True, n_rows, n_entries, limit, list(best.chosen), relax=rung <= 0.1,
-                         free=pool)
+            # The rungs below the cap search small supports (their relaxations', the pool's), which
+            # HiGHS explores fast; the last rung also frees the uncapped relaxation's support,
+            # which plans with costly choices need (ResNet-50 with CPU-timed costs: 857 MiB
+            # without it, 573 MiB with it). LPs under caps looser than 0.1 are slow (0.6-0.8 s
+            # on ResNet-50) and are only solved for the last rung; uncapped, the relaxation is
+            # the uncapped one.
+            free = None if pool is None else (pool | uncapped if last else pool)  # run() adds to it
+            chosen = run(obj, np.inf, True, n_rows, n_entries, limit, list(best.chosen),
+                         relax=bool(np.isfinite(rung)) and (last or rung <= 0.1), free=free)
             if chosen is not None:
                 found = _solution(problem, chosen)
                 if (found.peak_bytes, found.cost) < (best.peak_bytes, best.cost):
