@@ -112,7 +112,7 @@ def _solution(problem: Problem, chosen) -> Solution:
 
 
 # overhead caps (fractions of the step) that lowest-peak solves climb through, see solve()
-LADDER = (0.05, 0.1, 0.2)
+LADDER = (0.1,)
 
 
 def _highs(objective, A, lo, hi, lower, upper, integrality=None, *, time_limit=None, gap=None,
@@ -333,7 +333,7 @@ def solve(problem: Problem, budget: int | None = None, *, max_overhead: float = 
             last = k == len(rungs) - 1
             # the uncapped relaxation (1 s on ResNet-50 at batch 64): for the last rung only
             uncapped = support() if last and pool is not None else None
-            # the time left, shared by the rungs left (the tight ones usually finish early)
+            # the time left, shared by the rungs left (a tight rung often finishes early)
             limit = max((deadline - time.perf_counter()) / (len(rungs) - k), 0.1)
             p = n_var
             for t in range(T):
