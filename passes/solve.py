@@ -5,8 +5,8 @@ choice changes, the saved storages whose lifetime depends on who still saves the
 choices. A storage saved by several nodes is freed only when every one of them lets go, so its
 life after the forward pass is an OR over its savers: that is what the MILP encodes (variable
 y >= "saver j still keeps it" for every saver j still ahead), never a per-node sum of savings.
-Solved with HiGHS through ``highspy`` (which takes a starting plan: each solve starts from the
-best plan found so far, so a looser overhead cap never returns a higher peak).
+Solved with HiGHS through ``highspy``, which takes a starting plan: a lowest-peak solve climbs a
+ladder of overhead caps, each rung starting from the best plan found so far.
 """
 from __future__ import annotations
 
@@ -163,7 +163,7 @@ def solve(problem: Problem, budget: int | None = None, *, max_overhead: float = 
     what the optimum needs: r3d_18 lost 3 % of its peak that way). HiGHS stops at
     ``mip_rel_gap``, or after ``time_limit`` seconds with the best plan found so far (always
     feasible); a lowest-peak solve climbs the caps of ``LADDER`` up to ``max_overhead``, each rung
-    starting from the best plan so far and given ``time_limit / rungs`` seconds (at least 0.2).
+    starting from the best plan so far, the rungs sharing ``time_limit``.
     """
     nc = len(problem.choices)
     T = problem.n_steps
@@ -347,12 +347,10 @@ def solve(problem: Problem, budget: int | None = None, *, max_overhead: float = 
             # The rungs below the cap search small supports (their relaxations', the pool's), which
             # HiGHS explores fast; the last rung also frees the uncapped relaxation's support,
             # which plans with costly choices need (ResNet-50 with CPU-timed costs: 857 MiB
-            # without it, 573 MiB with it). LPs under caps looser than 0.1 are slow (0.6-0.8 s
-            # on ResNet-50) and are only solved for the last rung; uncapped, the relaxation is
-            # the uncapped one.
+            # without it, 573 MiB with it). Uncapped, the rung's relaxation is that one.
             free = None if pool is None else (pool | uncapped if last else pool)  # run() adds to it
             chosen = run(obj, np.inf, True, n_rows, n_entries, limit, list(best.chosen),
-                         relax=bool(np.isfinite(rung)) and (last or rung <= 0.1), free=free)
+                         relax=bool(np.isfinite(rung)), free=free)
             if chosen is not None:
                 found = _solution(problem, chosen)
                 if (found.peak_bytes, found.cost) < (best.peak_bytes, best.cost):
