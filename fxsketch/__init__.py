@@ -1,9 +1,10 @@
 """fxsketch: train PyTorch models in less memory by rewriting their torch.fx graph."""
 from .api import optimize, plan
 from .config import Config
-from .passes.solve import BudgetError
-from .measure import Measurement, measure
-from .plan import Decision, MemoryPlan, Option
+from .errors import BudgetError, ConfigError, FxsketchError, InputError, TraceError
+from .measurement import Measurement, measure
+from .report import Decision, MemoryPlan, Option
 
-__all__ = ["optimize", "plan", "measure", "Config", "BudgetError", "Measurement", "MemoryPlan", "Decision", "Option"]
+__all__ = ["optimize", "plan", "measure", "Config", "MemoryPlan", "Decision", "Option", "Measurement",
+           "FxsketchError", "BudgetError", "ConfigError", "InputError", "TraceError"]
 __version__ = "0.1.0"

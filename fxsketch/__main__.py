@@ -138,7 +138,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     else:
         try:
             gm = fxsketch.optimize(model, inputs, **opts)
-        except fxsketch.BudgetError as e:
+        except fxsketch.FxsketchError as e:
             raise SystemExit(f"fxsketch: {e}")
         p = gm.memory_plan
     print(p)

@@ -5,9 +5,10 @@ import base64
 import io
 from pathlib import Path
 
+from .errors import ConfigError
 from .units import format_bytes
 
-CATEGORY_ORDER = ("parameters", "inputs", "gradients", "saved", "transient")
+from .passes.liveness import CATEGORIES as CATEGORY_ORDER  # one vocabulary for every report field
 
 
 def _figure(plan):
@@ -54,6 +55,6 @@ def save_timeline(plan, path: Path) -> Path:
                         f"<img src='data:image/svg+xml;base64,{svg}'><pre>{text}</pre>")
     else:
         plt.close(fig)
-        raise ValueError(f"cannot save a plan as {suffix or 'a file without suffix'}: use .png, .svg, .pdf or .html")
+        raise ConfigError(f"cannot save a plan as {suffix or 'a file without suffix'}: use .png, .svg, .pdf or .html")
     plt.close(fig)
     return path

@@ -43,17 +43,19 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .measure import _check_inputs, default_loss
-from .ops.probed_conv import conv_geometry, dw_channel, dw_spatial, exact_weight_grad, sketch
+from ._state import preserved
+from .errors import InputError
+from .measurement import default_loss
+from .passes.patterns import CONV_FUNCS as _CONV_FUNCS
+from .passes.trace import check_inputs
+from .ops.probed import conv_geometry, dw_channel, dw_spatial, exact_weight_grad, sketch
 from .ops.probes import check_rank_mode_probe
 
 __all__ = ["ConvNoise", "calibrate_convs", "sgd_noise_of", "probe_noise_of"]
 
-_CONV_FUNCS = {F.conv1d: 1, F.conv2d: 2, F.conv3d: 3, torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
 _ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
@@ -246,9 +248,9 @@ def calibrate_convs(model: nn.Module, example_inputs: Any, convs: Mapping[str, A
     for n in convs:
         for r in ranks_by_conv[n]:
             check_rank_mode_probe(r, mode, probe)
-    inputs = tuple(x.detach() for x in _check_inputs(example_inputs))
+    inputs = tuple(x.detach() for x in check_inputs(model, example_inputs))
     if any(x.device.type == "meta" or _is_fake(x) for x in inputs):
-        raise ValueError("calibrate_convs needs real tensors as example_inputs (it runs one real "
+        raise InputError("calibrate_convs needs real tensors as example_inputs (it runs one real "
                          "forward+backward); got meta or fake tensors")
     loss_fn = default_loss if loss_fn is None else loss_fn
     weights = {name: _weight_of(name, c) for name, c in convs.items()}
@@ -262,29 +264,16 @@ def calibrate_convs(model: nn.Module, example_inputs: Any, convs: Mapping[str, A
     if not weights:
         return {}
 
-    buffers = [(mod, bname, buf) for mod in model.modules() for bname, buf in mod._buffers.items()
-               if buf is not None]
-    modes = [(mod, mod.training) for mod in model.modules()]
-    with torch.no_grad():
-        saved_buffers = [buf.clone() for _, _, buf in buffers]
     names = list(weights)
-    try:
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
-            capture = _Capture(by_id)
-            with capture:
-                out = model(*inputs)
-            loss = loss_fn(out)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise ValueError("loss_fn must return a scalar tensor")
-            grads = torch.autograd.grad(loss, [weights[n] for n in names], allow_unused=True)
-            del out, loss
-    finally:
-        with torch.no_grad():
-            for (mod, bname, buf), saved in zip(buffers, saved_buffers):
-                mod._buffers[bname] = buf
-                buf.copy_(saved)
-        for mod, training in modes:
-            mod.training = training
+    with preserved(model), torch.random.fork_rng(devices=[]), torch.enable_grad():
+        capture = _Capture(by_id)
+        with capture:
+            out = model(*inputs)
+        loss = loss_fn(out)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise InputError("loss_fn must return a scalar tensor")
+        grads = torch.autograd.grad(loss, [weights[n] for n in names], allow_unused=True)
+        del out, loss
 
     try:
         from tqdm.auto import tqdm

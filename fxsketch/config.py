@@ -1,14 +1,21 @@
 """Options of :func:`fxsketch.optimize`, validated in one place."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+import difflib
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
+from .errors import ConfigError
 from .ops.probes import MODES, PROBES
+from .passes import options as _options
+from .passes.options import OptionSettings
+from .passes.solve import SolverOptions
 from .units import parse_bytes
 
 __all__ = ["Config", "METHODS", "resolve_budget"]
 
-METHODS = ("probe", "lean", "recompute")
+METHODS = _options.default_methods()
+"""The built-in option kinds, the default of ``methods``."""
 
 
 @dataclass(frozen=True)
@@ -20,7 +27,8 @@ class Config:
     meaning that fraction of the unmodified predicted peak. None: the lowest peak reachable
     within ``max_overhead``."""
     methods: tuple[str, ...] = METHODS
-    """Which options the planner may use: any of "probe", "lean", "recompute"."""
+    """Which option kinds the planner may use: any registered kind ("probe", "lean", "recompute",
+    and any added with :func:`fxsketch.passes.options.register`)."""
     max_overhead: float = 0.2
     """Estimated extra step time allowed when ``budget`` is None (fraction of the step)."""
     probe_rank: int | None = None
@@ -52,31 +60,72 @@ class Config:
     solve to optimality (2 % gap) well within it; on ResNet-50 the MILP does not close in any
     practical time, and 2 s keeps planning under 5 s (docs/optimize.md). Raise it when more
     planning time for a possibly lower peak is worth it."""
+    plan_time_limit: float | None = None
+    """Seconds all solves of one ``optimize`` call may take together (the first solve, and the
+    re-solves when the rewritten graph comes out above the budget); None: 3 x solver_time_limit."""
+    solver: SolverOptions = SolverOptions()
+    """The MILP's other knobs (gap, ladder of overhead caps, noise weight, reduction sizes);
+    ``solver_time_limit`` overrides its time limit."""
 
     def __post_init__(self):
         methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)
         object.__setattr__(self, "methods", methods)
-        bad = [m for m in methods if m not in METHODS]
+        known = tuple(_options.registered())
+        bad = [m for m in methods if m not in known]
         if bad:
-            raise ValueError(f"unknown method(s) {bad}: choose from {METHODS}")
+            raise ConfigError(f"unknown method(s) {bad}: choose from {known}")
+        if self.plan_time_limit is not None and not (
+                isinstance(self.plan_time_limit, (int, float)) and self.plan_time_limit > 0):
+            raise ConfigError(f"plan_time_limit must be seconds > 0 or None, got {self.plan_time_limit!r}")
+        if not isinstance(self.solver, SolverOptions):
+            raise ConfigError(f"solver must be a fxsketch.passes.solve.SolverOptions, got {type(self.solver).__name__}")
         if not (isinstance(self.max_overhead, (int, float)) and self.max_overhead >= 0):
-            raise ValueError(f"max_overhead must be a fraction >= 0 (0.2 = 20 % extra step time), "
+            raise ConfigError(f"max_overhead must be a fraction >= 0 (0.2 = 20 % extra step time), "
                              f"got {self.max_overhead!r}")
         if self.probe_rank is not None and (not isinstance(self.probe_rank, int) or self.probe_rank < 1):
-            raise ValueError(f"probe_rank must be a positive int or None, got {self.probe_rank!r}")
+            raise ConfigError(f"probe_rank must be a positive int or None, got {self.probe_rank!r}")
         if self.seed is not None and not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an int or None, got {self.seed!r}")
+            raise ConfigError(f"seed must be an int or None, got {self.seed!r}")
         if self.probe not in PROBES:
-            raise ValueError(f"unknown probe {self.probe!r}: choose from {PROBES}")
+            raise ConfigError(f"unknown probe {self.probe!r}: choose from {PROBES}")
         if self.mode not in MODES:
-            raise ValueError(f"unknown mode {self.mode!r}: choose from {MODES}")
+            raise ConfigError(f"unknown mode {self.mode!r}: choose from {MODES}")
         if not self.ratios or any(not (0 < r <= 1) for r in self.ratios):
-            raise ValueError(f"ratios must be fractions in (0, 1], got {self.ratios!r}")
+            raise ConfigError(f"ratios must be fractions in (0, 1], got {self.ratios!r}")
         if not (isinstance(self.max_grad_noise, (int, float)) and self.max_grad_noise > 0):
-            raise ValueError(f"max_grad_noise must be > 0, got {self.max_grad_noise!r}")
+            raise ConfigError(f"max_grad_noise must be > 0, got {self.max_grad_noise!r}")
         if not (isinstance(self.solver_time_limit, (int, float)) and self.solver_time_limit > 0):
-            raise ValueError(f"solver_time_limit must be seconds > 0, got {self.solver_time_limit!r}")
+            raise ConfigError(f"solver_time_limit must be seconds > 0, got {self.solver_time_limit!r}")
         resolve_budget(self.budget, 1)  # fail early on a malformed budget
+
+    @classmethod
+    def from_options(cls, config: "Config | None" = None, **options: Any) -> "Config":
+        """``config`` (or the defaults) with ``options`` replacing its fields; an unknown name is
+        refused with the list of valid ones (and the closest, for a typo)."""
+        names = [f.name for f in fields(cls)]
+        unknown = [k for k in options if k not in names]
+        if unknown:
+            hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, names, 1))
+                     else repr(k) for k in unknown]
+            raise ConfigError(f"unknown option(s) {', '.join(hints)}; the options are the fields of "
+                              f"fxsketch.Config: {', '.join(names)}")
+        if config is not None and not isinstance(config, Config):
+            raise ConfigError(f"config must be a fxsketch.Config, got {type(config).__name__}")
+        return replace(config, **options) if config is not None else cls(**options)
+
+    def option_settings(self, noise=None) -> OptionSettings:
+        """What the option kinds read, with calibrated ``noise`` (node name -> ConvNoise) if any."""
+        return OptionSettings(ratios=tuple(self.ratios), probe_rank=self.probe_rank, mode=self.mode,
+                              probe=self.probe, max_grad_noise=self.max_grad_noise, noise=noise)
+
+    def solver_options(self, time_limit: float | None = None) -> SolverOptions:
+        """The solver's knobs, with this config's time limit (or ``time_limit`` when given)."""
+        return replace(self.solver, time_limit=float(time_limit if time_limit is not None
+                                                     else self.solver_time_limit))
+
+    @property
+    def total_plan_seconds(self) -> float:
+        return self.plan_time_limit if self.plan_time_limit is not None else 3 * self.solver_time_limit
 
 
 def resolve_budget(budget, baseline_peak: int) -> int | None:
@@ -84,21 +133,32 @@ def resolve_budget(budget, baseline_peak: int) -> int | None:
 
     >>> resolve_budget("1KiB", 0), resolve_budget(0.5, 1000), resolve_budget(None, 1000)
     (1024, 500, None)
+
+    An int below 1 KiB is refused: ``budget=1`` is far more likely a typo for ``1.0`` than a
+    one-byte budget.
     """
     if budget is None:
         return None
     if isinstance(budget, bool):
-        raise TypeError("budget must be bytes (int), a size string like '3.5GiB', or a fraction in (0, 1]")
+        raise ConfigError("budget must be bytes (int), a size string like '3.5GiB', or a fraction in (0, 1]")
     if isinstance(budget, int):
         if budget <= 0:
-            raise ValueError(f"budget must be positive, got {budget} bytes")
+            raise ConfigError(f"budget must be positive, got {budget} bytes")
+        if budget < 1024:
+            raise ConfigError(f"budget={budget} is {budget} B, below 1 KiB: no training step fits "
+                              f"that. For a fraction of the unmodified peak write a float "
+                              f"(budget={float(budget)!r} is {100 * budget:g} %); for bytes write a "
+                              f"size string like '3.5GiB'")
         return budget
     if isinstance(budget, float):
         if not 0 < budget <= 1:
-            raise ValueError(f"a float budget is a fraction of the unmodified peak and must lie in (0, 1], "
+            raise ConfigError(f"a float budget is a fraction of the unmodified peak and must lie in (0, 1], "
                              f"got {budget}; give bytes as an int or a string like '3.5GiB'")
         return int(budget * baseline_peak)
     if isinstance(budget, str):
-        return parse_bytes(budget)
-    raise TypeError(f"budget must be bytes (int), a size string like '3.5GiB', or a fraction in (0, 1], "
+        try:
+            return parse_bytes(budget)
+        except ValueError as e:
+            raise ConfigError(f"budget: {e}") from None
+    raise ConfigError(f"budget must be bytes (int), a size string like '3.5GiB', or a fraction in (0, 1], "
                     f"got {type(budget).__name__}")

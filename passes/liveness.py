@@ -15,15 +15,28 @@ Rules, matching what autograd does:
 """
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field, replace
 
 import torch.fx as fx
 
 from .saved import Kind, StorageInfo, StepRecord, require
+from .sweep import live_bytes
 
-__all__ = ["Step", "Schedule", "Timeline", "build_schedule", "simulate", "CATEGORIES"]
+__all__ = ["Step", "Schedule", "Timeline", "build_schedule", "simulate", "Category", "CATEGORIES", "category"]
 
-CATEGORIES = ("parameters", "inputs", "gradients", "saved", "transient")
+
+class Category(enum.Enum):
+    """What a live byte is, in every report field (breakdown, timeline plot, largest alive)."""
+
+    PARAMETERS = "parameters"   # parameters and buffers
+    INPUTS = "inputs"
+    GRADIENTS = "gradients"     # parameter (and input) gradients, kept to the end of the step
+    SAVED = "saved"             # activations and internals that some backward step reads
+    TRANSIENT = "transient"     # everything else: activation gradients, workspace, unsaved outputs
+
+
+CATEGORIES = tuple(c.value for c in Category)
 
 
 @dataclass(frozen=True)
@@ -69,24 +82,25 @@ class Timeline:
     peak_step: int
     alive_at_peak: tuple[int, ...]              # storage ids
     intervals: dict[int, tuple[int, int]]       # storage id -> (first step, last step)
+    categories: dict[int, Category] = field(default_factory=dict)  # storage id -> report category
 
     @property
     def peak_node(self) -> tuple[str, str]:
         return self.steps[self.peak_step]
 
 
-def _category(info: StorageInfo, read_in_backward: bool) -> str:
-    """Report category: activations (and internals) that backward reads count as saved for their
-    whole life; everything else that is not a parameter, input or parameter gradient is transient."""
+def category(info: StorageInfo, read_in_backward: bool) -> Category:
+    """The report category of a storage: activations (and internals) that backward reads count as
+    saved for their whole life; anything else not resident or a parameter gradient is transient."""
     if info.kind in (Kind.PARAM, Kind.BUFFER):
-        return "parameters"
+        return Category.PARAMETERS
     if info.kind is Kind.INPUT:
-        return "inputs"
+        return Category.INPUTS
     if info.kind is Kind.PARAM_GRAD:
-        return "gradients"
+        return Category.GRADIENTS
     if info.kind in (Kind.ACTIVATION, Kind.INTERNAL) and read_in_backward:
-        return "saved"
-    return "transient"
+        return Category.SAVED
+    return Category.TRANSIENT
 
 
 def simulate(schedule: Schedule) -> Timeline:
@@ -117,16 +131,11 @@ def simulate(schedule: Schedule) -> Timeline:
         if s in schedule.pinned or info.kind in (Kind.PARAM, Kind.BUFFER, Kind.INPUT, Kind.PARAM_GRAD):
             if s in first:
                 last[s] = end
-    delta = [0] * (len(schedule.steps) + 1)
-    for s, a in first.items():
-        delta[a] += schedule.storages[s].nbytes
-        delta[last[s] + 1] -= schedule.storages[s].nbytes
-    live, total = [], 0
-    for i in range(len(schedule.steps)):
-        total += delta[i]
-        live.append(total)
+    n = len(schedule.steps)
+    live = live_bytes(n, ((schedule.storages[s].nbytes, a, last[s]) for s, a in first.items()))
     peak_step = max(range(len(live)), key=live.__getitem__) if live else 0
-    by_cat = _categories(schedule, first, last, backward_reads)
+    cats = {s: category(schedule.storages[s], s in backward_reads) for s in first}
+    by_cat = _categories(n, schedule, first, last, cats)
     alive = tuple(sorted((s for s in first if first[s] <= peak_step <= last[s]),
                          key=lambda s: -schedule.storages[s].nbytes))
     return Timeline(
@@ -137,23 +146,14 @@ def simulate(schedule: Schedule) -> Timeline:
         peak_step=peak_step,
         alive_at_peak=alive,
         intervals={s: (first[s], last[s]) for s in first},
+        categories=cats,
     )
 
 
-def _categories(schedule: Schedule, first, last, backward_reads) -> tuple[dict[str, int], ...]:
-    n = len(schedule.steps)
-    deltas = {c: [0] * (n + 1) for c in CATEGORIES}
-    for s, a in first.items():
-        info = schedule.storages[s]
-        c = _category(info, s in backward_reads)
-        deltas[c][a] += info.nbytes
-        deltas[c][last[s] + 1] -= info.nbytes
-    out, run = [], {c: 0 for c in CATEGORIES}
-    for i in range(n):
-        for c in CATEGORIES:
-            run[c] += deltas[c][i]
-        out.append(dict(run))
-    return tuple(out)
+def _categories(n: int, schedule: Schedule, first, last, cats) -> tuple[dict[str, int], ...]:
+    per = {c: live_bytes(n, ((schedule.storages[s].nbytes, a, last[s]) for s, a in first.items() if cats[s] is c))
+           for c in Category}
+    return tuple({c.value: per[c][i] for c in Category} for i in range(n))
 
 
 def build_schedule(gm: fx.GraphModule) -> Schedule:

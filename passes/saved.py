@@ -25,9 +25,10 @@ from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from .trace import InputError, TraceError
+from ..errors import InputError, TraceError
+from ..ops.visible import call_visibly
 
-__all__ = ["Kind", "StorageInfo", "TensorMeta", "StepRecord", "profile_step", "require"]
+__all__ = ["Kind", "RESIDENT", "StorageInfo", "TensorMeta", "StepRecord", "profile_step", "require"]
 
 
 class Kind(enum.Enum):
@@ -39,6 +40,10 @@ class Kind(enum.Enum):
     GRAD = "gradient"              # gradient of an activation (transient)
     WORKSPACE = "workspace"        # temporaries inside one step, freed within it
     PARAM_GRAD = "param_gradient"  # gradient of a parameter or input leaf (kept)
+
+
+RESIDENT = (Kind.PARAM, Kind.BUFFER, Kind.INPUT)
+"""Kinds alive before the step begins and after it ends: no option frees them."""
 
 
 @dataclass(frozen=True)
@@ -166,7 +171,7 @@ class _StepTracker(TorchDispatchMode):
         self._reap()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        out = call_visibly(self, func, args, kwargs)  # fxsketch's own custom ops: their workspace too
         for t in _tensors(out):
             st = t.untyped_storage()
             if st._cdata not in self._seen:
@@ -242,8 +247,8 @@ class _StepInterpreter(fx.Interpreter):
                 self.grad_fns.append((n, len(metas) - 1, t.grad_fn, t.output_nr))
         saved = []
         if n.op == "call_module" and getattr(self.module.get_submodule(n.target), "keeps_inputs", False):
-            # a checkpointed segment keeps its inputs for the replay; torch's checkpoint installs
-            # saved-tensor hooks of its own, so ours do not see that: add them here
+            # the op protocol of fxsketch.ops.recompute.Recompute: a checkpointed segment keeps its
+            # inputs for the replay where saved-tensor hooks do not see them; add them here
             packed = [t for a in n.all_input_nodes for t in _tensors(self.env[a])] + packed
         for t in packed:
             sid = self.reg.find(t)
@@ -361,10 +366,10 @@ def profile_step(
         with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
             loss = loss_fn(out)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise TypeError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
+            raise InputError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
                             f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
         if not loss.requires_grad:
-            raise ValueError("the loss does not depend on any parameter that requires grad: "
+            raise InputError("the loss does not depend on any parameter that requires grad: "
                              "nothing to train (check requires_grad and loss_fn)")
         record.loss_allocs = tuple(reg.add(t, Kind.ACTIVATION, "loss") for t in [loss])
         # the loss's targets are captured constants (made by no op of the step): not counted

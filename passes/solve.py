@@ -4,29 +4,24 @@ Pure Python over numbers (no fx): a :class:`Problem` lists the bytes alive at ev
 choice changes, the saved storages whose lifetime depends on who still saves them, and the
 choices. A storage saved by several nodes is freed only when every one of them lets go, so its
 life after the forward pass is an OR over its savers: that is what the MILP encodes (variable
-y >= "saver j still keeps it" for every saver j still ahead), never a per-node sum of savings.
-Solved with HiGHS through ``highspy``, which takes a starting plan: a lowest-peak solve climbs a
-ladder of overhead caps, each rung starting from the best plan found so far.
+y >= "saver j still keeps it" for every saver j still ahead), never a per-node sum of savings;
+:mod:`.solver_model` builds it. Solved with HiGHS through ``highspy``, which takes a starting plan:
+a lowest-peak solve climbs a ladder of overhead caps, each rung starting from the best plan found
+so far. A :class:`Solver` keeps the model between solves on the same problem.
 """
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass, field
 
-import time
-
-import highspy
 import numpy as np
-from scipy.sparse import coo_matrix
 
-__all__ = ["Span", "Saved", "Choice", "Problem", "Solution", "BudgetError", "evaluate", "solve"]
+from .solver_model import BaseModel, Program, _highs, build_model  # noqa: F401  (_highs: tests)
+from .sweep import live_bytes
 
-
-class BudgetError(ValueError):
-    """The budget cannot be met; ``lowest`` is the lowest reachable predicted peak (bytes)."""
-
-    def __init__(self, message: str, lowest: int):
-        super().__init__(message)
-        self.lowest = lowest
+__all__ = ["Span", "Saved", "Choice", "Problem", "Solution", "SolverOptions", "Infeasible", "Solver",
+           "evaluate", "solve"]
 
 
 @dataclass(frozen=True)
@@ -76,6 +71,65 @@ class Solution:
     cost: float
 
 
+class Infeasible(Exception):
+    """No plan meets the budget. ``lowest`` is the lowest-peak plan the solver found on the way
+    (any overhead): a caller can use it as it is instead of solving again."""
+
+    def __init__(self, budget: int, lowest: Solution):
+        super().__init__(f"budget of {budget} bytes is below the lowest reachable peak, "
+                         f"{lowest.peak_bytes} bytes")
+        self.budget = budget
+        self.lowest = lowest
+
+
+def _require(ok: bool, name: str, what: str, value) -> None:
+    if not ok:
+        raise ValueError(f"SolverOptions.{name} must be {what}, got {value!r}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    """How hard, and how, the solver searches; none of these changes what a plan must satisfy."""
+
+    ladder: tuple[float, ...] = (0.1,)
+    """Overhead caps (increasing fractions of the step) that a lowest-peak solve climbs below its
+    own cap, each rung starting from the best plan so far: HiGHS finds good plans quickly under a
+    tight cap and poorly under a loose one. ``()``: one solve at the cap."""
+    noise_weight: float = 0.01
+    """Weight of gradient noise against cost in the objective (0: cost alone)."""
+    time_limit: float = 2.0
+    """Seconds for one solve (a budget solve, or a lowest-peak solve's whole ladder, LPs
+    included); then the best plan found so far is used (always feasible)."""
+    mip_rel_gap: float = 0.02
+    """HiGHS stops once its plan is provably within this fraction of the optimum."""
+    reduce_above: int = 200
+    """With more choices, the MILP runs over the choices an LP relaxation wants (plus the
+    starting plan's and other relaxations' supports), the rest fixed to zero (as in RINS): on
+    ResNet-50 the same plan as the full MILP in a fraction of the time."""
+    also_full_below: int = 400
+    """With fewer choices, the full MILP runs too and the better plan is kept: the reduction can
+    leave out what the optimum needs (r3d_18 lost 3 % of its peak that way)."""
+
+    def __post_init__(self):
+        ladder = self.ladder
+        caps = isinstance(ladder, (tuple, list)) and all(_is_number(f) and 0 < f < math.inf for f in ladder)
+        _require(caps and list(ladder) == sorted(set(ladder)), "ladder",
+                 "increasing overhead caps > 0, e.g. (0.1,)", ladder)
+        object.__setattr__(self, "ladder", tuple(float(f) for f in ladder))
+        nw, tl, gap = self.noise_weight, self.time_limit, self.mip_rel_gap
+        _require(_is_number(nw) and 0 <= nw < math.inf, "noise_weight", "a weight >= 0", nw)
+        _require(_is_number(tl) and tl > 0, "time_limit", "seconds > 0", tl)
+        _require(_is_number(gap) and 0 <= gap < math.inf, "mip_rel_gap", "a fraction >= 0 (0.02 = 2 %)", gap)
+        for name in ("reduce_above", "also_full_below"):
+            n = getattr(self, name)
+            _require(isinstance(n, int) and not isinstance(n, bool) and n >= 0, name,
+                     "a number of choices >= 0", n)
+
+
 def evaluate(problem: Problem, chosen) -> list[int]:
     """Live bytes per step when the choices ``chosen`` (indices) are applied.
 
@@ -84,25 +138,14 @@ def evaluate(problem: Problem, chosen) -> list[int]:
     ([8, 8, 8], [8, 0, 0])
     """
     chosen = set(chosen)
-    delta = [0] * (problem.n_steps + 1)
-
-    def add(n, a, b):
-        delta[a] += n
-        delta[b + 1] -= n
-
     dropped = {d for c in chosen for d in problem.choices[c].drops}
-    for i, s in enumerate(problem.saved):
-        end = max([s.base_end] + [step for key, step in s.savers if (i, key) not in dropped]
-                  + [step for c in chosen for j, step in problem.choices[c].holds if j == i])
-        add(s.nbytes, s.start, end)
-    for c in chosen:
-        for sp in problem.choices[c].adds:
-            add(sp.nbytes, sp.start, sp.end)
-    live, run = [], 0
-    for t in range(problem.n_steps):
-        run += delta[t]
-        live.append(problem.fixed[t] + run)
-    return live
+
+    def end(i: int, s: Saved) -> int:  # a saved storage lives until its last keeper lets go
+        return max([s.base_end] + [step for key, step in s.savers if (i, key) not in dropped]
+                   + [step for c in chosen for j, step in problem.choices[c].holds if j == i])
+    spans = [(s.nbytes, s.start, end(i, s)) for i, s in enumerate(problem.saved)]
+    spans += [(sp.nbytes, sp.start, sp.end) for c in chosen for sp in problem.choices[c].adds]
+    return live_bytes(problem.n_steps, spans, problem.fixed)
 
 
 def _solution(problem: Problem, chosen) -> Solution:
@@ -111,268 +154,172 @@ def _solution(problem: Problem, chosen) -> Solution:
                     sum(problem.choices[c].cost for c in chosen))
 
 
-# overhead caps (fractions of the step) that lowest-peak solves climb through, see solve()
-LADDER = (0.1,)
+class Solver:
+    """Plans for one problem. The base model is built here, once, and the uncapped relaxation's
+    support on first need; every :meth:`solve` reuses both, so a caller that re-plans with a
+    tighter budget pays only for the new search. Neither depends on :attr:`options`, which a
+    caller may replace between solves (each with the time it has left, say).
 
-
-def _highs(objective, A, lo, hi, lower, upper, integrality=None, *, time_limit=None, gap=None,
-           start=None) -> tuple[np.ndarray, float] | None:
-    """Solve min objective @ x, lo <= A x <= hi, lower <= x <= upper (x[i] integer where
-    integrality[i]); ``start`` = (indices, values) of a known plan for the integer variables,
-    which HiGHS completes and keeps as its first incumbent. Returns (x, objective) or None."""
-    h = highspy._Highs()  # the base class: highspy.Highs() prints a banner to the process stdout
-    h.setOptionValue("output_flag", False)
-    if time_limit is not None:
-        h.setOptionValue("time_limit", float(time_limit))
-    if gap is not None:
-        h.setOptionValue("mip_rel_gap", float(gap))
-    lp = highspy.HighsLp()
-    lp.num_col_, lp.num_row_ = A.shape[1], A.shape[0]
-    lp.col_cost_ = np.asarray(objective, dtype=float)
-    lp.col_lower_, lp.col_upper_ = np.asarray(lower, dtype=float), np.asarray(upper, dtype=float)
-    lp.row_lower_, lp.row_upper_ = np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
-    csc = A.tocsc()
-    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-    lp.a_matrix_.start_, lp.a_matrix_.index_ = csc.indptr, csc.indices
-    lp.a_matrix_.value_ = csc.data.astype(float)
-    if integrality is not None:
-        lp.integrality_ = [highspy.HighsVarType.kInteger if v else highspy.HighsVarType.kContinuous
-                           for v in integrality]
-    h.passModel(lp)
-    if start is not None:
-        idx, val = start
-        h.setSolution(len(idx), np.asarray(idx, dtype=np.int32), np.asarray(val, dtype=float))
-    h.run()
-    if h.getInfo().primal_solution_status != 2:  # 2: a feasible solution is at hand
-        return None
-    x = np.asarray(h.getSolution().col_value)
-    return x, float(np.dot(lp.col_cost_, x))
-
-
-def solve(problem: Problem, budget: int | None = None, *, max_overhead: float = 0.2,
-          noise_weight: float = 0.01, time_limit: float = 2.0, mip_rel_gap: float = 0.02,
-          reduce_above: int = 200, also_full_below: int = 400) -> Solution:
-    """With a budget: least cost (+ noise_weight x noise) with peak <= budget.
-    Without: the lowest peak whose cost stays <= max_overhead.
-
-    Raises :class:`BudgetError` (with the lowest reachable peak) when the budget cannot be met.
-    Problems with more than ``reduce_above`` choices are first solved as an LP; choices at zero
-    there are fixed to zero and the MILP runs over the rest (LP-guided reduction; on ResNet-50 it
-    finds the same plan as the full MILP in a fraction of the time). Up to ``also_full_below``
-    choices the full MILP runs as well and the better plan is kept (the reduction can leave out
-    what the optimum needs: r3d_18 lost 3 % of its peak that way). HiGHS stops at
-    ``mip_rel_gap``, or after ``time_limit`` seconds with the best plan found so far (always
-    feasible); a lowest-peak solve climbs the caps of ``LADDER`` up to ``max_overhead``, each rung
-    starting from the best plan so far, the rungs sharing ``time_limit``.
+    >>> p = Problem(2, [1, 5], [Saved(10, 0, 0, (("a", 1),))], [Choice("a", 0.1, drops=((0, "a"),))])
+    >>> s = Solver(p)
+    >>> s.solve(15).chosen, s.solve(11).chosen, s.solve(None, max_overhead=0.1).peak_bytes
+    ((), (0,), 11)
     """
-    nc = len(problem.choices)
-    T = problem.n_steps
-    fixed = np.asarray(problem.fixed, dtype=float)
-    rows, cols, vals = [], [], []          # the constraint matrix, built row by row
-    lo, hi = [], []
 
-    def row(entries, lower, upper):
-        r = len(lo)
-        for c, v in entries:
-            rows.append(r)
-            cols.append(c)
-            vals.append(v)
-        lo.append(lower)
-        hi.append(upper)
+    def __init__(self, problem: Problem, options: SolverOptions | None = None):
+        self.problem = problem
+        self.options = SolverOptions() if options is None else options
+        self.unmodified = _solution(problem, [])
+        self.model: BaseModel = build_model(problem, scale=float(max(self.unmodified.peak_bytes, 1)))
+        self._uncapped: np.ndarray | None = None
 
-    drops_of: dict[tuple[int, str], list[int]] = {}
-    holds_of: dict[int, list[tuple[int, int]]] = {}
-    for c, ch in enumerate(problem.choices):
-        for d in ch.drops:
-            drops_of.setdefault(d, []).append(c)
-        for i, step in ch.holds:
-            holds_of.setdefault(i, []).append((c, step))
+    @property
+    def _reduce(self) -> bool:  # ``options`` may be replaced between solves (a new time limit)
+        return self.model.n_choices > self.options.reduce_above
 
-    n_var = nc
-    spans: list[tuple[int, float, int, int]] = []  # (variable, bytes, first step, last step)
-    diff = np.zeros(T + 1)
-    for i, s in enumerate(problem.saved):
-        const_end = max([s.base_end] + [st for key, st in s.savers if (i, key) not in drops_of])
-        diff[s.start] += s.nbytes
-        diff[const_end + 1] -= s.nbytes
-        keepers = [(st, [(c, -1.0) for c in drops_of[(i, key)]], 1.0)
-                   for key, st in s.savers if (i, key) in drops_of and st > const_end]
-        keepers += [(st, [(c, 1.0)], 0.0) for c, st in holds_of.get(i, ()) if st > const_end]
-        breaks = sorted({k[0] for k in keepers}, reverse=True)
-        for k, b in enumerate(breaks):
-            y = n_var
-            n_var += 1
-            for st, terms, const in keepers:
-                if st >= b:  # y >= const + sum(terms): the storage lives while any keeper ahead keeps it
-                    row([(y, 1.0)] + [(c, -v) for c, v in terms], const, np.inf)
-            lower = breaks[k + 1] if k + 1 < len(breaks) else const_end
-            spans.append((y, float(s.nbytes), lower + 1, b))
-    fixed = fixed + np.cumsum(diff)[:T]
-    for c, ch in enumerate(problem.choices):
-        for sp in ch.adds:
-            spans.append((c, float(sp.nbytes), sp.start, sp.end))
-    groups: dict[str, list[int]] = {}
-    for c, ch in enumerate(problem.choices):
-        for g in (ch.group,) + ch.covers:
-            groups.setdefault(g, []).append(c)
-    for members in groups.values():
-        if len(members) > 1:
-            row([(c, 1.0) for c in members], -np.inf, 1.0)
+    def solve(self, budget: int | None = None, *, max_overhead: float = 0.2) -> Solution:
+        """With a budget: least cost (+ noise_weight x noise) with peak <= budget; raises
+        :class:`Infeasible` (carrying the lowest-peak plan) when it cannot be met. Without: the
+        lowest peak whose cost stays <= max_overhead."""
+        if budget is None:
+            return self._lowest_peak(math.inf if max_overhead is None else max_overhead)
+        return self._within(budget)
 
-    # Live bytes as a running sum: L[t] = L[t-1] + (bytes that start at t) - (bytes that ended at
-    # t-1), so each span enters two rows instead of one row per step it is alive (a far sparser
-    # matrix than "sum of everything alive at t", hence much faster LPs).
-    scale = float(max(max(evaluate(problem, [])), 1))
-    starts: list[list[tuple[int, float]]] = [[] for _ in range(T + 1)]
-    ends: list[list[tuple[int, float]]] = [[] for _ in range(T + 1)]
-    most = np.zeros(T + 1)  # the most each step could hold: the rows that can never bind are left out
-    for v, w, a, b in spans:
-        starts[a].append((v, w / scale))
-        ends[b + 1].append((v, w / scale))
-        most[a] += w
-        most[b + 1] -= w
-    most = fixed + np.cumsum(most)[:T]
-    L = n_var
-    n_var += T
-    for t in range(T):
-        entries = [(L + t, 1.0)] + ([(L + t - 1, -1.0)] if t else [])
-        entries += [(v, -w) for v, w in starts[t]] + [(v, w) for v, w in ends[t]]
-        step = (fixed[t] - (fixed[t - 1] if t else 0.0)) / scale
-        row(entries, step, step)
+    def _solution(self, chosen) -> Solution:
+        return _solution(self.problem, chosen)
 
-    cost = np.array([ch.cost for ch in problem.choices])
-    noise = np.array([ch.noise for ch in problem.choices])
+    def _weights(self) -> np.ndarray:
+        """What a choice costs in the objective: its cost + noise_weight x its noise."""
+        return self.model.cost + self.options.noise_weight * self.model.noise
 
-    def run(objective, upper_live: float, peak_var: bool, n_rows_before: int, n_entries_before: int,
-            limit: float, start: list[int] | None = None, relax: bool = True, free=None):
-        nv = n_var + (1 if peak_var else 0)
-        A = coo_matrix((vals, (rows, cols)), shape=(len(lo), nv)).tocsr()
-        integrality = np.zeros(nv)
-        integrality[:nc] = 1
-        upper = np.ones(nv)
-        upper[L:L + T] = upper_live
-        lower = np.zeros(nv)
-        lower[L:L + T] = -np.inf
-        if peak_var:
-            upper[-1] = np.inf
+    def _objective(self, weights: np.ndarray, *, peak: bool) -> np.ndarray:
+        """``weights`` per choice; for a lowest-peak solve the peak column comes last and the
+        choices only break ties (x 1e-4)."""
+        m = self.model
+        obj = np.zeros(m.n_var + (1 if peak else 0))
+        obj[:m.n_choices] = 1e-4 * weights if peak else weights
+        if peak:
+            obj[-1] = 1.0
+        return obj
+
+    def _uncapped_support(self) -> np.ndarray:
+        """The choices the LP relaxation of "lowest peak, any overhead" uses (1 s on ResNet-50 at
+        batch 64, so computed once per Solver): plans with costly choices need them free."""
+        if self._uncapped is None:
+            m = self.model
+            program = m.program(self._objective(m.cost, peak=True), m.peak_rows(range(m.n_steps)),
+                                live_upper=np.inf)
+            relaxed = program.relax()
+            self._uncapped = (relaxed[0][:m.n_choices] > 1e-6 if relaxed is not None
+                              else np.zeros(m.n_choices, bool))
+        return self._uncapped
+
+    def _search(self, program: Program, limit: float, start=None, *, relax: bool = True, free=None):
+        """The MILP of ``program`` within ``limit`` seconds (the relaxation's included), from the
+        plan ``start`` (choice indices) if given: over ``reduce_above`` choices reduced first (see
+        :meth:`_reduced`), in full if that finds nothing or below ``also_full_below`` choices.
+        Returns (chosen or None, the relaxation's support or None)."""
+        o, nc = self.options, self.model.n_choices
         given = np.zeros(nc, bool)
-        given[start or []] = True
+        given[list(start or [])] = True
         hint = (np.arange(nc), given.astype(float)) if start is not None else None
-        began = time.perf_counter()  # ``limit`` covers the relaxation too
+        began = time.perf_counter()
 
-        def solve_mip(up):
+        def mip(upper):
             left = max(limit - (time.perf_counter() - began), 0.1)
-            return _highs(objective, A, lo, hi, lower, up, integrality, time_limit=left,
-                          gap=mip_rel_gap, start=hint)
-        res = None
-        if nc > reduce_above:
-            # LP-guided reduction (as in RINS): choices at zero in the LP relaxation are fixed to
-            # zero, so the MILP branches over the ~10 % the relaxation wants; ``free`` choices
-            # (other relaxations' supports) and the starting plan's stay free too; exact MILP if
-            # that finds nothing
-            relaxed = _highs(objective, A, lo, hi, lower, upper) if relax else None
-            if relaxed is not None or not relax:
-                fixed_upper = upper.copy()
-                fixed_upper[:nc] = given if free is None else given | free
-                if relaxed is not None:
-                    fixed_upper[:nc] += relaxed[0][:nc] > 1e-6
-                res = solve_mip(fixed_upper)
-                if relaxed is not None and free is not None:
-                    free |= relaxed[0][:nc] > 1e-6
-        if res is None or nc < also_full_below:
-            full = solve_mip(upper)
+            return program.mip(upper, left, o.mip_rel_gap, hint)
+        res, wanted = self._reduced(program, mip, given, free, relax) if self._reduce else (None, None)
+        if res is None or nc < o.also_full_below:
+            full = mip(program.upper)
             if res is None or (full is not None and full[1] < res[1] - 1e-9):
                 res = full
-        del rows[n_entries_before:], cols[n_entries_before:], vals[n_entries_before:]
-        del lo[n_rows_before:], hi[n_rows_before:]
-        if res is None:
-            return None
-        return [c for c in range(nc) if res[0][c] > 0.5]
+        return (None if res is None else [c for c in range(nc) if res[0][c] > 0.5]), wanted
 
-    n_rows, n_entries = len(lo), len(rows)
-    cached: list[np.ndarray] = []
+    def _reduced(self, program: Program, mip, given: np.ndarray, free, relax: bool):
+        """LP-guided reduction (as in RINS): choices at zero in the LP relaxation are fixed to
+        zero, so the MILP branches over the ~10 % the relaxation wants; the ``free`` choices
+        (other relaxations' supports) and the starting plan's (``given``) stay free too. Returns
+        (the MILP's result or None, the relaxation's support or None); (None, None) when the
+        relaxation is infeasible."""
+        nc = self.model.n_choices
+        relaxed = program.relax() if relax else None
+        if relax and relaxed is None:
+            return None, None
+        upper = program.upper.copy()
+        upper[:nc] = given if free is None else given | free
+        wanted = None
+        if relaxed is not None:
+            wanted = relaxed[0][:nc] > 1e-6
+            upper[:nc] += wanted  # 2 where both: as it always was (taking a choice twice only costs)
+        return mip(upper), wanted
 
-    def support() -> np.ndarray:
-        # choices the LP relaxation of "lowest peak, any overhead" uses (computed once, on the
-        # base rows: call it before any solve adds its own)
-        assert len(lo) == n_rows
-        if not cached:
-            p = n_var
-            entries_before, rows_before = len(rows), len(lo)
-            for t in range(T):
-                row([(L + t, 1.0), (p, -1.0)], -np.inf, 0.0)
-            A = coo_matrix((vals, (rows, cols)), shape=(len(lo), n_var + 1)).tocsr()
-            obj = np.zeros(n_var + 1)
-            obj[-1] = 1.0
-            obj[:nc] = 1e-4 * cost
-            lower = np.zeros(n_var + 1)
-            lower[L:L + T] = -np.inf
-            upper = np.ones(n_var + 1)
-            upper[L:L + T] = np.inf
-            upper[-1] = np.inf
-            relaxed = _highs(obj, A, lo, hi, lower, upper)
-            del rows[entries_before:], cols[entries_before:], vals[entries_before:]
-            del lo[rows_before:], hi[rows_before:]
-            cached.append(relaxed[0][:nc] > 1e-6 if relaxed is not None else np.zeros(nc, bool))
-        return cached[0]
+    def _rung(self, cap: float) -> Program:
+        """Lowest peak under overhead ``cap``: L[t] <= p at every step that could be the peak (one
+        that can never exceed what some step must hold is none), and cost <= cap if finite."""
+        m = self.model
+        floor = float(np.max(m.fixed)) if m.n_steps else 0.0
+        extra = m.peak_rows([t for t in range(m.n_steps) if m.most[t] > floor])
+        if np.isfinite(cap) and m.n_choices:
+            extra = m.cost_row(cap).under(extra, m.n_var + 1)
+        return m.program(self._objective(self._weights(), peak=True), extra, live_upper=np.inf)
 
-    def lowest_peak(overhead_cap: float | None) -> Solution:
-        """Minimise the peak (scaled to ~1), cost as a tie-break, over a ladder of overhead caps
-        up to ``overhead_cap``: HiGHS finds good plans quickly under a tight cap and poorly under
-        a loose one (ResNet-50 at 16x3x224x224 on meta inputs, one 2 s solve: 525 MiB at cap 0.1,
-        606 MiB uncapped; with the ladder 478 MiB at caps 0.15, 0.2 and uncapped), so each rung
-        starts from the best plan so far, which every looser rung also admits."""
-        cap = np.inf if overhead_cap is None else overhead_cap
-        rungs = [f for f in LADDER if f < cap] + [cap]
-        best = _solution(problem, [])
-        floor = float(np.max(fixed)) if T else 0.0
-        deadline = time.perf_counter() + time_limit  # for everything below, LPs included
-        # the choices the rungs' relaxations so far wanted: a rung's reduced MILP may use them
-        pool = np.zeros(nc, bool) if nc > reduce_above else None
+    def _lowest_peak(self, cap: float) -> Solution:
+        """Minimise the peak, cost as a tie-break, climbing ``options.ladder`` up to ``cap``:
+        ResNet-50 at 16x3x224x224 on meta inputs, one 2 s solve: 525 MiB at cap 0.1, 606 MiB
+        uncapped; with the ladder 478 MiB at caps 0.15, 0.2 and uncapped. Each rung starts from
+        the best plan so far, which every looser rung also admits; the rungs share the time
+        limit, and the rungs below the cap search small supports (their relaxations', pooled),
+        which HiGHS explores fast. The last rung also frees the uncapped relaxation's support
+        (ResNet-50 with CPU-timed costs: 857 MiB without it, 573 MiB with it)."""
+        o = self.options
+        rungs = [f for f in o.ladder if f < cap] + [cap]
+        best = self.unmodified
+        deadline = time.perf_counter() + o.time_limit  # for everything below, LPs included
+        pool = np.zeros(self.model.n_choices, bool) if self._reduce else None
         for k, rung in enumerate(rungs):
-            last = k == len(rungs) - 1
-            # the uncapped relaxation (1 s on ResNet-50 at batch 64): for the last rung only
-            uncapped = support() if last and pool is not None else None
+            free = pool
+            if pool is not None and k == len(rungs) - 1:
+                free = pool | self._uncapped_support()
             # the time left, shared by the rungs left (a tight rung often finishes early)
             limit = max((deadline - time.perf_counter()) / (len(rungs) - k), 0.1)
-            p = n_var
-            for t in range(T):
-                if most[t] > floor:  # a step that can never exceed what some step must hold is no peak
-                    row([(L + t, 1.0), (p, -1.0)], -np.inf, 0.0)
-            if np.isfinite(rung) and nc:
-                row([(c, cost[c]) for c in range(nc)], -np.inf, rung)
-            obj = np.zeros(n_var + 1)
-            obj[-1] = 1.0
-            obj[:nc] = 1e-4 * (cost + noise_weight * noise)
-            # The rungs below the cap search small supports (their relaxations', the pool's), which
-            # HiGHS explores fast; the last rung also frees the uncapped relaxation's support,
-            # which plans with costly choices need (ResNet-50 with CPU-timed costs: 857 MiB
-            # without it, 573 MiB with it). Uncapped, the rung's relaxation is that one.
-            free = None if pool is None else (pool | uncapped if last else pool)  # run() adds to it
-            chosen = run(obj, np.inf, True, n_rows, n_entries, limit, list(best.chosen),
-                         relax=bool(np.isfinite(rung)), free=free)
+            chosen, wanted = self._search(self._rung(rung), limit, best.chosen,
+                                          relax=bool(np.isfinite(rung)), free=free)
+            if pool is not None and wanted is not None:
+                pool |= wanted
             if chosen is not None:
-                found = _solution(problem, chosen)
+                found = self._solution(chosen)
                 if (found.peak_bytes, found.cost) < (best.peak_bytes, best.cost):
                     best = found
         return best
 
-    if budget is None:
-        return lowest_peak(max_overhead)
-
-    obj = np.zeros(n_var)
-    obj[:nc] = cost + noise_weight * noise
-    # the lowest-peak relaxation's support stays free too: it keeps an integer plan within reach
-    # when the budget's own relaxation is too sparse (ResNet-50 at a loose budget went to the
-    # full MILP for lack of it, 9 s)
-    free = support().copy() if nc > reduce_above else None
-    chosen = run(obj, budget / scale, False, n_rows, n_entries, time_limit, free=free)
-    if chosen is None:
-        # infeasible, or no plan found within the time limit: the lowest-peak plan decides, and
-        # if it meets the budget it starts a second search for a cheaper plan that does
-        best = lowest_peak(None)
+    def _within(self, budget: int) -> Solution:
+        """Least cost with peak <= budget. The uncapped relaxation's support stays free too: it
+        keeps an integer plan within reach when the budget's own relaxation is too sparse
+        (ResNet-50 at a loose budget went to the full MILP for lack of it, 9 s). If that finds
+        nothing, the lowest-peak plan decides, and if it meets the budget it starts a second
+        search for a cheaper plan that does."""
+        m, o = self.model, self.options
+        program = m.program(self._objective(self._weights(), peak=False), None, live_upper=budget / m.scale)
+        free = self._uncapped_support().copy() if self._reduce else None
+        chosen, wanted = self._search(program, o.time_limit, free=free)
+        if chosen is not None:
+            return self._solution(chosen)
+        if free is not None and wanted is not None:
+            free |= wanted
+        best = self._lowest_peak(math.inf)
         if best.peak_bytes > budget:
-            raise BudgetError(f"budget of {budget} bytes is below the lowest reachable peak", best.peak_bytes)
-        chosen = run(obj, budget / scale, False, n_rows, n_entries, time_limit, list(best.chosen), free=free)
-        return best if chosen is None else min(best, _solution(problem, chosen), key=lambda s: s.cost)
-    return _solution(problem, chosen)
+            raise Infeasible(budget, best)
+        chosen, _ = self._search(program, o.time_limit, best.chosen, free=free)
+        return best if chosen is None else min(best, self._solution(chosen), key=lambda s: s.cost)
+
+
+def solve(problem: Problem, budget: int | None = None, *, max_overhead: float = 0.2,
+          options: SolverOptions | None = None) -> Solution:
+    """One solve on a fresh :class:`Solver` (see :meth:`Solver.solve`); to solve the same problem
+    again (another budget, a tighter target), keep a Solver instead.
+
+    >>> p = Problem(2, [1, 5], [Saved(10, 0, 0, (("a", 1),))], [Choice("a", 0.1, drops=((0, "a"),))])
+    >>> solve(p, 11)
+    Solution(chosen=(0,), peak_bytes=11, live_bytes=(11, 5), cost=0.1)
+    """
+    return Solver(problem, options).solve(budget, max_overhead=max_overhead)

@@ -11,16 +11,9 @@ import torch
 import torch.fx as fx
 from torch import nn
 from .. import ops
+from ..errors import InputError, TraceError
 
 __all__ = ["TraceError", "InputError", "trace", "check_inputs"]
-
-
-class TraceError(RuntimeError):
-    """torch.fx could not trace the model; the message names the module and the fix."""
-
-
-class InputError(TypeError):
-    """The example inputs do not fit the model."""
 
 
 class _PathTracer(fx.Tracer):
@@ -58,9 +51,12 @@ class _PathTracer(fx.Tracer):
 
 
 def check_inputs(model: Any, example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    """Validate ``model`` and ``example_inputs``; return the inputs as a tuple of tensors."""
+    """Validate ``model`` and ``example_inputs``; return the inputs as a tuple of tensors.
+
+    The one rule of every public call (plan, optimize, measure): a tensor, or a non-empty tuple
+    (or list) of tensors, passed positionally as ``model(*example_inputs)``."""
     if not isinstance(model, nn.Module):
-        raise TypeError(
+        raise InputError(
             f"fxsketch needs a torch.nn.Module, got {type(model).__name__}: "
             "wrap a function in an nn.Module whose forward calls it"
         )
@@ -82,6 +78,13 @@ def check_inputs(model: Any, example_inputs: Any) -> tuple[torch.Tensor, ...]:
     return example_inputs
 
 
+def _first_line(e: Exception) -> str:
+    """fx's message without its boilerplate tail ("Original traceback: None", "Use tlparse ...")."""
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    keep = [ln for ln in lines if not ln.startswith(("Original traceback", "Use tlparse", "For more information"))]
+    return " ".join(keep[:3]) if keep else type(e).__name__
+
+
 def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[type] = ()) -> fx.GraphModule:
     """Symbolically trace ``model``; raise :class:`TraceError` naming the module that fx cannot trace.
 
@@ -98,10 +101,15 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[type]
     except Exception as e:
         name, kind = getattr(e, "_fxsketch_where", ("", type(model).__name__))
         where = f"module '{name}' ({kind})" if name else f"the top-level model ({kind})"
+        if name:
+            fix = (f"make its forward traceable (no Python control flow on tensor values), or keep it "
+                   f"whole by passing leaf_modules=({kind},) so fxsketch treats it as one opaque node.")
+        else:  # leaf_modules cannot help here: the whole model would be one opaque node
+            fix = ("make the model's own forward traceable (no Python control flow on tensor values, "
+                   "no data-dependent shapes), e.g. by moving the untraceable code into a submodule "
+                   "and passing that submodule's type in leaf_modules=(...).")
         raise TraceError(
-            f"torch.fx cannot trace {where}: {type(e).__name__}: {e}\n"
-            f"Fix: make its forward traceable (no Python control flow on tensor values), or keep "
-            f"it whole by passing leaf_modules=({kind},) so fxsketch treats it as one opaque node."
+            f"torch.fx cannot trace {where}: {type(e).__name__}: {_first_line(e)}\nFix: {fix}"
         ) from e
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

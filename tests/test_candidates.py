@@ -3,8 +3,10 @@ releases what it should."""
 import torch
 from torch import nn
 
-from fxsketch.api import analyze
-from fxsketch.passes.candidates import build_problem, conv_spec, lean_spec
+from fxsketch.passes.candidates import build_problem
+from fxsketch.passes.options.lean import lean_spec
+from fxsketch.passes.options.probe import conv_spec
+from fxsketch.pipeline import analyse
 from fxsketch.passes.liveness import simulate
 from fxsketch.passes.solve import evaluate
 
@@ -25,9 +27,10 @@ class Block(nn.Module):
 def problem(**kw):
     torch.manual_seed(0)
     model = Block()
-    gm, schedule = analyze(model, (torch.randn(4, 3, 16, 16),))
-    tl = simulate(schedule)
-    prob, cands, _ = build_problem(gm, schedule, tl, **kw)
+    a = analyse(model, (torch.randn(4, 3, 16, 16),))
+    gm, schedule, tl = a.gm, a.schedule, simulate(a.schedule)
+    built = build_problem(gm, schedule, tl, **kw)
+    prob, cands = built.problem, built.candidates
     return gm, schedule, tl, prob, cands
 
 
@@ -69,7 +72,7 @@ def test_a_storage_saved_twice_is_freed_only_by_both_options():
 
 def test_time_nodes_measures_every_compute_node_and_leaves_bn_stats_alone():
     import torchvision
-    from fxsketch.passes.candidates import time_nodes
+    from fxsketch.passes.cost import time_nodes
     from fxsketch.passes.trace import trace
 
     torch.manual_seed(0)
@@ -102,15 +105,18 @@ def test_recompute_choices_predict_the_rewritten_graph():
     # the solver's view of each recompute option against the analysis of the rewritten graph;
     # a segment that starts from an activation no backward node saves (the add's inputs) must
     # hold it until the replay (it was once missed: up to 13 % under here, 45 % on ResNet-50)
-    from fxsketch.api import _analyze_graph
+    from fxsketch.measurement import default_loss
     from fxsketch.passes.rewrite import rewrite
+    from fxsketch.pipeline import verify
     torch.manual_seed(0)
     model, x = Residual(), torch.randn(4, 3, 16, 16)
-    gm, schedule = analyze(model, (x,))
-    prob, cands, _ = build_problem(gm, schedule, simulate(schedule), methods=("recompute",))
+    a = analyse(model, (x,))
+    gm, schedule = a.gm, a.schedule
+    built = build_problem(gm, schedule, simulate(schedule), methods=("recompute",))
+    prob, cands = built.problem, built.candidates
     ratios = {}
     for i, c in enumerate(cands):
-        real = simulate(_analyze_graph(rewrite(model, gm, [c]), (x,), None, ())).peak_bytes
+        real = verify(rewrite(model, gm, [c]), (x,), default_loss)[1].peak_bytes
         ratios[(c.nodes[0], c.nodes[-1])] = max(evaluate(prob, [i])) / real
     assert len(ratios) > 20
     assert min(ratios.values()) >= 0.88, ratios  # the solver may overestimate (a safe error)

@@ -143,3 +143,31 @@ def test_max_pool_clear_errors():
         lean_max_pool(torch.randn(4, 4), 2)
     with pytest.raises(ValueError, match="kernel_size"):
         lean_max_pool(torch.randn(1, 1, 4, 4), (2, 2, 2, 2, 2))
+
+
+def test_custom_ops_pass_opcheck():
+    """Schema, fake vs real outputs, autograd registration and AOT dispatch with dynamic shapes
+    for every fxsketch::lean_* op (the in-place one declares its mutation)."""
+    ops = torch.ops.fxsketch
+    x = torch.randn(3, 5, 4)
+    for slope in (None, 0.2):
+        torch.library.opcheck(ops.lean_relu.default, (x.clone().requires_grad_(True), slope))
+        torch.library.opcheck(ops.lean_relu_inplace.default, (x.clone(), slope))
+        torch.library.opcheck(ops.lean_relu_backward.default, (torch.randn_like(x), pack_bits(x > 0), slope))
+    xp = torch.randn(2, 3, 7, 6, requires_grad=True)
+    args = ([3, 2], [2, 2], [1, 1], [1, 1], True)
+    torch.library.opcheck(ops.lean_max_pool.default, (xp,) + args)
+    out, offset = ops.lean_max_pool(xp.detach(), *args)
+    torch.library.opcheck(ops.lean_max_pool_backward.default,
+                          (torch.randn_like(out), offset, list(xp.shape)) + args[:4])
+
+
+def test_ops_run_on_fake_tensors_with_the_right_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.randn(2, 3, 9, 8, requires_grad=True)
+        y = lean_max_pool(lean_leaky_relu(x * 1.0, 0.1, inplace=True), (3, 2), 2, 1, ceil_mode=True)
+        (dx,) = torch.autograd.grad(y.sum(), x)
+    assert tuple(y.shape) == tuple(F.max_pool2d(torch.randn(2, 3, 9, 8), (3, 2), 2, 1, ceil_mode=True).shape)
+    assert dx.shape == x.shape

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fxsketch.measure import LiveStorageTracker, Measurement, default_loss, measure
+from fxsketch.measurement import LiveStorageTracker, Measurement, default_loss, measure
 
 F32 = 4  # bytes per float32 element
 
@@ -171,7 +171,7 @@ def test_custom_loss_fn_and_tuple_inputs():
 @pytest.mark.parametrize(
     "bad, pattern",
     [
-        ([torch.randn(2, 4)], r"tuple of tensors .* got list \(write tuple"),
+        ("x", r"tuple of tensors .* got str"),
         ((torch.randn(2, 4), 3), r"example_inputs\[1\] is a int, not a tensor"),
         ({"x": torch.randn(2, 4)}, r"tuple of tensors .* got dict"),
     ],
@@ -179,6 +179,12 @@ def test_custom_loss_fn_and_tuple_inputs():
 def test_bad_example_inputs_say_what_to_do(bad, pattern):
     with pytest.raises(TypeError, match=pattern):
         measure(torch.nn.Linear(4, 3), bad)
+
+
+def test_inputs_follow_the_same_rule_as_plan():
+    # one rule for plan, optimize and measure: a tensor, or a tuple (or list) of tensors
+    lin, x = torch.nn.Linear(4, 3), torch.randn(2, 4)
+    assert measure(lin, [x], repeat=1).peak_bytes == measure(lin, (x,), repeat=1).peak_bytes
 
 
 def test_bad_loss_and_repeat_are_explained():

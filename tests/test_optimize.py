@@ -8,11 +8,11 @@ from torch import nn
 
 import fxsketch
 from fxsketch import BudgetError
-from fxsketch.api import analyze
 from fxsketch.passes.candidates import build_problem
 from fxsketch.passes.liveness import simulate
 from fxsketch.passes.rewrite import rewrite
-from fxsketch.plan import Option
+from fxsketch.pipeline import analyse
+from fxsketch.report import Option
 
 # non-probed gradients go through the same kernels as eager (recomputation replays them), so
 # they agree to float32 round-off; this is the documented tolerance
@@ -45,7 +45,7 @@ def net_and_input(seed=0):
 
 def budget_between(model, x, f, methods=("probe", "lean", "recompute")):
     """A budget a fraction f of the way from the lowest reachable peak up to the unmodified one."""
-    lowest = fxsketch.plan(model, (x,), methods=methods, max_overhead=10.0, calibrate=False)
+    lowest = fxsketch.plan(model, (x,), optimized=True, methods=methods, max_overhead=10.0, calibrate=False)
     return int(lowest.peak_bytes + f * (lowest.baseline_peak_bytes - lowest.peak_bytes))
 
 
@@ -109,8 +109,9 @@ def test_non_probed_gradients_equal_eager(optimized):
 def test_probed_gradients_unbiased():
     model, x = net_and_input(1)
     # every conv probed (r=16), whether or not the planner would: the rewrite itself is under test
-    tgm, schedule = analyze(model, (x,))
-    _, cands, _ = build_problem(tgm, schedule, simulate(schedule), methods=("probe",), probe_rank=16)
+    a = analyse(model, (x,))
+    tgm, schedule = a.gm, a.schedule
+    cands = build_problem(tgm, schedule, simulate(schedule), methods=("probe",), probe_rank=16).candidates
     gm = rewrite(model, tgm, cands)
     probed = probed_weights(gm)
     assert probed
@@ -216,7 +217,7 @@ def test_bad_arguments_raise_clear_errors(kwargs, match):
 
 def test_plan_accepts_the_same_arguments():
     model, x = net_and_input()
-    p = fxsketch.plan(model, (x,), 0.8, max_overhead=1.0, calibrate=False)
+    p = fxsketch.plan(model, (x,), 0.8, optimized=True, max_overhead=1.0, calibrate=False)
     assert p.peak_bytes <= p.budget_bytes and p.decisions
 
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import fxsketch
 from fxsketch.__main__ import build_parser, main, parse_shape
-from fxsketch.plan import MemoryPlan
+from fxsketch.report import MemoryPlan
 
 tv = pytest.importorskip("torchvision")
 

@@ -1,6 +1,5 @@
 """probed_conv against eager PyTorch: exact output/dX/db, unbiased dW, 1/sqrt(r) error,
 what is saved for backward, and seeding."""
-import importlib
 import math
 
 import numpy as np
@@ -10,8 +9,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
 
 from fxsketch.ops import lean_relu, probed_conv, rank_for_ratio, sketch_nbytes, sketch_shape
-from fxsketch.ops.probed_conv import (conv_geometry, dw_channel, dw_spatial, exact_weight_grad, reconstruct,
-                                      sketch, tap_indices)
+from fxsketch.ops.probed import (conv_geometry, dw_channel, dw_spatial, exact_weight_grad, reconstruct,
+                                 sketch, tap_indices)
 from fxsketch.ops.probes import PROBES
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -236,8 +235,7 @@ def test_clear_errors():
 @pytest.mark.parametrize("mode", ["spatial", "channel"])
 def test_chunked_paths_give_the_same_estimate(mode, monkeypatch):
     """Tiny CHUNK_ELEMS forces batch chunks, channel blocks and tap blocks: same seed, same dW."""
-    # importlib: the attribute fxsketch.ops.probed_conv is the function, not the module.
-    pc = importlib.import_module("fxsketch.ops.probed_conv")
+    from fxsketch.ops import probed as pc
 
     x, w = torch.randn(5, 4, 9, 7, dtype=torch.float64), torch.randn(6, 2, 3, 3, dtype=torch.float64)
     geo = conv_geometry(w.shape, 2, "valid", (1, 2), 2)
@@ -262,7 +260,7 @@ def test_transient_memory_is_a_fraction_of_the_tensors(shape, weight):
     """Temporaries of the sketch (forward) and of the dW estimate (backward), seen by the exact
     live-storage tracker, stay a fraction of X and dY (chunked to ~1/8 of them, but never less
     than one sample: with a batch of N the dY chunk alone is at least 1/N of dY)."""
-    from fxsketch.measure import LiveStorageTracker
+    from fxsketch.measurement import LiveStorageTracker
     x, w = torch.randn(shape), torch.randn(weight, requires_grad=True)
     rank = rank_for_ratio(shape, 1 / 16, "spatial")
     with LiveStorageTracker([x, w], record=True) as tr:
@@ -277,6 +275,38 @@ def test_transient_memory_is_a_fraction_of_the_tensors(shape, weight):
     bwd_transient = max(b for _, b in tr.timeline[n_fwd:]) - before - w_bytes
     assert fwd_transient <= 0.25 * x_bytes, fwd_transient / x_bytes
     assert bwd_transient <= 0.75 * max(x_bytes, y_bytes), bwd_transient / max(x_bytes, y_bytes)
+
+
+# --------------------------------------------------------------------------------------------
+# the custom ops: torch's own checks, and planning on fake tensors
+
+
+@pytest.mark.parametrize("mode", ["spatial", "channel"])
+def test_custom_ops_pass_opcheck(mode):
+    """Schema (no aliasing, no undeclared mutation), fake vs real outputs, autograd registration
+    and AOT dispatch with dynamic shapes, for fxsketch::probe_sketch and probe_weight_grad."""
+    seed, ops = torch.tensor(1234), torch.ops.fxsketch
+    x, dy = torch.randn(2, 3, 6, 5, dtype=torch.float64), torch.randn(2, 4, 3, 5, dtype=torch.float64)
+    geo = conv_geometry((4, 3, 3, 3), (2, 1), 1, 1, 1)
+    torch.library.opcheck(ops.probe_sketch.default, (x, seed, 4, mode, "orthogonal"))
+    xbar = ops.probe_sketch(x, seed, 4, mode, "orthogonal")
+    torch.library.opcheck(ops.probe_weight_grad.default,
+                          (dy, xbar, seed, 4, mode, "orthogonal", x.shape, (4, 3, 3, 3), geo.stride,
+                           geo.dilation, geo.pad_left, geo.pad_right, geo.groups, torch.float32))
+
+
+@pytest.mark.parametrize("mode", ["spatial", "channel"])
+def test_ops_run_on_fake_tensors_with_the_right_shapes(mode):
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.randn(4, 6, 12, 12)
+        w = torch.randn(8, 6, 3, 3, requires_grad=True)
+        y = lean_relu(probed_conv(x, w, None, 2, 1, rank=9, mode=mode))
+        (dw,) = torch.autograd.grad(y.sum(), w)
+        xbar = torch.ops.fxsketch.probe_sketch(x, torch.tensor(0), 9, mode, "gaussian")
+    assert tuple(y.shape) == (4, 8, 6, 6) and dw.shape == w.shape and dw.dtype == w.dtype
+    assert tuple(xbar.shape) == sketch_shape(x.shape, 9, mode) and xbar.dtype == x.dtype
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from fxsketch.ops.probed_conv import reconstruct, sketch
+from fxsketch.ops.probed import reconstruct, sketch
 from fxsketch.ops.probes import (PROBES, mix32, probe_buckets_and_values, rank_for_ratio,
                                  sketch_nbytes, sketch_shape, stream_key)
 

@@ -5,7 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxsketch.passes.solve import BudgetError, Choice, Problem, Saved, Span, evaluate, solve
+from fxsketch.passes.solve import (Choice, Infeasible, Problem, Saved, Solver, SolverOptions, Span, evaluate,
+                                   solve)
 
 
 def two_savers():
@@ -27,9 +28,9 @@ def test_budget_picks_the_saver_that_matters():
     assert solve(p, 15).chosen == ()
     sol = solve(p, 11)  # the peak at step 4 must go: dropping a alone does it
     assert sol.chosen == (0,) and sol.peak_bytes == 11
-    with pytest.raises(BudgetError) as e:
+    with pytest.raises(Infeasible) as e:
         solve(p, 5)
-    assert e.value.lowest == 11
+    assert e.value.lowest.peak_bytes == 11
 
 
 def test_adds_and_exclusive_groups():
@@ -81,10 +82,10 @@ def test_solver_matches_brute_force(p, budget):
                 cost = sum(p.choices[c].cost for c in combo)
                 best = cost if best is None else min(best, cost)
     if best is None:
-        with pytest.raises(BudgetError):
-            solve(p, budget, noise_weight=0)
+        with pytest.raises(Infeasible):
+            solve(p, budget, options=SolverOptions(noise_weight=0))
     else:
-        sol = solve(p, budget, noise_weight=0)
+        sol = solve(p, budget, options=SolverOptions(noise_weight=0))
         assert sol.peak_bytes <= budget
         assert sol.cost == pytest.approx(best, rel=2e-2, abs=1e-6)
 
@@ -99,6 +100,53 @@ def test_lowest_peak_matches_brute_force(p, cap):
     sol = solve(p, None, max_overhead=cap)
     assert sol.cost <= cap + 1e-9
     assert sol.peak_bytes == best
+
+
+def test_infeasible_carries_the_lowest_peak_plan():
+    with pytest.raises(Infeasible, match="budget of 5 bytes .* 11 bytes") as e:
+        solve(two_savers(), 5)
+    assert e.value.budget == 5 and e.value.lowest == solve(two_savers(), None, max_overhead=float("inf"))
+
+
+def _outcome(solve_for, budget):
+    try:
+        return solve_for(budget)
+    except Infeasible as e:
+        return "infeasible", e.lowest
+
+
+@settings(max_examples=30, deadline=None)
+@given(problems(), st.lists(st.one_of(st.none(), st.integers(0, 60)), min_size=2, max_size=3),
+       st.sampled_from([0, 200]))
+def test_a_reused_solver_plans_as_fresh_solves(p, budgets, reduce_above):
+    """The caller's re-plan (a budget, then a tighter one) on one Solver gives the plans of fresh
+    solves, on the model built once; reduce_above=0 takes the reduced MILP, whose cached uncapped
+    relaxation support is then shared between the solves."""
+    options = SolverOptions(reduce_above=reduce_above)
+    solver = Solver(p, options)
+    model = solver.model
+    reused = [_outcome(lambda b: solver.solve(b, max_overhead=0.3), b) for b in budgets]
+    fresh = [_outcome(lambda b: solve(p, b, max_overhead=0.3, options=options), b) for b in budgets]
+    assert reused == fresh
+    assert solver.model is model
+
+
+@pytest.mark.parametrize("name, value", [
+    ("ladder", (0.2, 0.1)), ("ladder", (0.1, 0.1)), ("ladder", (0.0,)), ("ladder", (float("inf"),)),
+    ("ladder", 0.1), ("noise_weight", -1), ("noise_weight", float("nan")), ("time_limit", 0),
+    ("time_limit", "2"), ("mip_rel_gap", -0.01), ("reduce_above", 1.5), ("reduce_above", True),
+    ("also_full_below", -1)])
+def test_solver_options_reject_bad_values(name, value):
+    with pytest.raises(ValueError, match=f"SolverOptions.{name} must be .*, got "):
+        SolverOptions(**{name: value})
+
+
+def test_solver_options_are_frozen_with_a_tuple_ladder():
+    assert SolverOptions(ladder=[0.05, 0.1]).ladder == (0.05, 0.1)
+    assert SolverOptions(ladder=()).ladder == ()
+    assert SolverOptions(time_limit=float("inf")).time_limit == float("inf")
+    with pytest.raises(AttributeError):
+        SolverOptions().time_limit = 1.0
 
 
 def test_a_starting_plan_is_kept_when_the_solver_has_no_time():

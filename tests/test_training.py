@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxsketch
-from fxsketch.plan import Option
+from fxsketch.report import Option
 
 datasets = pytest.importorskip("sklearn.datasets")
 
@@ -100,7 +100,7 @@ def test_a_larger_max_grad_noise_never_yields_a_larger_sketch():
     xb, yb = xtr[:64], ytr[:64]
     found = {}
     for limit in (0.5, 1.0, 2.0, 4.0, 16.0):
-        plan = fxsketch.plan(model, (xb,), None, loss_fn=lambda out: F.cross_entropy(out, yb),
+        plan = fxsketch.plan(model, (xb,), None, optimized=True, loss_fn=lambda out: F.cross_entropy(out, yb),
                              methods=("probe", "lean"), max_overhead=10.0, max_grad_noise=limit,
                              ratios=(1 / 2, 1 / 4, 1 / 16, 1 / 64), progress=False)
         found[limit] = ranks(plan)

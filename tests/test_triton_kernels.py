@@ -1,4 +1,4 @@
-"""Triton kernels of the probed conv against the torch reference in fxsketch.ops.probed_conv.
+"""Triton kernels of the probed conv against the torch reference in fxsketch.ops.probed.
 
 Same seed -> same sketch, same Xhat, same dW estimate (float tolerance; buckets are bit-identical).
 Without CUDA the kernels run on CPU tensors under Triton's interpreter (TRITON_INTERPRET=1, set
@@ -7,7 +7,6 @@ run on CUDA.
 """
 from __future__ import annotations
 
-import importlib
 import os
 
 import pytest
@@ -20,10 +19,8 @@ pytest.importorskip("triton", reason="triton cannot be imported: the Triton kern
 
 import torch.nn.functional as F  # noqa: E402
 
+from fxsketch.ops import probed as pc  # noqa: E402
 from fxsketch.ops import triton_kernels as tk  # noqa: E402
-
-# The package re-exports the function probed_conv under the module's name: fetch the module.
-pc = importlib.import_module("fxsketch.ops.probed_conv")
 
 pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
 

@@ -29,11 +29,11 @@ def main(argv=None):
     torch.manual_seed(0)
     model = torchvision.models.resnet50()
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
-    fxsketch.plan(model, (x,), None, methods=("probe",), time_nodes=False, calibrate=False)  # warm-up
+    fxsketch.plan(model, (x,), None, optimized=True, methods=("probe",), time_nodes=False, calibrate=False)  # warm-up
     times = {}
     for calibrate in (False, True):
         t = time.perf_counter()
-        p = fxsketch.plan(model, (x,), None, methods=("probe",), time_nodes=False, calibrate=calibrate)
+        p = fxsketch.plan(model, (x,), None, optimized=True, methods=("probe",), time_nodes=False, calibrate=calibrate)
         times[calibrate] = time.perf_counter() - t
     n = sum(isinstance(m, torch.nn.Conv2d) for m in model.modules())
     print(f"{platform.processor() or platform.machine()}, torch threads {torch.get_num_threads()}, "

@@ -302,7 +302,7 @@ def _time(fn, device, steps, warmup):
 
 
 def probe_ops_table(device, dtype, steps, warmup, smoke) -> list[str]:
-    pc = importlib.import_module("fxsketch.ops.probed_conv")
+    pc = importlib.import_module("fxsketch.ops.probed")
     from fxsketch.ops.probes import rank_for_ratio, sketch_nbytes
     from fxsketch.ops import triton_kernels as tk
 

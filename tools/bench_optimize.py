@@ -113,7 +113,7 @@ class CheckpointSequential(nn.Module):
 
 
 def _default_loss(out):
-    from fxsketch.measure import default_loss
+    from fxsketch.measurement import default_loss
     return default_loss(out)
 
 

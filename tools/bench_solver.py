@@ -4,11 +4,11 @@
     .venv/bin/python tools/bench_solver.py --problems cpu64n4   # + the 64x224^2 max_grad_noise=4 one
 
 Each problem is the exact :class:`fxsketch.passes.solve.Problem` that ``optimize`` builds (captured
-at its solve call): "meta" = meta inputs (roofline costs, uncalibrated probes), "cpu" = real random
-inputs (probe ranks calibrated, costs from measured node times). It is then solved with
-``passes.solve.LADDER`` as shipped and with an empty ladder (a single solve at the cap, as before
-the ladder), at ``--time-limit`` seconds. Printed: the solver's predicted peak (its own model, not
-the rewritten graph's re-analysis) and wall time. Results depend on machine load.
+where it makes its Solver): "meta" = meta inputs (roofline costs, uncalibrated probes), "cpu" =
+real random inputs (probe ranks calibrated, costs from measured node times). It is then solved
+with the ladder of ``SolverOptions()`` as shipped and with an empty ladder (a single solve at the
+cap, as before the ladder), at ``--time-limit`` seconds. Printed: the solver's predicted peak (its
+own model, not the rewritten graph's re-analysis) and wall time. Results depend on machine load.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import time
 import torch
 
 import fxsketch
-import fxsketch.api as api
+from fxsketch import pipeline
 from fxsketch.passes import solve as S
 
 PROBLEMS = {  # name: (batch, meta input, max_grad_noise)
@@ -35,21 +35,22 @@ def capture(batch: int, meta: bool, noise: float) -> S.Problem:
     import torchvision
     got = []
 
-    def grab(problem, *args, **kwargs):
-        got.append(problem)
-        raise _Captured
+    class Grab:  # stands in for the Solver that optimize makes: keeps its problem, stops optimize
+        def __init__(self, problem, *args, **kwargs):
+            got.append(problem)
+            raise _Captured
 
     torch.manual_seed(0)
     model = torchvision.models.resnet50()
     x = torch.empty(batch, 3, 224, 224, device="meta") if meta else torch.randn(batch, 3, 224, 224)
-    real = api.solve
-    api.solve = grab
+    real = pipeline.Solver
+    pipeline.Solver = Grab
     try:
         fxsketch.optimize(model, (x,), None, max_overhead=0.15, seed=0, progress=False, max_grad_noise=noise)
     except _Captured:
         pass
     finally:
-        api.solve = real
+        pipeline.Solver = real
     return got[0]
 
 
@@ -59,7 +60,7 @@ def main(argv=None):
     ap.add_argument("--caps", nargs="*", type=float, default=[0.15, 0.2, float("inf")])
     ap.add_argument("--time-limit", type=float, default=2.0)
     args = ap.parse_args(argv)
-    shipped = S.LADDER
+    shipped = S.SolverOptions().ladder
     print(f"| problem | choices | cap | single solve | ladder {shipped} |")
     print("|---|---|---|---|---|")
     for name in args.problems:
@@ -67,11 +68,10 @@ def main(argv=None):
         for cap in args.caps:
             cells = []
             for ladder in ((), shipped):
-                S.LADDER = ladder
+                options = S.SolverOptions(ladder=ladder, time_limit=args.time_limit)
                 t = time.perf_counter()
-                sol = S.solve(problem, None, max_overhead=cap, time_limit=args.time_limit)
+                sol = S.solve(problem, None, max_overhead=cap, options=options)
                 cells.append(f"{sol.peak_bytes / 2**20:.0f} MiB ({time.perf_counter() - t:.1f} s)")
-            S.LADDER = shipped
             print(f"| {name} | {len(problem.choices)} | {cap:g} | {cells[0]} | {cells[1]} |", flush=True)
 
 

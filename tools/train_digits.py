@@ -31,17 +31,17 @@ then retried, with the same options, at budget = 1.01 x BudgetError.lowest.
 from __future__ import annotations
 
 import argparse
-import json
-import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import fxsketch
+
+import _harness as H
+from _harness import dec_text, mib
 
 BATCH = 64
 
@@ -118,39 +118,32 @@ def build(setting, model, example, loss_fn, budget_4x):
         kw["budget"] = int(budget_4x)
     elif isinstance(kw.get("budget"), tuple):  # ("lowest", bytes): retry at 1.01 x BudgetError.lowest
         kw["budget"] = int(1.01 * kw["budget"][1])
-    try:
-        gm = fxsketch.optimize(model, example, loss_fn=loss_fn, **kw)
-    except fxsketch.BudgetError as e:
+    gm, e = H.build(model, example, loss_fn, kw)
+    if isinstance(e, fxsketch.BudgetError):
         low = getattr(e, "lowest", None)
         build.last_lowest = low
         return None, (f"BudgetError (budget {mib(kw['budget'])} MiB; lowest reachable predicted peak "
                       f"e.lowest = {mib(low) if low else '?'} MiB)"), []
-    except Exception as e:  # reported in the table, not hidden
-        return None, f"{type(e).__name__}: {e}".replace("\n", " ").replace("|", "/"), []
-    dec = [dict(node=d.node, option=d.option.value, detail=d.detail, grad_noise=d.grad_noise)
-           for d in gm.memory_plan.decisions]
-    return gm, None, dec
+    if e is not None:
+        return None, H.error_text(e), []
+    return gm, None, H.decisions(gm)
 
 
-def evaluate(model, x, y) -> float:
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        acc = float((model(x).argmax(1) == y).float().mean())
-    model.train(was)
-    return 100.0 * acc
+def accuracy(model, x, y) -> float:
+    return 100.0 * float((H.eval_forward(model, x).argmax(1) == y).float().mean())
+
+
+ACCURACY = H.Metric(accuracy, short="acc", places=2, column="test acc. %", axis="test accuracy %",
+                    title="test accuracy")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=("deep", "plain", "small"), default="deep")
-    ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--lr", type=float, default=0.05)
+    H.add_training_args(ap, epochs=2, seeds=3, lr=0.05)
     ap.add_argument("--opt", choices=("sgd", "adam"), default="sgd",
                     help="SGD (momentum 0.9, wd 1e-4) or Adam; both with a cosine schedule")
-    ap.add_argument("--out", default="docs/img")
-    ap.add_argument("--json", default=None, help="write raw results here")
+    H.add_output_args(ap, json_help="write raw results here")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--only", default=None, help="comma-separated setting indices to run (0 = exact, always run)")
     args = ap.parse_args(argv)
@@ -161,7 +154,7 @@ def main(argv=None):
     if args.only:
         keep = {0} | {int(i) for i in args.only.split(",")}
         settings = [s for i, s in enumerate(SETTINGS) if i in keep]
-    xtr, ytr, xte, yte = load_digits_tensors()
+    data = xtr, ytr, xte, yte = load_digits_tensors()
     steps = len(xtr) // BATCH
     example = (xtr[:BATCH].clone(),)
     example_y = ytr[:BATCH].clone()
@@ -172,8 +165,7 @@ def main(argv=None):
     while todo:
         name, setting = todo.pop(0)
         build.last_lowest = None
-        torch.manual_seed(0)
-        model = make_model()
+        model = H.seeded_model(make_model, 0)
         cur_y = {"y": example_y}
         loss_fn = lambda out: F.cross_entropy(out, cur_y["y"])  # noqa: E731
         t0 = time.time()
@@ -186,15 +178,9 @@ def main(argv=None):
                 todo.insert(0, (name.replace("budget=B4", "budget=1.01 x e.lowest").replace(" (4x act.)", ""),
                                 dict(setting, budget=("lowest", build.last_lowest))))
             continue
-        m = fxsketch.measure(gm, example, loss_fn=loss_fn, repeat=1)
-        head = dict(measured_peak=m.peak_bytes,
-                    predicted_peak=gm.memory_plan.timeline.peak_bytes if hasattr(gm, "memory_plan")
-                    else fxsketch.plan(model, example, loss_fn=loss_fn).timeline.peak_bytes,
-                    param_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
-                    input_bytes=example[0].numel() * example[0].element_size(),
-                    decisions=dec, plan_seconds=t_plan)
+        head = dict(H.measure_step(gm, model, example, loss_fn), decisions=dec, plan_seconds=t_plan)
         if setting is None:
-            act = head["measured_peak"] - 2 * head["param_bytes"] - head["input_bytes"]
+            act = H.activation_bytes(head)
             budget_4x = 2 * head["param_bytes"] + head["input_bytes"] + act / 4
             head["budget_4x"] = int(budget_4x)
             print(f"exact: measured peak {mib(head['measured_peak'])} MiB, activation {mib(act)} MiB, "
@@ -204,50 +190,21 @@ def main(argv=None):
                   f"{mib(head['predicted_peak'])} MiB, plan {t_plan:.0f} s; {dec_text(dec)}", file=sys.stderr)
         runs = []
         for seed in range(args.seeds):
-            torch.manual_seed(seed)
-            init = make_model().state_dict()
-            model.load_state_dict(init)  # gm shares model's parameter and buffer objects
-            g = torch.Generator().manual_seed(1000 + seed)
+            model.load_state_dict(H.seeded_model(make_model, seed).state_dict())  # gm shares model's tensors
             if args.opt == "adam":
                 opt = torch.optim.Adam(model.parameters(), lr=args.lr)
             else:
                 opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * steps)
-            losses, accs = [], []
-            t0 = time.time()
-            for epoch in range(args.epochs):
-                perm = torch.randperm(len(xtr), generator=g)
-                tot = 0.0
-                for i in range(steps):
-                    idx = perm[i * BATCH:(i + 1) * BATCH]
-                    cur_y["y"] = ytr[idx]
-                    loss = F.cross_entropy(gm(xtr[idx]), ytr[idx])
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    sched.step()
-                    tot += float(loss.detach())
-                losses.append(tot / steps)
-                accs.append(evaluate(model, xte, yte))
-            rec = dict(seed=seed, losses=losses, accs=accs, final_acc=accs[-1], seconds=time.time() - t0)
+            rec = dict(seed=seed, **H.train(name, seed, gm, model, opt, data, F.cross_entropy, ACCURACY,
+                                            epochs=args.epochs, batch=BATCH, sched=sched, target=cur_y))
             if seed == 0:
                 rec.update(head)
             runs.append(rec)
-            print(f"{name} seed {seed}: acc {accs[-1]:.2f} loss {losses[-1]:.4f} ({rec['seconds']:.0f} s)",
-                  file=sys.stderr)
         results[name] = dict(runs=runs)
     print(f"total {time.time() - t_all:.0f} s", file=sys.stderr)
-    print(table(results))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    plot(results, out / "digits_curves.png")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+    H.report(results, args, ACCURACY, COLUMNS, "digits_curves.png", "digits", loss_scale="log")
     return results
-
-
-def dec_text(dec) -> str:
-    return "; ".join(f"{d['node']}:{d['option']}({d['detail']})" for d in dec) or "-"
 
 
 def probe_noise_text(dec) -> str:
@@ -257,50 +214,8 @@ def probe_noise_text(dec) -> str:
     return ", ".join(pr) or "-"
 
 
-def mib(b):
-    return f"{b / 2**20:.2f}"
-
-
-def table(results) -> str:
-    head = ("| setting | test acc. % (mean ± std) | measured peak MiB | predicted peak MiB | "
-            "activation MiB | act. reduction vs exact | probed layers: probe/SGD noise | plan |")
-    lines = [head, "|" + "---|" * 8]
-    base = results["exact"]["runs"][0]
-    act_exact = base["measured_peak"] - 2 * base["param_bytes"] - base["input_bytes"]
-    for name, r in results.items():
-        if "error" in r:
-            lines.append(f"| {name} | failed: {r['error']} | | | | | | |")
-            continue
-        accs = [x["final_acc"] for x in r["runs"]]
-        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        s0 = r["runs"][0]
-        act = s0["measured_peak"] - 2 * s0["param_bytes"] - s0["input_bytes"]
-        ratio_txt = probe_noise_text(s0["decisions"])
-        lines.append(f"| {name} | {statistics.mean(accs):.2f} ± {sd:.2f} (n={len(accs)}) | "
-                     f"{mib(s0['measured_peak'])} | {mib(s0['predicted_peak'])} | {mib(act)} | "
-                     f"{act_exact / act:.2f}x | {ratio_txt} | {dec_text(s0['decisions'])} |")
-    return "\n".join(lines)
-
-
-def plot(results, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, r in results.items():
-        if "error" in r:
-            continue
-        losses = torch.tensor([x["losses"] for x in r["runs"]])
-        accs = torch.tensor([x["accs"] for x in r["runs"]])
-        ep = range(1, losses.shape[1] + 1)
-        a.plot(ep, losses.mean(0), label=name)
-        b.plot(ep, accs.mean(0), label=name)
-    a.set(xlabel="epoch", ylabel="train loss (mean over seeds)", yscale="log", title="digits: training loss")
-    b.set(xlabel="epoch", ylabel="test accuracy % (mean over seeds)", title="digits: test accuracy")
-    b.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+COLUMNS = [("probed layers: probe/SGD noise", lambda s0: probe_noise_text(s0["decisions"])),
+           ("plan", lambda s0: dec_text(s0["decisions"]))]
 
 
 if __name__ == "__main__":

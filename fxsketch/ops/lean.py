@@ -6,15 +6,24 @@
   dtype that holds the window size (uint8 up to 256 window elements), not int64 flat indices.
 
 Freeing the activation is the point: a probed conv after a lean ReLU lets the ReLU output die.
+
+The work of each direction is a torch custom op (``fxsketch::lean_relu``, ``lean_relu_inplace``,
+``lean_relu_backward``, ``lean_max_pool``, ``lean_max_pool_backward``), so fake tensors and
+``torch.compile`` see one op with a shape function instead of the packing and index arithmetic;
+the backward ops are attached with ``register_autograd`` (an autograd.Function for in place).
 """
 from __future__ import annotations
 
 import math
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from ._args import per_axis
+
 __all__ = ["lean_relu", "lean_leaky_relu", "lean_max_pool", "pack_bits", "unpack_bits"]
+
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Pack a bool tensor into uint8, 8 elements per byte (element i -> bit i % 8 of byte i // 8).
@@ -40,31 +49,84 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     return bits.view(-1)[:numel].bool()
 
 
-class _LeanReLU(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, negative_slope, inplace):
-        # Mask from the input before any in-place write; matches torch's rules at 0 and NaN:
-        # relu passes the gradient where not (out <= 0), leaky_relu where x > 0.
-        if negative_slope is None:
-            keep = ~(x <= 0)
-            out = x.relu_() if inplace else torch.relu(x)
-        else:
-            keep = x > 0
-            out = F.leaky_relu(x, negative_slope, inplace=inplace)
-        if inplace:
-            ctx.mark_dirty(x)
-        ctx.shape, ctx.slope = x.shape, negative_slope
-        ctx.save_for_backward(pack_bits(keep))
-        return out
+def _keep(x: torch.Tensor, negative_slope: Optional[float]) -> torch.Tensor:
+    """Where the gradient passes, by torch's rules at 0 and NaN: relu passes it where not
+    (out <= 0), leaky_relu where x > 0; taken from the input before any in-place write."""
+    return ~(x <= 0) if negative_slope is None else x > 0
+
+
+def _op(name: str, impl, mutates_args=()):
+    """Register ``impl`` as the custom op ``fxsketch::name`` and as its own fake implementation:
+    it is plain tensor ops reading no values, so on fake tensors it allocates exactly the
+    temporaries the real op does, and a plan sees them (no hand-written workspace estimate)."""
+    op = torch.library.custom_op(f"fxsketch::{name}", impl, mutates_args=mutates_args)
+    op.register_fake(impl)
+    return op
+
+
+def _relu_op_impl(x: torch.Tensor, negative_slope: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(relu or leaky_relu of x, its packed gradient mask); ``negative_slope`` None means relu."""
+    out = torch.relu(x) if negative_slope is None else F.leaky_relu(x, negative_slope)
+    return out, pack_bits(_keep(x, negative_slope))
+
+
+_relu_op = _op("lean_relu", _relu_op_impl)
+
+
+def _relu_inplace_op_impl(x: torch.Tensor, negative_slope: Optional[float]) -> torch.Tensor:
+    """Applies relu or leaky_relu to x in place; returns only the packed gradient mask."""
+    mask = pack_bits(_keep(x, negative_slope))
+    if negative_slope is None:
+        x.relu_()
+    else:
+        F.leaky_relu_(x, negative_slope)
+    return mask
+
+
+_relu_inplace_op = _op("lean_relu_inplace", _relu_inplace_op_impl, mutates_args=("x",))
+
+
+def _relu_backward_op_impl(grad: torch.Tensor, mask: torch.Tensor, negative_slope: Optional[float]) -> torch.Tensor:
+    """grad where the mask is set, else 0 (relu) or negative_slope * grad (leaky_relu)."""
+    keep = unpack_bits(mask, grad.numel()).view(grad.shape)
+    other = torch.zeros((), dtype=grad.dtype, device=grad.device) if negative_slope is None else grad * negative_slope
+    return torch.where(keep, grad, other, out=torch.empty_like(grad))
+
+
+_relu_backward_op = _op("lean_relu_backward", _relu_backward_op_impl)
+
+
+def _relu_setup(ctx, inputs, output):
+    ctx.slope = inputs[1]
+    ctx.save_for_backward(output[1])
+
+
+def _relu_backward(ctx, grad, *_):
+    (mask,) = ctx.saved_tensors
+    return _relu_backward_op(grad, mask, ctx.slope), None
+
+
+_relu_op.register_autograd(_relu_backward, setup_context=_relu_setup)
+
+
+class _LeanReLUInplace(torch.autograd.Function):
+    """The in-place variant: a mutating custom op cannot take register_autograd, and
+    mark_dirty gives torch's in-place rules (version counter, leaves refused)."""
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        (packed,) = ctx.saved_tensors
-        keep = unpack_bits(packed, math.prod(ctx.shape)).view(ctx.shape)
-        if ctx.slope is None:
-            return torch.where(keep, grad, torch.zeros((), dtype=grad.dtype, device=grad.device)), None, None
-        return torch.where(keep, grad, grad * ctx.slope), None, None
+    def forward(ctx, x, negative_slope):
+        mask = _relu_inplace_op(x, negative_slope)
+        ctx.mark_dirty(x)
+        _relu_setup(ctx, (x, negative_slope), (x, mask))
+        return x
+
+    backward = staticmethod(torch.autograd.function.once_differentiable(_relu_backward))
+
+
+def _lean_relu(x, negative_slope, inplace):
+    if inplace:
+        return _LeanReLUInplace.apply(x, negative_slope)
+    return _relu_op(x, negative_slope)[0]
 
 
 def lean_relu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
@@ -73,12 +135,12 @@ def lean_relu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     >>> lean_relu(torch.tensor([-1.0, 2.0]))
     tensor([0., 2.])
     """
-    return _LeanReLU.apply(x, None, bool(inplace))
+    return _lean_relu(x, None, bool(inplace))
 
 
 def lean_leaky_relu(x: torch.Tensor, negative_slope: float = 0.01, inplace: bool = False) -> torch.Tensor:
     """``F.leaky_relu`` that saves a 1-bit mask; any slope works in place (the mask comes from x)."""
-    return _LeanReLU.apply(x, float(negative_slope), bool(inplace))
+    return _lean_relu(x, float(negative_slope), bool(inplace))
 
 
 def _offset_dtype(window: int) -> torch.dtype:
@@ -88,18 +150,19 @@ def _offset_dtype(window: int) -> torch.dtype:
     return torch.int16 if window <= 2**15 else torch.int32
 
 
-def _axes(out_shape, geo):
+def _axes(out_shape, stride, padding):
     """Per-axis window starts (broadcastable over the output spatial shape)."""
     d = len(out_shape)
     starts = []
     for a in range(d):
         shape = [1] * d
         shape[a] = out_shape[a]
-        starts.append((torch.arange(out_shape[a]) * geo["stride"][a] - geo["padding"][a]).view(shape))
+        starts.append((torch.arange(out_shape[a]) * stride[a] - padding[a]).view(shape))
     return starts
 
 
 _CHUNK = 1 << 14  # at least this many elements per chunk (fewer Python steps on small tensors)
+_POOL_FN = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
 
 def _batch_chunks(n: int, per_sample: int):
@@ -108,72 +171,84 @@ def _batch_chunks(n: int, per_sample: int):
     return [slice(i, min(n, i + step)) for i in range(0, n, step)]
 
 
-class _LeanMaxPool(torch.autograd.Function):
-    """Max-pool that saves, per output, the argmax's offset inside its window (uint8 for windows
-    of up to 256 elements) instead of the input and int64 indices. Works in batch chunks so the
-    int64 temporaries stay small."""
-
-    @staticmethod
-    def forward(ctx, x, kernel, stride, padding, dilation, ceil_mode):
-        d = len(kernel)
-        fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[d]
-        geo = {"kernel": kernel, "stride": stride, "padding": padding, "dilation": dilation}
-        in_sp = x.shape[2:]
-        out = offset = None
-        for sl in _batch_chunks(x.shape[0], math.prod(x.shape[1:])):
-            o, idx = fn(x[sl], kernel, stride, padding, dilation, ceil_mode, return_indices=True)
-            if out is None:
-                out = x.new_empty((x.shape[0],) + o.shape[1:])
-                offset = torch.empty(out.shape, dtype=_offset_dtype(math.prod(kernel)), device=x.device)
-            out[sl] = o
-            # flat plane index -> per-axis coordinate -> offset inside the window, ravelled
-            off = torch.zeros_like(idx)
-            rest = idx
-            coords = []
-            for a in reversed(range(d)):
-                coords.append(rest % in_sp[a])
-                rest = rest // in_sp[a]
-            coords.reverse()
-            for a, start in enumerate(_axes(out.shape[2:], geo)):
-                off = off * kernel[a] + (coords[a] - start.to(idx.device)) // dilation[a]
-            offset[sl] = off
-        ctx.geo, ctx.in_shape = geo, x.shape
-        ctx.save_for_backward(offset)
-        return out
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        (offset,) = ctx.saved_tensors
-        geo, in_shape = ctx.geo, ctx.in_shape
-        in_sp, out_sp, kernel = in_shape[2:], grad.shape[2:], geo["kernel"]
-        n, c = in_shape[:2]
-        dx = torch.zeros(n, c, math.prod(in_sp), dtype=grad.dtype, device=grad.device)
-        starts = [s.to(grad.device) for s in _axes(out_sp, geo)]
-        for sl in _batch_chunks(n, math.prod(grad.shape[1:])):
-            rest = offset[sl].long()
-            offs = []
-            for a in reversed(range(len(kernel))):
-                offs.append(rest % kernel[a])
-                rest = rest // kernel[a]
-            offs.reverse()
-            flat = torch.zeros((), dtype=torch.int64, device=grad.device)
-            for a, start in enumerate(starts):
-                flat = flat * in_sp[a] + start + offs[a] * geo["dilation"][a]
-            m = flat.shape[0]
-            dx[sl].scatter_add_(2, flat.reshape(m, c, -1), grad[sl].reshape(m, c, -1))
-        return dx.view(in_shape), None, None, None, None, None
+def _pool_shape(x_shape, kernel, stride, padding, dilation, ceil_mode) -> list[int]:
+    """Output shape by torch's rule: with ceil_mode the last window must start inside the input
+    or its left padding. Shared by the real and the fake op, so the two always agree."""
+    out = list(x_shape[:2])
+    for size, k, s, p, dl in zip(x_shape[2:], kernel, stride, padding, dilation):
+        n = (size + 2 * p - dl * (k - 1) - 1 + (s - 1 if ceil_mode else 0)) // s + 1
+        if ceil_mode and (n - 1) * s >= size + p:
+            n -= 1
+        out.append(n)
+    return out
 
 
-def _tuple(v, d, name):
-    if isinstance(v, int):
-        return (v,) * d
-    v = tuple(int(i) for i in v)
-    if len(v) == 1:
-        return v * d
-    if len(v) != d:
-        raise ValueError(f"{name} must be an int or a tuple of {d} ints, got {v}")
-    return v
+def _max_pool_op_impl(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                 dilation: Sequence[int], ceil_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max-pool of a batched x, each output's argmax offset inside its window, ravelled), in
+    batch chunks so that torch's int64 indices stay small."""
+    d, in_sp = len(kernel), x.shape[2:]
+    out = x.new_empty(_pool_shape(x.shape, kernel, stride, padding, dilation, ceil_mode))
+    offset = torch.empty(out.shape, dtype=_offset_dtype(math.prod(kernel)), device=x.device)
+    starts = [s.to(x.device) for s in _axes(out.shape[2:], stride, padding)]
+    for sl in _batch_chunks(x.shape[0], math.prod(x.shape[1:])):
+        o, idx = _POOL_FN[d](x[sl], kernel, stride, padding, dilation, ceil_mode, return_indices=True)
+        out[sl] = o
+        # flat plane index -> per-axis coordinate -> offset inside the window, ravelled
+        off = torch.zeros_like(idx)
+        rest = idx
+        coords = []
+        for a in reversed(range(d)):
+            coords.append(rest % in_sp[a])
+            rest = rest // in_sp[a]
+        coords.reverse()
+        for a, start in enumerate(starts):
+            off = off * kernel[a] + (coords[a] - start) // dilation[a]
+        offset[sl] = off
+    return out, offset
+
+
+_max_pool_op = _op("lean_max_pool", _max_pool_op_impl)
+
+
+def _max_pool_backward_op_impl(grad: torch.Tensor, offset: torch.Tensor, in_shape: Sequence[int],
+                          kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                          dilation: Sequence[int]) -> torch.Tensor:
+    """The input gradient (``in_shape``): each output's gradient added at its window offset."""
+    in_sp = in_shape[2:]
+    n, c = in_shape[:2]
+    dx = torch.zeros(n, c, math.prod(in_sp), dtype=grad.dtype, device=grad.device)
+    starts = [s.to(grad.device) for s in _axes(grad.shape[2:], stride, padding)]
+    for sl in _batch_chunks(n, math.prod(grad.shape[1:])):
+        rest = offset[sl].long()
+        offs = []
+        for a in reversed(range(len(kernel))):
+            offs.append(rest % kernel[a])
+            rest = rest // kernel[a]
+        offs.reverse()
+        flat = torch.zeros((), dtype=torch.int64, device=grad.device)
+        for a, start in enumerate(starts):
+            flat = flat * in_sp[a] + start + offs[a] * dilation[a]
+        m = flat.shape[0]
+        dx[sl].scatter_add_(2, flat.reshape(m, c, -1), grad[sl].reshape(m, c, -1))
+    return dx.view(in_shape)
+
+
+_max_pool_backward_op = _op("lean_max_pool_backward", _max_pool_backward_op_impl)
+
+
+def _max_pool_setup(ctx, inputs, output):
+    x, kernel, stride, padding, dilation, _ = inputs
+    ctx.args, ctx.in_shape = (kernel, stride, padding, dilation), tuple(x.shape)
+    ctx.save_for_backward(output[1])
+
+
+def _max_pool_backward(ctx, grad, _grad_offset):
+    (offset,) = ctx.saved_tensors
+    return _max_pool_backward_op(grad, offset, ctx.in_shape, *ctx.args), None, None, None, None, None
+
+
+_max_pool_op.register_autograd(_max_pool_backward, setup_context=_max_pool_setup)
 
 
 def lean_max_pool(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
@@ -196,10 +271,10 @@ def lean_max_pool(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=
         raise ValueError(f"kernel_size must have 1, 2 or 3 entries (1d/2d/3d pooling), got {kernel_size}")
     if x.dim() not in (d + 1, d + 2):
         raise ValueError(f"a {d}d max pool needs input of {d + 2} dims (or {d + 1} unbatched), got {tuple(x.shape)}")
-    kernel = _tuple(kernel_size, d, "kernel_size")
-    stride = kernel if stride is None or stride == [] or stride == () else _tuple(stride, d, "stride")
+    kernel = per_axis(kernel_size, d, "kernel_size")
+    stride = kernel if stride is None or stride == [] or stride == () else per_axis(stride, d, "stride")
     unbatched = x.dim() == d + 1
     xb = x.unsqueeze(0) if unbatched else x
-    out = _LeanMaxPool.apply(xb, kernel, stride, _tuple(padding, d, "padding"),
-                             _tuple(dilation, d, "dilation"), bool(ceil_mode))
+    out, _ = _max_pool_op(xb, kernel, stride, per_axis(padding, d, "padding"),
+                          per_axis(dilation, d, "dilation"), bool(ceil_mode))
     return out.squeeze(0) if unbatched else out

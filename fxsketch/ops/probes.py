@@ -39,7 +39,6 @@ from __future__ import annotations
 import math
 
 import torch
-from torch._subclasses.fake_tensor import is_fake
 
 __all__ = [
     "PROBES",
@@ -112,7 +111,7 @@ def probe_buckets_and_values(seed: int, positions: torch.Tensor, rank: int, prob
     """
     check_rank_mode_probe(rank, "spatial", probe)
     q = torch.as_tensor(positions, dtype=torch.int64, device=device)
-    if q.numel() and not is_fake(q) and int(q.max()) > _M32:  # fake tensors (planning) have no values
+    if q.numel() and int(q.max()) > _M32:
         raise ValueError(f"probe positions must be below 2**32, got {int(q.max())}: "
                          "sketch fewer positions per sample (use mode='spatial')")
     if probe == "orthogonal":

@@ -1,12 +1,12 @@
 """Fused Triton kernels for the probed convolution: the sketch (forward) and the dW estimate (backward).
 
-Drop-in replacements for the torch reference in :mod:`fxsketch.ops.probed_conv` (same arguments,
+Drop-in replacements for the torch reference in :mod:`fxsketch.ops.probed` (same arguments,
 same results within float tolerance for the same seed):
 
-* :func:`sketch_triton` ~ ``probed_conv.sketch``: Xbar = Z^T X, one read of X. Each program
+* :func:`sketch_triton` ~ ``probed.sketch``: Xbar = Z^T X, one read of X. Each program
   loads a tile of rows x positions, hashes each position to (bucket, value) *in the kernel*
   (no probe tensor exists in memory) and atomically adds x * value into out[row, bucket] (fp32).
-* :func:`dw_spatial_triton` ~ ``probed_conv.dw_spatial``: one kernel reads dY once; for every
+* :func:`dw_spatial_triton` ~ ``probed.dw_spatial``: one kernel reads dY once; for every
   output position p and kernel tap k it forms the unpadded input position q = stride*p +
   dilation*k - pad_left per axis (skipped where it falls in the padding), hashes q and atomically
   adds dY * value into B[o, k, n, bucket]. Then dW[o, c, k] = sum_{n, j} B[o, k, n, j] Xbar[n, c, j]
@@ -28,6 +28,7 @@ import os
 
 import torch
 
+from .probed import _chunk, exact_weight_grad
 from .probes import _S_BUCKET, _S_SHIFT, _S_VALUE, _S_VALUE2, check_rank_mode_probe, stream_key
 
 __all__ = [
@@ -49,10 +50,10 @@ except Exception:  # ImportError, or a triton that fails to load its backend
     HAS_TRITON = False
 
 # triton.jit picks interpreter or compiler when a kernel is decorated. The kernels below are
-# decorated on first use (see _build), so importing this module early (e.g. from probed_conv)
+# decorated on first use (see _build), so importing this module early (e.g. from ops.conv)
 # does not fix the mode before a test sets TRITON_INTERPRET; once built, the mode is fixed.
 _BUILT_INTERPRET: bool | None = None
-_KERNELS = ("_mix32", "_probe", "_sketch_kernel", "_dw_scatter_kernel", "_reconstruct_kernel")
+_KERNELS = ("_mix32", "_probe", "_tile", "_sketch_kernel", "_dw_scatter_kernel", "_reconstruct_kernel")
 
 
 def _stdlib_interpreted() -> bool:
@@ -127,7 +128,7 @@ def _require(device) -> None:
                f"tensors are on {torch.device(device).type}; the kernels need CUDA, or CPU tensors "
                "with TRITON_INTERPRET=1 set before triton is first imported")
         raise RuntimeError(f"fxsketch Triton kernels unavailable: {why}; use the torch reference "
-                           "in fxsketch.ops.probed_conv instead")
+                           "in fxsketch.ops.probed instead")
     _build()
 
 
@@ -139,11 +140,20 @@ def _pow2(n: int, cap: int) -> int:
     return max(1, min(cap, triton.next_power_of_2(max(1, int(n)))))
 
 
-def _launch_sizes(rows: int, cols: int, device) -> tuple[int, int]:
-    """(BLOCK_R, BLOCK_C) for a rows x cols tile; large tiles in the interpreter (fewer programs)."""
+def _launch(rows: int, cols: int, device) -> tuple[tuple[int], dict]:
+    """Grid and tile sizes (the BLOCK_R, BLOCK_C keyword arguments) of a rows x cols problem;
+    large tiles in the interpreter (fewer programs)."""
     block_c = _pow2(cols, 1024)
     block_r = _pow2(rows, max(1, (8192 if device.type == "cpu" else 4096) // block_c))
-    return block_r, block_c
+    return (triton.cdiv(rows, block_r) * triton.cdiv(cols, block_c),), dict(BLOCK_R=block_r, BLOCK_C=block_c)
+
+
+def _rows_cols(n: int, c: int, p: int, mode: str) -> tuple[bool, int, int]:
+    """(channel mode?, rows, columns) of the sketch problem; the column is the hashed position."""
+    channel = mode == "channel"
+    rows, cols = (n, c * p) if channel else (n * c, p)
+    _check_positions(cols)
+    return channel, rows, cols
 
 
 if HAS_TRITON:
@@ -176,16 +186,21 @@ if HAS_TRITON:
             value = 1.0 - 2.0 * (u >> 31).to(tl.float32)
         return bucket.to(tl.int32), value
 
+    def _tile(L, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+        # this program's rows and columns (int64) of a (rows x L) problem cut into BLOCK_R x BLOCK_C tiles
+        pid = tl.program_id(0)
+        n_col_blocks = tl.cdiv(L, BLOCK_C)
+        rows = (pid // n_col_blocks).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
+        cols = (pid % n_col_blocks).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+        return rows, cols
+
     def _sketch_kernel(x_ptr, out_ptr, R, L, C, P, sN, sC, sP, rank,
                        key_b, key_v, key_v2, key_s,
                        PROBE: tl.constexpr, CHANNEL: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         # Rows x columns of the sketch problem: spatial mode rows = (n, c), columns = pixel p;
         # channel mode rows = n, columns = c * P + p. The column is the hashed position.
-        pid = tl.program_id(0)
-        n_col_blocks = tl.cdiv(L, BLOCK_C)
-        rows = (pid // n_col_blocks).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-        cols = (pid % n_col_blocks).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+        rows, cols = _tile(L, BLOCK_R, BLOCK_C)
         rmask = rows < R
         cmask = cols < L
         if CHANNEL:
@@ -205,10 +220,7 @@ if HAS_TRITON:
                            PROBE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         # dY viewed (NB * O, P_out) contiguous; B laid out (O, K_hi - K_lo, NB, rank) so the GEMM
         # reads it as (O * K, NB * rank) with no copy. Spatial axes padded to 3 (leading 1s).
-        pid = tl.program_id(0)
-        n_col_blocks = tl.cdiv(P_out, BLOCK_C)
-        rows = (pid // n_col_blocks).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-        p = (pid % n_col_blocks).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+        rows, p = _tile(P_out, BLOCK_R, BLOCK_C)
         rmask = rows < R
         pmask = p < P_out
         dy = tl.load(dy_ptr + rows[:, None] * P_out + p[None, :],
@@ -238,10 +250,7 @@ if HAS_TRITON:
                             PROBE: tl.constexpr, CHANNEL: tl.constexpr,
                             BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
         # out (R, L) fp32 = xbar[row, bucket(col)] * value(col); same row/column split as the sketch.
-        pid = tl.program_id(0)
-        n_col_blocks = tl.cdiv(L, BLOCK_C)
-        rows = (pid // n_col_blocks).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R).to(tl.int64)
-        cols = (pid % n_col_blocks).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C).to(tl.int64)
+        rows, cols = _tile(L, BLOCK_R, BLOCK_C)
         mask = (rows < R)[:, None] & (cols < L)[None, :]
         bucket, value = _probe(cols, rank, key_b, key_v, key_v2, key_s, PROBE)
         xb = tl.load(xbar_ptr + rows[:, None] * rank + bucket[None, :], mask=mask, other=0.0)
@@ -264,7 +273,7 @@ def _as_ncp(x: torch.Tensor) -> torch.Tensor:
 
 
 def sketch_triton(x: torch.Tensor, seed: int, rank: int, mode: str, probe: str) -> torch.Tensor:
-    """Xbar = Z^T X like ``probed_conv.sketch`` (same seed, same result), fp32 accumulation.
+    """Xbar = Z^T X like ``probed.sketch`` (same seed, same result), fp32 accumulation.
 
     Returns (N, C, rank) in spatial mode, (N, rank) in channel mode, in x's dtype.
     """
@@ -272,16 +281,12 @@ def sketch_triton(x: torch.Tensor, seed: int, rank: int, mode: str, probe: str) 
     _require(x.device)
     x3 = _as_ncp(x)
     n, c, p = x3.shape
-    channel = mode == "channel"
-    rows, cols = (n, c * p) if channel else (n * c, p)
-    _check_positions(cols)
+    channel, rows, cols = _rows_cols(n, c, p, mode)
     out = torch.zeros(rows, rank, dtype=torch.float32, device=x.device)
     if x.numel():
-        block_r, block_c = _launch_sizes(rows, cols, x.device)
-        grid = (triton.cdiv(rows, block_r) * triton.cdiv(cols, block_c),)
+        grid, blocks = _launch(rows, cols, x.device)
         _sketch_kernel[grid](x3, out, rows, cols, c, p, *x3.stride(), rank, *_keys(seed),
-                             PROBE=_PROBE_ID[probe], CHANNEL=channel,
-                             BLOCK_R=block_r, BLOCK_C=block_c)
+                             PROBE=_PROBE_ID[probe], CHANNEL=channel, **blocks)
     out = out.view(n, rank) if channel else out.view(n, c, rank)
     return out.to(x.dtype)
 
@@ -292,7 +297,7 @@ def _pad3(values, fill) -> list[int]:
 
 
 def dw_spatial_triton(dy, xbar, seed, rank, probe, in_spatial, weight_shape, geo) -> torch.Tensor:
-    """Estimate dW (fp32) from dY and a spatial-mode sketch, like ``probed_conv.dw_spatial``.
+    """Estimate dW (fp32) from dY and a spatial-mode sketch, like ``probed.dw_spatial``.
 
     dY is read once per chunk of samples and taps (once in all when B for the whole batch fits
     in ``B_CHUNK_ELEMS`` fp32 elements); the probes are regenerated in the kernel.
@@ -326,11 +331,9 @@ def dw_spatial_triton(dy, xbar, seed, rank, probe, in_spatial, weight_shape, geo
             k_hi = min(taps, k_lo + step_k)
             b = torch.zeros(o, k_hi - k_lo, nb, rank, dtype=torch.float32, device=dy.device)
             rows = nb * o
-            block_r, block_c = _launch_sizes(rows, pixels_out, dy.device)
-            grid = (triton.cdiv(rows, block_r) * triton.cdiv(pixels_out, block_c),)
+            grid, blocks = _launch(rows, pixels_out, dy.device)
             _dw_scatter_kernel[grid](dy_chunk, b, rows, o, nb, pixels_out, k_lo, k_hi, rank,
-                                     *geom, *keys, PROBE=_PROBE_ID[probe],
-                                     BLOCK_R=block_r, BLOCK_C=block_c)
+                                     *geom, *keys, PROBE=_PROBE_ID[probe], **blocks)
             # (g, og * taps_chunk, nb * rank) @ (g, nb * rank, cg) -> (g, og, taps_chunk, cg)
             part = torch.matmul(b.view(g, og * (k_hi - k_lo), nb * rank), xb)
             dw[..., k_lo:k_hi] += part.view(g, og, k_hi - k_lo, cg).transpose(2, 3)
@@ -338,30 +341,24 @@ def dw_spatial_triton(dy, xbar, seed, rank, probe, in_spatial, weight_shape, geo
 
 
 def reconstruct_triton(xbar, seed, rank, mode, probe, x_shape, n_slice=slice(None)) -> torch.Tensor:
-    """Xhat = Z Z^T X (fp32) for the samples in ``n_slice``, like ``probed_conv.reconstruct``."""
+    """Xhat = Z Z^T X (fp32) for the samples in ``n_slice``, like ``probed.reconstruct``."""
     check_rank_mode_probe(rank, mode, probe)
     _require(xbar.device)
     xb = xbar[n_slice].contiguous()
     n, c = xb.shape[0], int(x_shape[1])
     p = math.prod(x_shape[2:])
-    channel = mode == "channel"
-    rows, cols = (n, c * p) if channel else (n * c, p)
-    _check_positions(cols)
+    channel, rows, cols = _rows_cols(n, c, p, mode)
     out = torch.empty(rows, cols, dtype=torch.float32, device=xbar.device)
     if out.numel():
-        block_r, block_c = _launch_sizes(rows, cols, xbar.device)
-        grid = (triton.cdiv(rows, block_r) * triton.cdiv(cols, block_c),)
+        grid, blocks = _launch(rows, cols, xbar.device)
         _reconstruct_kernel[grid](xb, out, rows, cols, c, p, rank, *_keys(seed),
-                                  PROBE=_PROBE_ID[probe], CHANNEL=channel,
-                                  BLOCK_R=block_r, BLOCK_C=block_c)
+                                  PROBE=_PROBE_ID[probe], CHANNEL=channel, **blocks)
     return out.view(n, *x_shape[1:])
 
 
 def dw_channel_triton(dy, xbar, seed, rank, probe, x_shape, weight_shape, geo) -> torch.Tensor:
-    """Estimate dW (fp32) in channel mode like ``probed_conv.dw_channel``: Xhat is generated in
+    """Estimate dW (fp32) in channel mode like ``probed.dw_channel``: Xhat is generated in
     batch chunks by :func:`reconstruct_triton` (no probe tensor) and fed to torch's exact wgrad."""
-    from .probed_conv import _chunk, exact_weight_grad
-
     n = x_shape[0]
     dw = torch.zeros(weight_shape, dtype=torch.float32, device=dy.device)
     step = _chunk(n, math.prod(x_shape[1:]))

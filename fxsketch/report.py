@@ -4,7 +4,6 @@ Renderers only format what the data holds; nothing is recomputed here.
 """
 from __future__ import annotations
 
-import enum
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,23 +14,48 @@ from .units import format_bytes
 __all__ = ["Option", "Decision", "NodeRow", "TimelineData", "MemoryPlan"]
 
 
-class Option(enum.Enum):
-    KEEP = "keep"
-    PROBE = "probe"
-    LEAN = "lean"
-    RECOMPUTE = "recompute"
+class Option(str):
+    """The name of an option kind; one object per name, so ``d.option is Option.PROBE`` works for
+    the built-in kinds and ``Option("mine")`` for a kind registered later.
+
+    >>> Option("probe") is Option.PROBE, Option.PROBE.value
+    (True, 'probe')
+    """
+
+    _interned: dict[str, "Option"] = {}
+
+    def __new__(cls, name: str) -> "Option":
+        name = str(name)
+        if name not in cls._interned:
+            cls._interned[name] = super().__new__(cls, name)
+        return cls._interned[name]
+
+    @property
+    def value(self) -> str:
+        return str(self)
+
+    def __repr__(self) -> str:
+        return f"Option({str(self)!r})"
+
+    def __reduce__(self):
+        return (Option, (str(self),))
+
+
+Option.KEEP, Option.PROBE, Option.LEAN, Option.RECOMPUTE = (Option(k) for k in ("keep", "probe", "lean", "recompute"))
 
 
 @dataclass(frozen=True)
 class Decision:
     """What the planner chose for one node."""
 
-    node: str
+    node: str                     # the node of the model's graph, or "first..last" of a segment
     option: Option
     detail: str = ""              # e.g. "spatial, r=64 (1/16 of X)" or "segment bn1..relu"
-    freed_bytes: int = 0          # drop of the predicted peak when this choice is added last
+    freed_bytes: int = 0          # at the predicted peak step of the rewritten graph: what the
+                                  # node(s) would hold there without this choice, minus what it holds
     extra_time: float = 0.0       # estimated extra step time, fraction of the step
     grad_noise: float = 0.0       # probe noise / SGD noise of this layer's dW (0 if exact)
+    rewritten: str = ""           # the node that stands for it in the rewritten graph
 
 
 @dataclass(frozen=True)
@@ -75,6 +99,12 @@ class MemoryPlan:
     decisions: tuple[Decision, ...] = ()
     budget_bytes: int | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    cost_estimator: str = ""      # how extra time was estimated: "measured" | "roofline" | ""
+
+    @property
+    def extra_time(self) -> float:
+        """Estimated extra step time of all decisions together (fraction of the step)."""
+        return sum(d.extra_time for d in self.decisions)
 
     @property
     def baseline_peak_bytes(self) -> int:
@@ -103,6 +133,7 @@ class MemoryPlan:
         for tl in ("baseline", "timeline"):
             d[tl]["steps"] = [list(s) for s in d[tl]["steps"]]
         d["decisions"] = [{**asdict(x), "option": x.option.value} for x in self.decisions]
+        d["extra_time"] = self.extra_time
         d["baseline_peak_bytes"] = self.baseline_peak_bytes
         d["peak_bytes"] = self.peak_bytes
         d["peak_node"] = self.peak_node
@@ -124,10 +155,12 @@ class MemoryPlan:
             f"  predicted peak    {format_bytes(self.peak_bytes):>12}  at step {self.peak_step} "
             f"({self.peak_node})",
         ]
-        if self.decisions or self.peak_bytes != self.baseline_peak_bytes:
+        if self.decisions:
             ratio = self.baseline_peak_bytes / max(self.peak_bytes, 1)
             lines.append(f"  unmodified peak   {format_bytes(self.baseline_peak_bytes):>12}  "
                          f"({ratio:.2f}x lower after planning)")
+            lines.append(f"  extra step time   {100 * self.extra_time:>11.1f}%  estimated "
+                         f"({self.cost_estimator or 'roofline'}), {len(self.decisions)} decisions")
         if self.budget_bytes is not None:
             lines.append(f"  budget            {format_bytes(self.budget_bytes):>12}")
         lines.append("  at the peak:  " + ",  ".join(f"{k} {format_bytes(v)}" for k, v in b.items()))

@@ -1,4 +1,4 @@
-"""probed_conv: a convolution whose backward estimates dW from a small sketch of its input.
+"""The probed convolution's math, in plain torch: the sketch, the dW estimates, the geometry.
 
 Y = conv(X, W) needs X only for dW. The forward pass computes Y exactly with ``F.convNd``, and
 stores the sketch Xbar = Z^T X (see :mod:`fxsketch.ops.probes`) instead of X, plus an integer seed.
@@ -14,6 +14,10 @@ Spatial mode sums in the sketch domain: for each tap k, B_k[j, n, o] = sum_p dY[
 Z[q(p, k), j] (a scatter of dY into r buckets), then dW[:, :, k] = sum_{n, j} B_k * Xbar (a small
 matmul) — no tensor of X's size is ever rebuilt. Channel mode rebuilds Xhat in batch chunks and
 calls torch's exact weight gradient on it. Both keep transients to a few MiB per chunk.
+
+This module is the reference the Triton kernels are tested against and what the calibrator
+calls directly; the op itself, :func:`fxsketch.ops.probed_conv`, wraps these functions in torch
+custom ops (:mod:`fxsketch.ops.conv`).
 """
 from __future__ import annotations
 
@@ -22,17 +26,17 @@ import warnings
 from dataclasses import dataclass
 
 import torch
-from torch._subclasses.fake_tensor import is_fake, unset_fake_temporarily
 import torch.nn.functional as F
 
-from .probes import sketch_shape, check_rank_mode_probe, probe_buckets_and_values
-from .triton_kernels import dw_spatial_triton, sketch_triton, use_triton
+from ._args import per_axis
+from .probes import probe_buckets_and_values
 
-__all__ = ["probed_conv", "ConvGeometry", "conv_geometry"]
+__all__ = ["ConvGeometry", "conv_geometry", "sketch", "dw_spatial", "dw_channel", "reconstruct",
+           "exact_weight_grad", "tap_indices", "sketch_workspace_nbytes", "weight_grad_workspace_nbytes",
+           "workspace_nbytes"]
 
 # Target transient size (elements) of one chunk in forward and backward; at least one sample.
 CHUNK_ELEMS = 1 << 22
-_CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
 
 @dataclass(frozen=True)
@@ -50,17 +54,6 @@ class ConvGeometry:
         return self.pad_left == self.pad_right
 
 
-def _per_axis(value, d: int, name: str) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * d
-    value = tuple(int(v) for v in value)
-    if len(value) == 1:
-        return value * d
-    if len(value) != d:
-        raise ValueError(f"{name} must be an int or a tuple of {d} ints for a {d}d conv, got {value}")
-    return value
-
-
 def conv_geometry(weight_shape, stride, padding, dilation, groups) -> ConvGeometry:
     """Resolve F.convNd's (stride, padding, dilation) forms into per-axis explicit amounts.
 
@@ -68,7 +61,8 @@ def conv_geometry(weight_shape, stride, padding, dilation, groups) -> ConvGeomet
     ((1, 1), (1, 2))
     """
     d = len(weight_shape) - 2
-    stride, dilation = _per_axis(stride, d, "stride"), _per_axis(dilation, d, "dilation")
+    what = f" for a {d}d conv"
+    stride, dilation = per_axis(stride, d, "stride", what), per_axis(dilation, d, "dilation", what)
     if isinstance(padding, str):
         if padding == "valid":
             left = right = (0,) * d
@@ -80,7 +74,7 @@ def conv_geometry(weight_shape, stride, padding, dilation, groups) -> ConvGeomet
         else:
             raise ValueError(f"padding string must be 'same' or 'valid', got {padding!r}")
     else:
-        left = right = _per_axis(padding, d, "padding")
+        left = right = per_axis(padding, d, "padding", what)
     return ConvGeometry(stride, dilation, left, right, int(groups))
 
 
@@ -282,116 +276,45 @@ def _input_and_bias_grad(dy, x_shape, weight, has_bias, need_dx, need_db, geo):
     return dx, db
 
 
-def _draw_seed(generator=None) -> int:
-    """One integer from torch's RNG (or ``generator``). Drawn outside any fake-tensor mode, so the
-    op also runs while fxsketch plans on fake tensors."""
-    with unset_fake_temporarily():
-        return int(torch.randint(2**31 - 1, (), generator=generator).item())
+def sketch_workspace_nbytes(x_shape, rank: int, mode: str) -> int:
+    """Estimated peak bytes of the temporaries of :func:`sketch` (probe hashing, the CSR matrix,
+    the chunk's products), following its chunking: what the fake ``probe_sketch`` allocates."""
+    n, c = x_shape[:2]
+    p_in = math.prod(x_shape[2:])
+    if mode == "spatial":
+        step = _chunk(n, c * p_in, _transient_elems(n * c * p_in))
+        return max(48 * p_in, 12 * p_in + 8 * step * c * rank)
+    # channel mode: probe hashing over one channel block (48 B per position) and, per batch
+    # chunk, the fp32 rows x probe values
+    block = max(1, min(c, CHUNK_ELEMS // max(1, p_in))) * p_in
+    step = _chunk(n, block, _transient_elems(n * c * p_in))
+    return 48 * block + 8 * step * block
 
 
-def workspace_nbytes(x_shape, y_shape, weight_shape, rank: int, mode: str) -> tuple[int, int]:
-    """Estimated peak bytes of the temporaries of the forward sketch and of the dW estimate,
-    following the chunking above (probe hashing, CSR matrices, dY chunk, bucketed B). Used when
-    the op runs on fake tensors, so that fxsketch's plan sees the workspace the real op needs."""
+def weight_grad_workspace_nbytes(x_shape, y_shape, weight_shape, rank: int, mode: str) -> int:
+    """Estimated peak bytes of the temporaries of :func:`dw_spatial` / :func:`dw_channel`,
+    following their chunking: what the fake ``probe_weight_grad`` allocates."""
     n, c = x_shape[:2]
     o = y_shape[1]
     p_in, p_out = math.prod(x_shape[2:]), math.prod(y_shape[2:])
     taps = math.prod(weight_shape[2:])
     if mode == "spatial":
-        step = _chunk(n, c * p_in, _transient_elems(n * c * p_in))
-        fwd = max(48 * p_in, 12 * p_in + 8 * step * c * rank)
         budget = _transient_elems(n * o * p_out)
         step = _chunk(n, o * max(p_out, rank), budget)
         kb = max(1, min(taps, budget // max(1, rank * step * o, 22 * p_in)))
         # B, and einsum's contiguous copies of B and of the Xbar chunk, its bmm output, and the
         # dW accumulator (fp32) beside dY^T of the chunk
-        bwd = 32 * p_in + max(88 * kb * p_in, 20 * kb * p_in + 4 * step * o * p_out
-                              + 12 * kb * rank * step * o + 4 * step * c * rank
-                              + 4 * (kb + taps) * math.prod(weight_shape[:2]))
-        return fwd, bwd
-    # channel mode: probe hashing over one channel block (48 B per position) and, per batch
-    # chunk, the fp32 rows x probe values (forward) or Xhat, its gathered block and dY in fp32
+        return 32 * p_in + max(88 * kb * p_in, 20 * kb * p_in + 4 * step * o * p_out
+                               + 12 * kb * rank * step * o + 4 * step * c * rank
+                               + 4 * (kb + taps) * math.prod(weight_shape[:2]))
+    # channel mode: probe hashing over one channel block and, per batch chunk, Xhat, its
+    # gathered block and dY in fp32
     block = max(1, min(c, CHUNK_ELEMS // max(1, p_in))) * p_in
-    budget = _transient_elems(n * c * p_in)
-    step = _chunk(n, block, budget)
-    fwd = 48 * block + 8 * step * block
-    step = _chunk(n, c * p_in, budget)
-    bwd = 48 * block + 4 * step * (c * p_in + block + o * p_out) + 4 * math.prod(weight_shape)
-    return fwd, bwd
+    step = _chunk(n, c * p_in, _transient_elems(n * c * p_in))
+    return 48 * block + 4 * step * (c * p_in + block + o * p_out) + 4 * math.prod(weight_shape)
 
 
-def _fake_workspace(like: torch.Tensor, nbytes: int) -> None:
-    """Allocate and drop ``nbytes`` on a fake tensor: what a plan's workspace tracker must see."""
-    tmp = like.new_empty(max(1, nbytes // like.element_size()))
-    del tmp
-
-
-class _ProbedConv(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, rank, mode, probe, generator=None):
-        d = weight.dim() - 2
-        ctx.geo = conv_geometry(tuple(weight.shape), stride, padding, dilation, groups)
-        y = _CONV_FN[d](x, weight, bias, stride, padding, dilation, groups)
-        ctx.x_shape, ctx.has_bias = tuple(x.shape), bias is not None
-        ctx.rank, ctx.mode, ctx.probe = rank, mode, probe
-        if ctx.needs_input_grad[1]:
-            # One draw from the caller's RNG: fresh probes every step, reproducible under manual_seed.
-            ctx.seed = _draw_seed(generator)
-            if is_fake(x):  # fxsketch is planning: sizes only (the sketch, and the workspace)
-                ctx.workspace = workspace_nbytes(x.shape, y.shape, weight.shape, rank, mode)
-                _fake_workspace(x, ctx.workspace[0])
-                xbar = x.new_empty(sketch_shape(x.shape, rank, mode))
-            else:
-                xbar = (sketch_triton if use_triton(x) else sketch)(x.detach(), ctx.seed, rank, mode, probe)
-            ctx.save_for_backward(xbar, weight)
-        else:
-            ctx.seed = None
-            ctx.save_for_backward(weight)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, dy):
-        saved = ctx.saved_tensors
-        weight = saved[-1]
-        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        dx = db = dw = None
-        if need_dx or need_db:
-            dx, db = _input_and_bias_grad(dy, ctx.x_shape, weight, ctx.has_bias, need_dx, need_db, ctx.geo)
-        if need_dw and is_fake(dy):  # planning on fake tensors: the estimate's size and workspace
-            _fake_workspace(dy, ctx.workspace[1])
-            dw = torch.empty_like(weight)
-        elif need_dw:
-            args = (dy, saved[0], ctx.seed, ctx.rank, ctx.probe)
-            if ctx.mode == "spatial":
-                dw = (dw_spatial_triton if use_triton(dy) else dw_spatial)(*args, ctx.x_shape[2:], tuple(weight.shape), ctx.geo)
-            else:
-                dw = dw_channel(*args, ctx.x_shape, tuple(weight.shape), ctx.geo)
-            dw = dw.to(weight.dtype)
-        return dx, dw, db if need_db else None, None, None, None, None, None, None, None, None
-
-
-def probed_conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
-                rank, mode="spatial", probe="gaussian", generator=None):
-    """A 1d/2d/3d convolution (from ``weight.dim()``) with an unbiased, sketched dW.
-
-    Takes every argument ``F.convNd`` takes; output, dX and db are torch's own, dW is estimated
-    from a sketch of ``rank`` probe columns (mode="spatial": N x C x rank values saved; mode="channel":
-    N x rank). Each call draws one integer seed from torch's default RNG when the weight needs a
-    gradient, so results are reproducible under ``torch.manual_seed``.
-
-    >>> x, w = torch.randn(2, 3, 8, 8), torch.randn(4, 3, 3, 3, requires_grad=True)
-    >>> probed_conv(x, w, padding="same", rank=16).shape
-    torch.Size([2, 4, 8, 8])
-    """
-    check_rank_mode_probe(rank, mode, probe)
-    if weight.dim() - 2 not in _CONV_FN:
-        raise ValueError(f"weight must be 3-, 4- or 5-dimensional (1d/2d/3d conv), got shape {tuple(weight.shape)}")
-    d = weight.dim() - 2
-    if input.dim() not in (d + 1, d + 2):
-        raise ValueError(f"a {d}d conv (weight {tuple(weight.shape)}) needs input of {d + 2} dims "
-                         f"(N, C, *spatial) or {d + 1} unbatched, got input shape {tuple(input.shape)}")
-    unbatched = input.dim() == d + 1
-    x = input.unsqueeze(0) if unbatched else input
-    y = _ProbedConv.apply(x, weight, bias, stride, padding, dilation, groups, rank, mode, probe, generator)
-    return y.squeeze(0) if unbatched else y
+def workspace_nbytes(x_shape, y_shape, weight_shape, rank: int, mode: str) -> tuple[int, int]:
+    """(forward, backward) estimated workspace bytes of the probed conv: the two above."""
+    return (sketch_workspace_nbytes(x_shape, rank, mode),
+            weight_grad_workspace_nbytes(x_shape, y_shape, weight_shape, rank, mode))

@@ -29,7 +29,11 @@ import torch
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fxsketch.units import format_bytes
+from ._state import preserved
+from .errors import ConfigError, InputError
+from .ops.visible import call_visibly
+from .passes.trace import check_inputs
+from .units import format_bytes
 
 __all__ = ["measure", "Measurement", "default_loss", "LiveStorageTracker"]
 
@@ -38,17 +42,18 @@ __all__ = ["measure", "Measurement", "default_loss", "LiveStorageTracker"]
 # default loss
 
 
+def _tensors_in(obj: Any) -> Iterable[torch.Tensor]:
+    """Every tensor in a tensor or nested tuple/list/dict, in a stable order."""
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list, dict)):
+        for item in (obj.values() if isinstance(obj, dict) else obj):
+            yield from _tensors_in(item)
+
+
 def _floating_tensors(obj: Any) -> Iterable[torch.Tensor]:
     """Every floating-point tensor in a tensor or nested tuple/list/dict, in a stable order."""
-    if isinstance(obj, torch.Tensor):
-        if obj.is_floating_point():
-            yield obj
-    elif isinstance(obj, (tuple, list)):
-        for item in obj:
-            yield from _floating_tensors(item)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            yield from _floating_tensors(item)
+    return (t for t in _tensors_in(obj) if t.is_floating_point())
 
 
 def default_loss(output: Any) -> torch.Tensor:
@@ -62,7 +67,7 @@ def default_loss(output: Any) -> torch.Tensor:
     """
     parts = [t.sum() for t in _floating_tensors(output)]
     if not parts:
-        raise ValueError(
+        raise InputError(
             f"the model returned no floating-point tensor (got {type(output).__name__}), so there "
             "is nothing to backpropagate by default; pass loss_fn=... to measure(), a function "
             "from the model's output to a scalar tensor"
@@ -88,17 +93,6 @@ def _storage_of(t: torch.Tensor):
     if storage.device.type == "meta" or storage.nbytes() == 0:
         return None
     return storage
-
-
-def _tensors_in(obj: Any) -> Iterable[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (tuple, list)):
-        for item in obj:
-            yield from _tensors_in(item)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            yield from _tensors_in(item)
 
 
 class LiveStorageTracker(TorchDispatchMode):
@@ -184,7 +178,7 @@ class LiveStorageTracker(TorchDispatchMode):
         return grew
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        out = call_visibly(self, func, args, kwargs)  # fxsketch's own custom ops: inside counted too
         grew = self._register(out)
         # Live bytes only rise when a storage appears, so without a timeline the scan is skipped
         # for views and in-place ops.
@@ -234,25 +228,6 @@ class Measurement:
         )
 
 
-def _check_inputs(example_inputs: Any) -> tuple[torch.Tensor, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if not isinstance(example_inputs, tuple):
-        hint = " (write tuple(...) around it)" if isinstance(example_inputs, list) else ""
-        raise TypeError(
-            f"example_inputs must be a tuple of tensors or a single tensor, got "
-            f"{type(example_inputs).__name__}{hint}; measure() calls model(*example_inputs)"
-        )
-    for i, x in enumerate(example_inputs):
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(
-                f"example_inputs[{i}] is a {type(x).__name__}, not a tensor; measure() passes "
-                "only tensors positionally to model(*example_inputs); bind other arguments "
-                "with functools.partial or a small wrapper module"
-            )
-    return example_inputs
-
-
 def _device_of(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.device:
     """The CUDA device if any parameter, buffer or input is on one, else CPU."""
     for t in (*inputs, *model.parameters(), *model.buffers()):
@@ -276,12 +251,12 @@ def _step(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], loss_fn: Cal
         out = model(*inputs)
         loss = loss_fn(out)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise ValueError(
+            raise InputError(
                 f"loss_fn must return a scalar tensor, got "
                 f"{type(loss).__name__ if not isinstance(loss, torch.Tensor) else f'shape {tuple(loss.shape)}'}"
             )
         if not loss.requires_grad:
-            raise ValueError(
+            raise InputError(
                 "the loss does not require grad: no parameter of the model requires grad and no "
                 "input does, so there is no backward to measure; check requires_grad"
             )
@@ -317,11 +292,9 @@ def measure(
     >>> print(measure(torchvision.models.resnet18(), torch.randn(8, 3, 64, 64)))  # doctest: +SKIP
     peak 100.03 MiB on cpu (resident 45.00 MiB + 55.02 MiB during the step), 280.70 ms per step
     """
-    inputs = _check_inputs(example_inputs)
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    inputs = check_inputs(model, example_inputs)
     if not isinstance(repeat, int) or repeat < 1:
-        raise ValueError(f"repeat must be a positive int (number of timed steps), got {repeat!r}")
+        raise ConfigError(f"repeat must be a positive int (number of timed steps), got {repeat!r}")
     loss_fn = default_loss if loss_fn is None else loss_fn
     # Fresh leaves sharing the caller's storage: input grads land on them, not on the caller's tensors.
     inputs = tuple(x.detach().requires_grad_(x.requires_grad and x.is_floating_point()) for x in inputs)
@@ -332,47 +305,33 @@ def measure(
     resident = [*params, *(buf for _, _, buf in buffers), *inputs]
     resident_bytes = _storage_bytes(resident)
 
-    saved_grads = [p.grad for p in params]
-    saved_modes = [(mod, mod.training) for mod in model.modules()]
-    with torch.no_grad():
-        saved_buffers = [buf.clone() for _, _, buf in buffers]
     rng_devices = [device.index] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=rng_devices, device_type="cuda"):
-            _clear_grads(params, inputs)
-            _step(model, inputs, loss_fn)  # warm-up: lazy init, cuBLAS/cuDNN handles, allocator
+    with preserved(model, grads=True), torch.random.fork_rng(devices=rng_devices, device_type="cuda"):
+        _clear_grads(params, inputs)
+        _step(model, inputs, loss_fn)  # warm-up: lazy init, cuBLAS/cuDNN handles, allocator
+        _clear_grads(params, inputs)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            before = torch.cuda.memory_allocated(device)
+            _step(model, inputs, loss_fn)
+            torch.cuda.synchronize(device)
+            # Resident tensors were allocated before `before` was read; add them back once.
+            peak = torch.cuda.max_memory_allocated(device) - before + resident_bytes
+        else:
+            with LiveStorageTracker(resident) as tracker:
+                _step(model, inputs, loss_fn)
+            peak = tracker.peak_bytes
+        times = []
+        for _ in range(repeat):
             _clear_grads(params, inputs)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                before = torch.cuda.memory_allocated(device)
-                _step(model, inputs, loss_fn)
+            start = time.perf_counter()
+            _step(model, inputs, loss_fn)
+            if device.type == "cuda":
                 torch.cuda.synchronize(device)
-                # Resident tensors were allocated before `before` was read; add them back once.
-                peak = torch.cuda.max_memory_allocated(device) - before + resident_bytes
-            else:
-                with LiveStorageTracker(resident) as tracker:
-                    _step(model, inputs, loss_fn)
-                peak = tracker.peak_bytes
-            times = []
-            for _ in range(repeat):
-                _clear_grads(params, inputs)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                start = time.perf_counter()
-                _step(model, inputs, loss_fn)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.append(time.perf_counter() - start)
-    finally:
-        for p, g in zip(params, saved_grads):
-            p.grad = g
-        with torch.no_grad():
-            for (mod, name, buf), saved in zip(buffers, saved_buffers):
-                mod._buffers[name] = buf  # forward may have rebound the attribute; keep identity
-                buf.copy_(saved)
-        for mod, training in saved_modes:
-            mod.training = training
+            times.append(time.perf_counter() - start)
     return Measurement(
         peak_bytes=int(peak),
         seconds=statistics.median(times),

@@ -1,0 +1,366 @@
+"""The planning pipeline, one way: analyse -> propose -> solve -> rewrite -> verify; ``fit`` owns the loop.
+
+    analysis = analyse(model, inputs)                 # trace, profile one fake step, simulate it
+    proposal = propose(model, analysis, config)       # calibrate, time, every option's choices
+    fitted   = fit(model, analysis, proposal, config) # solve, rewrite, verify (re-analyse), tighten
+    plan     = report(analysis, proposal, fitted)     # every figure from the verified graph
+
+Each stage is a function from dataclasses to a dataclass. Only ``fit`` loops: when the rewritten
+graph's own analysis comes out above the budget it solves again, on the same solver (the MILP is
+built once), within one total time budget; an infeasible budget reuses the lowest-peak plan the
+solver already found.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .config import Config, resolve_budget
+from .errors import BudgetError
+from .measurement import default_loss
+from .passes import options as registry
+from .passes.candidates import Candidates, build_problem
+from .passes.cost import Device, time_nodes
+from .passes.liveness import Schedule, Timeline, build_schedule, simulate
+from .passes.options import Candidate
+from .passes.options.probe import conv_ranks, probe_targets
+from .passes.rewrite import rewrite
+from .passes.saved import RESIDENT, Kind, profile_step
+from .passes.solve import Infeasible, Solution, Solver
+from .passes.trace import check_inputs, trace
+from .report import Decision, MemoryPlan, NodeRow, Option, TimelineData
+from .units import format_bytes
+
+__all__ = ["Analysis", "Proposal", "Verified", "Fit", "analyse", "propose", "apply", "verify", "fit",
+           "report"]
+
+
+@dataclass(frozen=True)
+class Analysis:
+    """The unmodified step: the traced graph (annotated by the profiler), its schedule and timeline."""
+
+    model_name: str
+    gm: fx.GraphModule
+    inputs: tuple[torch.Tensor, ...]
+    loss_fn: Callable[[Any], torch.Tensor]
+    schedule: Schedule
+    timeline: Timeline
+
+    @property
+    def meta_inputs(self) -> bool:
+        return any(x.device.type == "meta" for x in self.inputs)
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """Every enabled option's choices on the unmodified step, and what the planner noted doing so."""
+
+    candidates: Candidates
+    notes: tuple[str, ...] = ()
+    refused_probes: int = 0      # convs calibration refused at max_grad_noise
+
+
+@dataclass(frozen=True)
+class Verified:
+    """A solution carried out: the rewritten module and its own analysis (the figures reported)."""
+
+    solution: Solution
+    chosen: tuple[Candidate, ...]
+    gm: fx.GraphModule
+    schedule: Schedule
+    timeline: Timeline
+
+
+@dataclass(frozen=True)
+class Fit:
+    """The plan ``fit`` settled on, the budget it was fitted to (bytes) and its notes."""
+
+    verified: Verified
+    budget: int | None
+    notes: tuple[str, ...] = ()
+
+
+def _fork_rng():
+    return torch.random.fork_rng(devices=[])  # planning leaves the caller's RNG stream alone
+
+
+def verify(gm: fx.GraphModule, inputs, loss_fn) -> tuple[Schedule, Timeline]:
+    """Profile one fake step of ``gm`` (annotating it) and simulate it."""
+    with _fork_rng():
+        profile_step(gm, inputs, loss_fn)
+    schedule = build_schedule(gm)
+    return schedule, simulate(schedule)
+
+
+def analyse(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | None = None,
+            leaf_modules: Sequence[type] = ()) -> Analysis:
+    """Trace ``model`` and profile one fake training step. Allocates no activations."""
+    inputs = check_inputs(model, example_inputs)
+    gm = trace(model, inputs, leaf_modules=leaf_modules)
+    loss_fn = loss_fn or default_loss
+    schedule, timeline = verify(gm, inputs, loss_fn)
+    return Analysis(type(model).__name__, gm, inputs, loss_fn, schedule, timeline)
+
+
+def _calibrate(model, analysis: Analysis, config: Config, notes: list[str]):
+    """Per probe-able conv, its SGD and probe noise on the example batch (None if not calibrated)."""
+    if "probe" not in config.methods or config.probe_rank is not None or not config.calibrate:
+        return None
+    inputs = analysis.inputs
+    if analysis.meta_inputs:
+        notes.append("probe noise not calibrated (meta inputs): noise column is a heuristic")
+        return None
+    if inputs[0].dim() == 0 or inputs[0].shape[0] < 2:
+        notes.append("probe noise not calibrated (a batch of one has no SGD noise to compare with): "
+                     "noise column is a heuristic")
+        return None
+    targets = probe_targets(analysis.gm)
+    if not targets:
+        return None
+    from .calibrate import calibrate_convs
+    convs = {name: w for name, (w, _) in targets.items()}
+    ranks = {name: conv_ranks(shape, config.ratios, config.mode) for name, (_, shape) in targets.items()}
+    noise = calibrate_convs(model, inputs, convs, ranks, loss_fn=analysis.loss_fn, mode=config.mode,
+                            probe=config.probe, progress=config.progress)
+    notes.append(f"probe ranks calibrated on the example batch: probe noise <= {config.max_grad_noise:g}x "
+                 f"SGD noise of each layer's dW")
+    return noise
+
+
+def propose(model: nn.Module, analysis: Analysis, config: Config) -> Proposal:
+    """Calibrate probe noise and time the nodes (real inputs only), then describe every choice."""
+    notes: list[str] = []
+    with _fork_rng():
+        noise = _calibrate(model, analysis, config, notes)
+        timings = None
+        if config.time_nodes and not analysis.meta_inputs:
+            timings = time_nodes(analysis.gm, analysis.inputs)
+            notes.append("extra time estimated from measured node times on the example batch "
+                         "(backward = 2 x forward; probes: roofline)")
+        device = Device.for_tensor(next(iter(analysis.gm.parameters()), analysis.inputs[0]))
+    cands = build_problem(analysis.gm, analysis.schedule, analysis.timeline, methods=config.methods,
+                          settings=config.option_settings(noise), device=device, timings=timings)
+    refused = sum(1 for c in (noise or {}).values()
+                  if c.ratio(c.smallest_rank(config.max_grad_noise)) > config.max_grad_noise)
+    return Proposal(cands, tuple(notes), refused)
+
+
+def apply(model: nn.Module, analysis: Analysis, proposal: Proposal, solution: Solution,
+          seed: int | None = None) -> Verified:
+    """Rewrite the chosen candidates into a new module and verify it (re-analyse the new graph)."""
+    chosen = tuple(proposal.candidates.candidates[i] for i in solution.chosen)
+    gm = rewrite(model, analysis.gm, chosen, seed=seed)
+    schedule, timeline = verify(gm, analysis.inputs, analysis.loss_fn)
+    return Verified(solution, chosen, gm, schedule, timeline)
+
+
+def _budget_hint(config: Config, proposal: Proposal) -> str:
+    """Which option would reach further, for the BudgetError message."""
+    hints = []
+    missing = [m for m in registry.default_methods() if m not in config.methods]
+    if missing:
+        hints.append(f"allow more methods (methods={tuple(config.methods) + tuple(missing)!r})")
+    if proposal.refused_probes:
+        hints.append(f"raise max_grad_noise (now {config.max_grad_noise:g}): calibration refused probes on "
+                     f"{proposal.refused_probes} conv(s)")
+    hints.append("raise the budget to at least the lowest reachable peak")
+    return "; or ".join(hints)
+
+
+def _no_worse(v: Verified, model, analysis: Analysis, proposal: Proposal, config: Config,
+              notes: list[str]) -> Verified:
+    """``v``, or the unmodified step when ``v``'s verified peak is above it (the solver's model
+    can miss a cost that only the rewritten graph's analysis shows, e.g. a lean op's workspace)."""
+    if not v.solution.chosen or v.timeline.peak_bytes <= analysis.timeline.peak_bytes:
+        return v
+    notes.append(f"the solver's plan verified at {format_bytes(v.timeline.peak_bytes)}, above the "
+                 f"unmodified step: the model is left as it is")
+    none = Solution((), analysis.timeline.peak_bytes, tuple(analysis.timeline.live_bytes), 0.0)
+    return apply(model, analysis, proposal, none, config.seed)
+
+
+def fit(model: nn.Module, analysis: Analysis, proposal: Proposal, config: Config) -> Fit:
+    """Solve, rewrite and verify until the verified peak meets the budget (or none is given).
+
+    The rewritten graph's analysis may land above the solver's own estimate; then the solver's
+    target is lowered by the excess and it solves again (at most three times, all solves within
+    ``config.total_plan_seconds``). If no plan meets the budget, the lowest-peak plan decides:
+    met, or :class:`BudgetError` with its verified peak.
+    """
+    budget = resolve_budget(config.budget, analysis.timeline.peak_bytes)
+    solver = Solver(proposal.candidates.problem, config.solver_options())
+    deadline = time.perf_counter() + config.total_plan_seconds
+    notes: list[str] = []
+
+    def search(target, max_overhead):  # each search gets what is left of the total, at most its own limit
+        left = max(min(config.solver_time_limit, deadline - time.perf_counter()), 0.1)
+        solver.options = replace(solver.options, time_limit=left)
+        return solver.solve(target, max_overhead=max_overhead)
+
+    lowest: Solution | None = None
+    target = budget
+    for _ in range(3):
+        try:
+            sol = search(target, config.max_overhead)
+        except Infeasible as e:
+            lowest = e.lowest
+            break
+        v = _no_worse(apply(model, analysis, proposal, sol, config.seed), model, analysis, proposal, config, notes)
+        if budget is None or v.timeline.peak_bytes <= budget or not v.solution.chosen:
+            if budget is not None and v.timeline.peak_bytes > budget * 1.001:
+                notes.append(f"predicted peak exceeds the budget by "
+                             f"{100 * (v.timeline.peak_bytes / budget - 1):.1f} %")
+            return Fit(v, budget, tuple(notes))
+        notes.append(f"re-planned: the rewritten graph predicted {format_bytes(v.timeline.peak_bytes)} "
+                     f"> budget; solver target lowered")
+        target = max(1, target - (v.timeline.peak_bytes - budget))
+        if time.perf_counter() >= deadline:
+            break
+    if lowest is None:
+        lowest = search(None, math.inf)
+    v = _no_worse(apply(model, analysis, proposal, lowest, config.seed), model, analysis, proposal, config, notes)
+    if v.timeline.peak_bytes > budget:
+        raise BudgetError(
+            f"budget {format_bytes(budget)} cannot be met for {analysis.model_name}: the lowest "
+            f"reachable predicted peak with methods {tuple(config.methods)} is "
+            f"{format_bytes(v.timeline.peak_bytes)} (unmodified: {format_bytes(analysis.timeline.peak_bytes)}). "
+            f"To go lower: {_budget_hint(config, proposal)}.", v.timeline.peak_bytes)
+    notes.append("the lowest-peak plan was used (the budget is close to the reachable floor)")
+    return Fit(v, budget, tuple(notes))
+
+
+# --------------------------------------------------------------------------------------------
+# the report, from the verified graph
+
+
+def _alive(tl: Timeline, sid: int, t: int) -> bool:
+    span = tl.intervals.get(sid)
+    return span is not None and span[0] <= t <= span[1]
+
+
+def _freed_at_peak(analysis: Analysis, v: Verified, cand: Candidate, rewritten: fx.Node,
+                   renamed: dict[str, str]) -> int:
+    """Bytes the candidate keeps out of the verified peak step: what its node(s) saved in the
+    unmodified step and would still hold there (not alive there anyway), minus the storages the
+    rewritten node itself made to save (sketch, mask)."""
+    tl, t = v.timeline, v.timeline.peak_step
+    name = rewritten.name
+    try:
+        if not v.schedule.index("forward", name) <= t <= v.schedule.index("backward", name):
+            return 0
+    except KeyError:
+        return 0
+    storages = analysis.schedule.storages
+    by_name = {n.name: n for n in analysis.gm.graph.nodes}
+    new_nodes = {n.name: n for n in v.gm.graph.nodes}
+    inside = set(cand.nodes)
+    outputs = [o for o in cand.nodes if any(u.name not in inside for u in by_name[o].users)]
+
+    def counterpart(sid: int) -> int | None:
+        owner = storages[sid].owner
+        if owner not in by_name:
+            return None
+        index = [m.storage for m in by_name[owner].meta.get("fxsketch.tensor", ())].index(sid) \
+            if sid in [m.storage for m in by_name[owner].meta.get("fxsketch.tensor", ())] else None
+        if index is None:
+            return None
+        if owner in inside:
+            if len(cand.nodes) > 1:  # a replayed segment: only its outputs survive, as the call's
+                if owner not in outputs:
+                    return None
+                index, owner = outputs.index(owner), name
+            else:
+                owner = name
+        node = new_nodes.get(renamed.get(owner, owner))
+        metas = node.meta.get("fxsketch.tensor", ()) if node is not None else ()
+        return metas[index].storage if index < len(metas) else None
+
+    would_hold = set()
+    for node in cand.nodes:
+        for sid in by_name[node].meta.get("fxsketch.saved", ()):
+            if storages[sid].kind in RESIDENT or storages[sid].kind is Kind.PARAM_GRAD:
+                continue
+            twin = counterpart(sid)
+            if twin is None or not _alive(tl, twin, t):
+                would_hold.add(sid)
+    held = sum(v.schedule.storages[s].nbytes for s in rewritten.meta.get("fxsketch.saved", ())
+               if v.schedule.storages[s].owner == name and v.schedule.storages[s].kind is Kind.INTERNAL
+               and _alive(tl, s, t))
+    return max(0, sum(storages[s].nbytes for s in would_hold) - held)
+
+
+def _decisions(analysis: Analysis, proposal: Proposal, v: Verified) -> list[Decision]:
+    # the node of the rewritten graph that stands for each chosen candidate (marked by rewrite)
+    stands = {n.meta["fxsketch.choice"]: n for n in v.gm.graph.nodes if "fxsketch.choice" in n.meta}
+    renamed = {v.chosen[k].nodes[0]: n.name for k, n in stands.items() if len(v.chosen[k].nodes) == 1}
+    out = []
+    problem = proposal.candidates.problem
+    for k, (i, cand) in enumerate(zip(v.solution.chosen, v.chosen)):
+        ch, node = problem.choices[i], stands.get(k)
+        out.append(Decision(
+            node=cand.nodes[0] if len(cand.nodes) == 1 else f"{cand.nodes[0]}..{cand.nodes[-1]}",
+            option=Option(cand.kind), detail=cand.detail,
+            freed_bytes=_freed_at_peak(analysis, v, cand, node, renamed) if node is not None else 0,
+            extra_time=ch.cost, grad_noise=ch.noise, rewritten=node.name if node is not None else ""))
+    return out
+
+
+def _timeline_data(tl: Timeline) -> TimelineData:
+    return TimelineData(tl.steps, tl.live_bytes, tl.by_category, tl.peak_bytes, tl.peak_step)
+
+
+def _rows(gm: fx.GraphModule, schedule: Schedule, timeline: Timeline) -> tuple[NodeRow, ...]:
+    storages = schedule.storages
+    rows = []
+    for n in gm.graph.nodes:
+        if n.op == "output":
+            continue
+        metas = n.meta.get("fxsketch.tensor", ())
+        own = [m.storage for m in metas if storages[m.storage].owner == n.name]
+        saved = sum(storages[s].nbytes for s in n.meta.get("fxsketch.saved", ())
+                    if storages[s].kind not in RESIDENT)
+        if n.op in ("placeholder", "get_attr"):
+            freed = "kept"
+        elif any(s in schedule.pinned for s in own):
+            freed = "end (model output)"
+        elif own and own[0] in timeline.intervals:
+            phase, node = timeline.steps[timeline.intervals[own[0]][1]]
+            freed = f"{phase} {node}"
+        else:  # a view or an in-place result: the storage belongs to the node that made it
+            owner = storages[metas[0].storage].owner if metas else ""
+            freed = f"shares {owner}'s storage" if owner else "-"
+        target = n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target))
+        rows.append(NodeRow(name=n.name, op=n.op, target=str(target), shape=metas[0].shape if metas else None,
+                            output_bytes=sum(storages[s].nbytes for s in own), saved_bytes=saved,
+                            freed=freed, option=n.meta.get("fxsketch.option", "keep")))
+    return tuple(rows)
+
+
+def make_plan(analysis: Analysis, gm: fx.GraphModule, schedule: Schedule, timeline: Timeline, *,
+              decisions: Sequence[Decision] = (), budget: int | None = None, notes: Sequence[str] = (),
+              cost_estimator: str = "") -> MemoryPlan:
+    """Assemble the report data of ``gm`` (analysed: ``schedule``, ``timeline``) against the
+    unmodified step of ``analysis``."""
+    storages = schedule.storages
+    alive = tuple((storages[s].owner, timeline.categories[s].value, storages[s].nbytes)
+                  for s in timeline.alive_at_peak)
+    params = sum(i.nbytes for i in storages.values() if i.kind in (Kind.PARAM, Kind.BUFFER))
+    inputs = sum(i.nbytes for i in storages.values() if i.kind is Kind.INPUT)
+    return MemoryPlan(model=analysis.model_name, parameter_bytes=params, input_bytes=inputs,
+                      baseline=_timeline_data(analysis.timeline), timeline=_timeline_data(timeline),
+                      rows=_rows(gm, schedule, timeline), alive_at_peak=alive, decisions=tuple(decisions),
+                      budget_bytes=budget, notes=tuple(notes), cost_estimator=cost_estimator)
+
+
+def report(analysis: Analysis, proposal: Proposal, fitted: Fit) -> MemoryPlan:
+    """The memory plan of the fitted module: every figure from its verified analysis."""
+    v = fitted.verified
+    return make_plan(analysis, v.gm, v.schedule, v.timeline, decisions=_decisions(analysis, proposal, v),
+                     budget=fitted.budget, notes=proposal.notes + fitted.notes,
+                     cost_estimator=proposal.candidates.cost.estimator)

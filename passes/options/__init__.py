@@ -1,0 +1,160 @@
+"""The option registry: every way of changing a node besides keeping it is one class in one file here.
+
+An option kind says
+  * where it applies and what it does to the liveness model, as solver :class:`Choice` s
+    (storages it releases, storages it adds and when, extra time, gradient noise), paired with
+    the :class:`Candidate` the rewrite needs: :meth:`OptionKind.node_choices` per node, or
+    :meth:`OptionKind.graph_choices` for options that span nodes;
+  * how it rewrites the graph: :meth:`OptionKind.rewrite`.
+Its runtime op's fake-tensor behaviour lives with the op (``torch.library`` fake kernels in
+:mod:`fxsketch.ops`), so planning needs no special case for it. The solver never sees kinds.
+
+Adding a kind is adding a file: subclass :class:`OptionKind`, decorate it with :func:`register`,
+import the module (the built-ins are imported below).
+
+>>> sorted(registered())
+['lean', 'probe', 'recompute']
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterable, Mapping
+
+import torch.fx as fx
+from torch import nn
+
+from ..cost import CostModel
+from ..liveness import Schedule, Timeline
+from ..solve import Choice, Saved
+
+__all__ = ["Candidate", "OptionKind", "OptionSettings", "ProposalContext", "RewriteContext",
+           "register", "unregister", "registered", "get", "default_methods"]
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One option of one node (or one segment), as the rewrite pass needs it."""
+
+    kind: str                       # the registered kind's name
+    nodes: tuple[str, ...]          # the node, or the segment's nodes in order
+    params: dict[str, Any] = field(default_factory=dict)
+    detail: str = ""                # one line for the report, e.g. "spatial, r=16 (0.0625 of X)"
+
+
+@dataclass(frozen=True)
+class OptionSettings:
+    """The planning settings option kinds read (from :class:`fxsketch.Config`)."""
+
+    ratios: tuple[float, ...] = (1 / 4, 1 / 16, 1 / 64)
+    probe_rank: int | None = None
+    mode: str = "spatial"
+    probe: str = "gaussian"
+    max_grad_noise: float = 1.0
+    noise: Mapping[str, Any] | None = None   # node name -> calibrated ConvNoise
+
+
+@dataclass
+class ProposalContext:
+    """What an option kind may read to describe its choices on the unmodified step."""
+
+    gm: fx.GraphModule
+    schedule: Schedule
+    timeline: Timeline
+    nodes: list[fx.Node]              # graph order, output node left out
+    fwd: dict[str, int]               # node name -> its forward step
+    bwd: dict[str, int]               # node name -> its backward step
+    cost: CostModel
+    saved: list[Saved]                # the problem's table of storages whose life choices change
+    saved_index: dict[int, int]       # storage id -> index into ``saved``
+    settings: OptionSettings
+
+    def own_saved(self, n: fx.Node) -> list[int]:
+        """Storages ``n`` saves for backward whose life a choice can change."""
+        return [s for s in n.meta.get("fxsketch.saved", ()) if s in self.saved_index]
+
+    def input_storage(self, n: fx.Node, i: int = 0) -> int | None:
+        arg = n.all_input_nodes[i] if len(n.all_input_nodes) > i else None
+        metas = arg.meta.get("fxsketch.tensor", ()) if arg is not None else ()
+        return metas[0].storage if metas else None
+
+    def module(self, n: fx.Node) -> nn.Module | None:
+        return self.gm.get_submodule(n.target) if n.op == "call_module" else None
+
+
+@dataclass
+class RewriteContext:
+    """The graph being rewritten, and what kinds need to emit into it."""
+
+    model: nn.Module
+    gm: fx.GraphModule                # the new module (its graph is ``gm.graph``)
+    by_name: dict[str, fx.Node]       # node name -> node, of the new graph
+    generator: str | None = None      # attribute name of the probes' private torch.Generator
+    counter: Any = field(default_factory=itertools.count)  # unique suffixes for submodules
+
+    @property
+    def graph(self) -> fx.Graph:
+        return self.gm.graph
+
+    def replace(self, old: fx.Node, new: fx.Node) -> fx.Node:
+        """Make ``new`` stand for ``old`` everywhere and drop ``old`` (its scope meta moves over)."""
+        new.meta.update({k: v for k, v in old.meta.items() if k.startswith("fxsketch.scope")})
+        old.replace_all_uses_with(new)
+        self.graph.erase_node(old)
+        self.by_name.pop(old.name, None)
+        self.by_name[new.name] = new
+        return new
+
+
+class OptionKind:
+    """Base class of an option kind; subclasses set ``name`` and override what applies."""
+
+    name: ClassVar[str] = ""
+    default: ClassVar[bool] = False      # among the methods used when the user names none
+    spans_nodes: ClassVar[bool] = False  # rewritten after every single-node replacement
+    uses_rng: ClassVar[bool] = False     # its op draws from the probes' generator (``seed=``)
+
+    def node_choices(self, ctx: ProposalContext, n: fx.Node) -> Iterable[tuple[Choice, Candidate]]:
+        """The choices this kind offers for node ``n`` (none by default)."""
+        return ()
+
+    def graph_choices(self, ctx: ProposalContext) -> Iterable[tuple[Choice, Candidate]]:
+        """Choices that span several nodes, offered once per graph (none by default)."""
+        return ()
+
+    def rewrite(self, rw: RewriteContext, cand: Candidate) -> fx.Node:
+        """Emit ``cand`` into ``rw.graph``; return the node that now stands for it."""
+        raise NotImplementedError(f"option kind {self.name!r} has no rewrite")
+
+
+_REGISTRY: dict[str, OptionKind] = {}
+
+
+def register(cls: type[OptionKind]) -> type[OptionKind]:
+    """Class decorator: make the kind ``cls.name`` available to ``methods=`` and the planner."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} must set a class attribute `name`")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def unregister(name: str) -> None:
+    _REGISTRY.pop(name, None)
+
+
+def registered() -> dict[str, OptionKind]:
+    """Name -> kind, in registration order (which is also the order choices are offered in)."""
+    return dict(_REGISTRY)
+
+
+def get(name: str) -> OptionKind:
+    if name not in _REGISTRY:
+        raise KeyError(f"no option kind {name!r}; registered: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def default_methods() -> tuple[str, ...]:
+    return tuple(name for name, kind in _REGISTRY.items() if kind.default)
+
+
+from . import probe, lean, recompute  # noqa: E402,F401  (the built-in kinds register themselves)

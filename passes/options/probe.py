@@ -1,0 +1,131 @@
+"""Probe a convolution: keep a small random sketch of its input instead of the input.
+
+The conv's backward then estimates dW from the sketch (unbiased; :func:`fxsketch.ops.probed_conv`).
+It frees the input only if nothing else keeps it, which the solver sees through the OR over
+savers. With calibrated noise (``settings.noise``) a conv is offered at one rank only: the
+smallest whose probe noise is at most ``max_grad_noise`` times its SGD noise; without it, every
+rank of ``settings.ratios`` with a heuristic noise sqrt(1 / storage ratio).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from ... import ops
+from ...ops.probes import rank_for_ratio, sketch_nbytes
+from ..cost import tensor_bytes
+from ..patterns import CONV_FUNCS, CONV_MODULES
+from ..solve import Choice, Span
+from . import Candidate, OptionKind, ProposalContext, RewriteContext, register
+
+__all__ = ["Probe", "conv_spec", "conv_ranks", "probe_targets"]
+
+
+def conv_spec(gm: fx.GraphModule, n: fx.Node) -> dict[str, Any] | None:
+    """The conv arguments of a node that can become a probed conv, or None."""
+    m = gm.get_submodule(n.target) if n.op == "call_module" else None
+    if isinstance(m, CONV_MODULES) and m.padding_mode == "zeros":
+        return dict(weight=f"{n.target}.weight", bias=f"{n.target}.bias" if m.bias is not None else None,
+                    stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
+    if n.op == "call_function" and n.target in CONV_FUNCS:
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+        bound = dict(zip(names, n.args)) | dict(n.kwargs)
+        if not isinstance(bound.get("weight"), fx.Node):
+            return None
+        return dict(weight=bound["weight"], bias=bound.get("bias"), stride=bound.get("stride", 1),
+                    padding=bound.get("padding", 0), dilation=bound.get("dilation", 1),
+                    groups=bound.get("groups", 1))
+    return None
+
+
+def conv_ranks(x_shape, ratios, mode: str) -> list[int]:
+    """The candidate ranks of a conv input: one per storage ratio."""
+    return sorted({rank_for_ratio(x_shape, r, mode) for r in ratios})
+
+
+def probe_targets(gm: fx.GraphModule) -> dict[str, tuple[torch.Tensor, tuple[int, ...]]]:
+    """Node name -> (conv weight, input shape) of every conv that could be probed."""
+    out = {}
+    for n in gm.graph.nodes:
+        spec = conv_spec(gm, n) if n.op != "output" else None
+        metas = n.all_input_nodes[0].meta.get("fxsketch.tensor", ()) if spec and n.all_input_nodes else ()
+        if spec is None or not metas or len(metas[0].shape) < 3:
+            continue
+        w = spec["weight"]
+        weight = gm.get_parameter(w) if isinstance(w, str) else gm.get_parameter(w.target) \
+            if isinstance(w, fx.Node) and w.op == "get_attr" else None
+        if isinstance(weight, torch.Tensor) and weight.requires_grad:
+            out[n.name] = (weight, metas[0].shape)
+    return out
+
+
+def _weight_shape(ctx: ProposalContext, n: fx.Node):
+    return ctx.module(n).weight.shape if n.op == "call_module" else n.args[1].meta["fxsketch.tensor"][0].shape
+
+
+@register
+class Probe(OptionKind):
+    name = "probe"
+    default = True
+    uses_rng = True
+
+    def node_choices(self, ctx: ProposalContext, n: fx.Node):
+        spec = conv_spec(ctx.gm, n)
+        x = ctx.input_storage(n) if spec is not None else None
+        if x is None or x not in ctx.saved_index:
+            return
+        xmeta = n.all_input_nodes[0].meta["fxsketch.tensor"][0]
+        if not any(k == n.name for k, _ in ctx.saved[ctx.saved_index[x]].savers) \
+                or len(xmeta.shape) < 3 or not xmeta.dtype.is_floating_point:
+            return
+        st, out = ctx.settings, n.meta["fxsketch.tensor"][0]
+        x_bytes = ctx.schedule.storages[x].nbytes
+        taps = math.prod(_weight_shape(ctx, n)[2:])  # the estimate scatters dY once per tap
+        ranks = [st.probe_rank] if st.probe_rank else conv_ranks(xmeta.shape, st.ratios, st.mode)
+        calibrated = st.noise.get(n.name) if st.noise and not st.probe_rank else None
+        if calibrated is not None:
+            r = calibrated.smallest_rank(st.max_grad_noise)
+            ranks = [r] if calibrated.ratio(r) <= st.max_grad_noise else []
+        exact_wgrad = ctx.cost.seconds[n.name]
+        f, b = ctx.fwd[n.name], ctx.bwd[n.name]
+        for r in ranks:
+            nb = sketch_nbytes(xmeta.shape, r, st.mode, xmeta.dtype)
+            ratio = nb / max(x_bytes, 1)
+            extra = (2 * x_bytes + 2 * taps * tensor_bytes(out)) / ctx.cost.device.bandwidth \
+                + ratio * exact_wgrad - exact_wgrad
+            detail = f"{st.mode}, r={r} ({ratio:.3g} of X, {st.probe})"
+            if calibrated is not None:
+                level = calibrated.ratio(r)
+                detail += f", noise {level:.2f}x SGD"
+            else:
+                level = math.sqrt(1.0 / ratio) if ratio < 1 else 0.0
+            yield (Choice(n.name, ctx.cost.fraction(max(extra, 0.02 * exact_wgrad)), level,
+                          drops=((ctx.saved_index[x], n.name),), adds=(Span(nb, f, b),)),
+                   Candidate(self.name, (n.name,),
+                             dict(spec, rank=r, mode=st.mode, probe=st.probe, ratio=ratio), detail))
+
+    def rewrite(self, rw: RewriteContext, cand: Candidate) -> fx.Node:
+        n, p = rw.by_name[cand.nodes[0]], cand.params
+        w, b = _attr(rw, p["weight"], n), _attr(rw, p["bias"], n)
+        extra = dict(generator=_attr(rw, rw.generator, n)) if rw.generator else {}
+        with rw.graph.inserting_before(n):
+            new = rw.graph.call_function(ops.probed_conv, (n.args[0], w, b), dict(
+                stride=p["stride"], padding=p["padding"], dilation=p["dilation"], groups=p["groups"],
+                rank=p["rank"], mode=p["mode"], probe=p["probe"], **extra))
+        return rw.replace(n, new)
+
+
+def _attr(rw: RewriteContext, target, like: fx.Node):
+    import warnings
+    if target is None:
+        return None
+    if isinstance(target, fx.Node):  # a node of the analysed graph: its copy in this one
+        return rw.by_name[target.name]
+    with rw.graph.inserting_before(like), warnings.catch_warnings():
+        # fx warns for attributes that are not parameters, buffers or modules; the probes'
+        # private torch.Generator (gm.fxsketch_rng) is a plain attribute on purpose
+        warnings.filterwarnings("ignore", "Attempted to insert a get_attr Node")
+        return rw.graph.get_attr(target)
