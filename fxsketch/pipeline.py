@@ -211,8 +211,9 @@ def fit(model: nn.Module, analysis: Analysis, proposal: Proposal, config: Config
         except Infeasible as e:
             lowest = e.lowest
             break
-        v = _no_worse(apply(model, analysis, proposal, sol, config.seed), model, analysis, proposal, config, notes)
-        if budget is None or v.timeline.peak_bytes <= budget or not v.solution.chosen:
+        v = apply(model, analysis, proposal, sol, config.seed)
+        if budget is None or v.timeline.peak_bytes <= budget or not sol.chosen:
+            v = _no_worse(v, model, analysis, proposal, config, notes)  # still within the budget
             if budget is not None and v.timeline.peak_bytes > budget * 1.001:
                 notes.append(f"predicted peak exceeds the budget by "
                              f"{100 * (v.timeline.peak_bytes / budget - 1):.1f} %")
@@ -248,7 +249,8 @@ def _freed_at_peak(analysis: Analysis, v: Verified, cand: Candidate, rewritten: 
                    renamed: dict[str, str]) -> int:
     """Bytes the candidate keeps out of the verified peak step: what its node(s) saved in the
     unmodified step and would still hold there (not alive there anyway), minus the storages the
-    rewritten node itself made to save (sketch, mask)."""
+    rewritten node itself made to save (sketch, mask); when the peak is that node's own step,
+    also that step's new storages (outputs, gradients, workspace) against the original's."""
     tl, t = v.timeline, v.timeline.peak_step
     name = rewritten.name
     try:
@@ -289,10 +291,19 @@ def _freed_at_peak(analysis: Analysis, v: Verified, cand: Candidate, rewritten: 
             twin = counterpart(sid)
             if twin is None or not _alive(tl, twin, t):
                 would_hold.add(sid)
-    held = sum(v.schedule.storages[s].nbytes for s in rewritten.meta.get("fxsketch.saved", ())
-               if v.schedule.storages[s].owner == name and v.schedule.storages[s].kind is Kind.INTERNAL
-               and _alive(tl, s, t))
-    return max(0, sum(storages[s].nbytes for s in would_hold) - held)
+    held = {s for s in rewritten.meta.get("fxsketch.saved", ())
+            if v.schedule.storages[s].owner == name and v.schedule.storages[s].kind is Kind.INTERNAL
+            and _alive(tl, s, t)}
+    freed = sum(storages[s].nbytes for s in would_hold) - sum(v.schedule.storages[s].nbytes for s in held)
+    phase, _ = tl.steps[t]
+    if len(cand.nodes) == 1 and tl.steps[t][1] == name:
+        # the peak is the rewritten node's own step: swap that step's new storages (outputs,
+        # gradients, workspace) for those the original node's step made
+        new_step = v.schedule.steps[t]
+        old_step = analysis.schedule.steps[analysis.schedule.index(phase, cand.nodes[0])]
+        freed += sum(storages[s].nbytes for s in old_step.allocs if s not in would_hold)
+        freed -= sum(v.schedule.storages[s].nbytes for s in new_step.allocs if s not in held)
+    return max(0, freed)
 
 
 def _decisions(analysis: Analysis, proposal: Proposal, v: Verified) -> list[Decision]:

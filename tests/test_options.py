@@ -113,3 +113,17 @@ def test_rewritten_nodes_show_their_option_in_the_node_table():
         assert shown[d.rewritten] == d.option.value
     assert sum(opt != "keep" for opt in shown.values()) == len(plan.decisions) > 0
     assert isinstance(gm, fx.GraphModule)
+
+
+def test_freed_bytes_are_read_off_the_verified_graph():
+    # what each choice keeps out of the verified peak step; undoing it would put those bytes back
+    # at that step, so the unmodified peak is at least the optimized peak plus any one of them
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
+                          nn.ReLU(), nn.Flatten(), nn.Linear(16 * 32 * 32, 4))
+    plan = fxsketch.optimize(model, (torch.randn(16, 3, 32, 32),), methods=("lean",), max_overhead=10.0,
+                             calibrate=False).memory_plan
+    assert plan.decisions
+    for d in plan.decisions:
+        assert 0 <= d.freed_bytes and plan.peak_bytes + d.freed_bytes <= plan.baseline_peak_bytes
+    assert any(d.freed_bytes > 0 for d in plan.decisions)
