@@ -1,10 +1,10 @@
 """fxsketch: train PyTorch models in less memory by rewriting their torch.fx graph."""
 from .api import optimize, plan
 from .config import Config
-from .errors import BudgetError, ConfigError, FxsketchError, InputError, TraceError
+from .errors import BudgetError, ConfigError, FxsketchError, InputError, TraceError, UnsupportedError
 from .measurement import Measurement, measure
 from .report import Decision, MemoryPlan, Option
 
 __all__ = ["optimize", "plan", "measure", "Config", "MemoryPlan", "Decision", "Option", "Measurement",
-           "FxsketchError", "BudgetError", "ConfigError", "InputError", "TraceError"]
+           "FxsketchError", "BudgetError", "ConfigError", "InputError", "TraceError", "UnsupportedError"]
 __version__ = "0.1.0"

@@ -130,6 +130,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     import fxsketch
     from fxsketch.units import format_bytes
 
+    check_report_arguments(args)
     model, inputs = load_model(args)
     opts = _planning_options(args)
     gm = None
@@ -141,7 +142,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         except fxsketch.FxsketchError as e:
             raise SystemExit(f"fxsketch: {e}")
         p = gm.memory_plan
-    print(p)
+    print(p.render(nodes=args.nodes))
     if args.json:
         p.to_json(args.json)
         print(f"\nwrote {args.json}")
@@ -192,6 +193,23 @@ def _add_report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--plot", metavar="PATH", help="also draw the timeline (.png, .svg, .pdf, .html)")
     p.add_argument("--measure", action="store_true",
                    help="also run real training steps and print predicted vs measured peak")
+    p.add_argument("--nodes", action="store_true",
+                   help="also print the per-node table (every node, its saved bytes, when it is freed, its option)")
+
+
+def check_report_arguments(args: argparse.Namespace) -> None:
+    """Fail before planning, not after, when a requested output cannot be written."""
+    import os
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not os.path.isdir(folder):
+            raise SystemExit(f"fxsketch: {flag} {path}: folder {folder} does not exist")
+    if args.plot:
+        from .report import check_plot_path
+        try:
+            check_plot_path(args.plot)
+        except Exception as e:
+            raise SystemExit(f"fxsketch: --plot {args.plot}: {e}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,11 @@ from .config import Config
 from .errors import ConfigError
 from .report import MemoryPlan
 
+try:
+    from torch.fx.graph_module import _USER_PRESERVED_ATTRIBUTES_KEY as _PRESERVED
+except ImportError:  # pragma: no cover - older torch
+    _PRESERVED = "_user_preserved_attributes"
+
 __all__ = ["optimize", "plan"]
 
 
@@ -24,6 +29,8 @@ def _optimize(model, example_inputs, config: Config, loss_fn, leaf_modules) -> f
     fitted = pipeline.fit(model, analysis, proposal, config)
     gm = fitted.verified.gm
     gm.memory_plan = pipeline.report(analysis, proposal, fitted)
+    # GraphModule.__deepcopy__ keeps only attributes listed here (pickle keeps them all)
+    gm.meta.setdefault(_PRESERVED, {})["memory_plan"] = gm.memory_plan
     return gm
 
 

@@ -8,7 +8,7 @@ True
 """
 from __future__ import annotations
 
-__all__ = ["FxsketchError", "TraceError", "InputError", "ConfigError", "BudgetError"]
+__all__ = ["FxsketchError", "TraceError", "InputError", "ConfigError", "BudgetError", "UnsupportedError"]
 
 
 class FxsketchError(Exception):
@@ -35,3 +35,8 @@ class BudgetError(FxsketchError, ValueError):
     def __init__(self, message: str, lowest: int):
         super().__init__(message)
         self.lowest = lowest
+
+
+class UnsupportedError(FxsketchError, RuntimeError):
+    """An fxsketch op was asked for something it cannot do (e.g. double backward through a
+    probed conv); the message names the op and how to plan without it."""

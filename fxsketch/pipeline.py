@@ -148,6 +148,11 @@ def propose(model: nn.Module, analysis: Analysis, config: Config) -> Proposal:
                           settings=config.option_settings(noise), device=device, timings=timings)
     refused = sum(1 for c in (noise or {}).values()
                   if c.ratio(c.smallest_rank(config.max_grad_noise)) > config.max_grad_noise)
+    if noise:
+        notes.append(f"probing: {len(noise)} conv(s) calibrated, {refused} refused (no sketch size keeps "
+                     f"the probe noise within {config.max_grad_noise:g}x the layer's SGD noise; raise "
+                     f"max_grad_noise to allow them)" if refused else
+                     f"probing: {len(noise)} conv(s) calibrated, all within {config.max_grad_noise:g}x SGD noise")
     return Proposal(cands, tuple(notes), refused)
 
 

@@ -185,17 +185,28 @@ class MemoryPlan:
                 for r in self.rows]
         return _table(head, rows)
 
-    def __str__(self) -> str:
+    def render(self, *, nodes: bool = True) -> str:
+        """Summary, the decisions, and (with ``nodes``) the per-node table."""
         parts = [self.summary()]
         if self.decisions:
             parts += ["", "decisions:", self.decisions_table()]
-        parts += ["", self.node_table()]
+        if nodes:
+            parts += ["", self.node_table()]
         return "\n".join(parts)
+
+    def __str__(self) -> str:
+        return self.render(nodes=True)
 
     def save(self, path: str | Path) -> Path:
         """Draw the timeline (live bytes per step, by category) to .png, .svg or .html."""
         from ._plot import save_timeline
         return save_timeline(self, Path(path))
+
+
+def check_plot_path(path: str | Path) -> None:
+    """Raise now if :meth:`MemoryPlan.save` could not draw to ``path`` (format, matplotlib)."""
+    from ._plot import check_plot_path as check
+    check(path)
 
 
 def _short(text: str, width: int = 28) -> str:

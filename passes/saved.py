@@ -12,7 +12,9 @@ and ``gm.meta["fxsketch.step"]``, a :class:`StepRecord` with the storage table a
 """
 from __future__ import annotations
 
+import contextlib
 import enum
+import logging
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -26,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..errors import InputError, TraceError
+from .trace import first_line
 from ..ops.visible import call_visibly
 
 __all__ = ["Kind", "RESIDENT", "StorageInfo", "TensorMeta", "StepRecord", "profile_step", "require"]
@@ -195,6 +198,7 @@ def _tensors(x: Any) -> list[torch.Tensor]:
 class _StepInterpreter(fx.Interpreter):
     def __init__(self, gm: fx.GraphModule, reg: _Registry, workspace: _StepTracker):
         super().__init__(gm, garbage_collect_values=False)
+        self.extra_traceback = False  # our errors name the node already; fx's tail is noise
         self.reg = reg
         self.workspace = workspace
         # (node, output index, grad_fn, output_nr): the grad_fn is taken right after the node ran,
@@ -224,7 +228,7 @@ class _StepInterpreter(fx.Interpreter):
                 where = f" (module '{n.target}')" if n.op == "call_module" else ""
                 raise InputError(
                     f"the example inputs do not fit the model: node '{n.name}'{where} failed on "
-                    f"fake tensors with {type(e).__name__}: {e}"
+                    f"fake tensors with {type(e).__name__}: {first_line(e)}"
                 ) from e
         # a node that returns one of its inputs unchanged (nn.Identity) is that input, for
         # autograd too: it has no backward of its own
@@ -304,6 +308,19 @@ class _Runner(nn.Module):
         return self._interp[0].run(*args)
 
 
+@contextlib.contextmanager
+def _quiet(name: str):
+    """Silence a logger: fake tensors log a traceback for every op that fails on shapes, which
+    fxsketch turns into an InputError naming the node."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def profile_step(
     gm: fx.GraphModule,
     example_inputs: tuple[torch.Tensor, ...],
@@ -343,7 +360,7 @@ def profile_step(
     # The fake parameters stay swapped in through backward too (what torch.func.functional_call
     # does for a forward only): a checkpointed segment replays its forward during backward.
     swap = _reparametrize_module(runner, {f"gm.{k}": v for k, v in state.items()})
-    with mode, workspace, swap:
+    with mode, workspace, swap, _quiet("torch._subclasses.fake_tensor"):
         out = runner(*fake_inputs)
         record.output_storages = tuple(dict.fromkeys(reg.find(t) for t in _tensors(out)))
         node_grads: dict[tuple[str, int], int] = {}

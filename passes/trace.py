@@ -78,7 +78,7 @@ def check_inputs(model: Any, example_inputs: Any) -> tuple[torch.Tensor, ...]:
     return example_inputs
 
 
-def _first_line(e: Exception) -> str:
+def first_line(e: Exception) -> str:
     """fx's message without its boilerplate tail ("Original traceback: None", "Use tlparse ...")."""
     lines = [ln for ln in str(e).splitlines() if ln.strip()]
     keep = [ln for ln in lines if not ln.startswith(("Original traceback", "Use tlparse", "For more information"))]
@@ -109,7 +109,7 @@ def trace(model: nn.Module, example_inputs: Any, *, leaf_modules: Sequence[type]
                    "no data-dependent shapes), e.g. by moving the untraceable code into a submodule "
                    "and passing that submodule's type in leaf_modules=(...).")
         raise TraceError(
-            f"torch.fx cannot trace {where}: {type(e).__name__}: {_first_line(e)}\nFix: {fix}"
+            f"torch.fx cannot trace {where}: {type(e).__name__}: {first_line(e)}\nFix: {fix}"
         ) from e
     gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]

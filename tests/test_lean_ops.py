@@ -171,3 +171,29 @@ def test_ops_run_on_fake_tensors_with_the_right_shapes():
         (dx,) = torch.autograd.grad(y.sum(), x)
     assert tuple(y.shape) == tuple(F.max_pool2d(torch.randn(2, 3, 9, 8), (3, 2), 2, 1, ceil_mode=True).shape)
     assert dx.shape == x.shape
+
+
+def test_double_backward_through_lean_relu_equals_eager():
+    # a gradient penalty: the lean ReLU's backward is linear in its incoming gradient
+    torch.manual_seed(0)
+    x = torch.randn(6, 5, requires_grad=True)
+    w = torch.randn(5, 4, requires_grad=True)
+    grads = []
+    for relu in (lambda t: lean_relu(t), torch.relu, lambda t: lean_leaky_relu(t, 0.1)):
+        out = relu(x @ w).pow(2).sum()
+        (gx,) = torch.autograd.grad(out, x, create_graph=True)
+        (gw,) = torch.autograd.grad(gx.pow(2).sum(), w)
+        grads.append(gw)
+    torch.testing.assert_close(grads[0], grads[1])
+    x2 = x.detach().requires_grad_()
+    out = F.leaky_relu(x2 @ w, 0.1).pow(2).sum()
+    (gx,) = torch.autograd.grad(out, x2, create_graph=True)
+    torch.testing.assert_close(grads[2], torch.autograd.grad(gx.pow(2).sum(), w)[0])
+
+
+def test_double_backward_through_lean_max_pool_names_the_op_and_the_fix():
+    import fxsketch
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    out = lean_max_pool(x * 2, 2).pow(2).sum()
+    with pytest.raises(fxsketch.UnsupportedError, match=r"lean_max_pool does not support double backward.*methods="):
+        torch.autograd.grad(out, x, create_graph=True)

@@ -262,3 +262,17 @@ def test_a_batch_of_one_plans_without_calibration():
     model, x = Net(), torch.randn(1, 3, 32, 32)
     gm = fxsketch.optimize(model, (x,), max_overhead=1.0, progress=False)
     assert any("batch of one" in n for n in gm.memory_plan.notes)
+
+
+def test_deepcopy_and_pickle_keep_the_plan(optimized):
+    import pickle
+    _, x, gm = optimized
+    for copied in (copy.deepcopy(gm), pickle.loads(pickle.dumps(gm))):
+        assert copied.memory_plan.peak_bytes == gm.memory_plan.peak_bytes
+        torch.testing.assert_close(copied(x), gm(x))
+
+
+def test_probe_note_counts_calibrated_and_refused_convs():
+    model, x = net_and_input()
+    plan = fxsketch.optimize(model, (x,), max_overhead=1.0, progress=False).memory_plan
+    assert any(n.startswith("probing: ") and "calibrated" in n for n in plan.notes), plan.notes

@@ -123,7 +123,7 @@ def test_resnet50_batch_256_plans_fast_without_allocating():
 def test_cli_plan_prints_the_report_and_writes_json(capsys, tmp_path):
     out_json = tmp_path / "plan.json"
     assert main(["plan", "torchvision.models:resnet18", "--input", "2x3x32x32",
-                 "--json", str(out_json)]) == 0
+                 "--json", str(out_json), "--nodes"]) == 0
     text = capsys.readouterr().out
     assert "fxsketch memory plan for ResNet" in text and "predicted peak" in text
     assert "layer4_1_conv2" in text  # the node table
@@ -162,3 +162,32 @@ def test_cli_bad_shape_and_dtype_are_usage_errors(capsys):
         assert info.value.code == 2
     assert "unknown dtype 'float33'" in capsys.readouterr().err
     assert parse_shape("8X3x224x224") == (8, 3, 224, 224)
+
+
+def test_cli_prints_the_node_table_only_with_nodes(capsys):
+    assert main(["plan", "fxsketch.__main__:SmallCNN", "--input", "2x3x16x16", "--optimize"]) == 0
+    text = capsys.readouterr().out
+    assert "predicted peak" in text and "placeholder" not in text
+
+
+@pytest.mark.parametrize("flag, path, message", [
+    ("--plot", "plan.txt", r"cannot save a plan as \.txt"),
+    ("--json", "no_such_folder_xyz/plan.json", "does not exist"),
+])
+def test_cli_checks_outputs_before_planning(tmp_path, flag, path, message):
+    start = time.perf_counter()
+    with pytest.raises(SystemExit, match=message):
+        main(["plan", "torchvision.models:resnet50", "--input", "64x3x224x224", "--budget", "0.5",
+              flag, str(tmp_path / path)])
+    assert time.perf_counter() - start < 2.0  # refused before the model was even built
+
+
+def test_plot_draws_both_timelines_in_their_own_panels(tmp_path):
+    pytest.importorskip("matplotlib")
+    from fxsketch._plot import _figure
+    torch.manual_seed(0)
+    gm = fxsketch.optimize(Small(), (torch.randn(8, 3, 16, 16),), max_overhead=1.0, calibrate=False)
+    fig, plt = _figure(gm.memory_plan)
+    titles = [ax.get_title() for ax in fig.axes]
+    plt.close(fig)
+    assert len(titles) == 2 and "unmodified" in titles[0] and "optimized" in titles[1]

@@ -337,3 +337,14 @@ def test_model_calling_the_ops_plans_to_its_measured_peak(shape, rank, mode):
     measured = fxsketch.measure(model, (x,), repeat=1).peak_bytes
     # the op's workspace is modelled from its chunking (workspace_nbytes): never far below
     assert 0.98 * measured <= predicted <= 1.10 * measured, (predicted, measured)
+
+
+def test_double_backward_through_probed_conv_names_the_op_and_the_fix():
+    import fxsketch
+    x = torch.randn(2, 3, 8, 8, requires_grad=True)
+    w = torch.randn(4, 3, 3, 3, requires_grad=True)
+    out = probed_conv(x, w, padding=1, rank=4).pow(2).sum()
+    with pytest.raises(fxsketch.UnsupportedError, match=r"probed_conv does not support double backward.*methods="):
+        torch.autograd.grad(out, x, create_graph=True)
+    (gx,) = torch.autograd.grad(probed_conv(x, w, padding=1, rank=4).sum(), x)  # plain backward works
+    assert gx.shape == x.shape

@@ -92,6 +92,13 @@ def test_wrong_shape_names_the_node_and_module():
         fxsketch.plan(model, (torch.randn(2, 4),))
 
 
+def test_input_error_carries_no_fx_boilerplate():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(16, 2))
+    with pytest.raises(InputError) as info:
+        fxsketch.plan(model, (torch.randn(2, 4),))
+    assert "Original traceback" not in str(info.value) and "tlparse" not in str(info.value)
+
+
 def test_wrong_shape_in_a_nested_module():
     with pytest.raises(InputError, match=r"the example inputs do not fit the model: node "
                                          r"'block_0' \(module 'block.0'\)"):

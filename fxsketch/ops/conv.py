@@ -20,6 +20,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from ..errors import UnsupportedError
+
 from .probed import (ConvGeometry, _input_and_bias_grad, conv_geometry, dw_channel, dw_spatial, sketch,
                      sketch_workspace_nbytes, weight_grad_workspace_nbytes)
 from .probes import check_rank_mode_probe, sketch_shape
@@ -103,8 +105,12 @@ class _ProbedConv(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy):
+        if torch.is_grad_enabled():  # create_graph=True: the dW estimate is not differentiable
+            raise UnsupportedError(
+                "fxsketch.ops.probed_conv does not support double backward (create_graph=True, e.g. "
+                "a gradient penalty): its weight gradient is an estimate from a sketch. Plan without "
+                "probes: optimize(..., methods=('lean', 'recompute')).")
         saved = ctx.saved_tensors
         weight, geo = saved[-1], ctx.geo
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]

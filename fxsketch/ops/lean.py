@@ -20,6 +20,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ..errors import UnsupportedError
+
 from ._args import per_axis
 
 __all__ = ["lean_relu", "lean_leaky_relu", "lean_max_pool", "pack_bits", "unpack_bits"]
@@ -109,6 +111,20 @@ def _relu_backward(ctx, grad, *_):
 _relu_op.register_autograd(_relu_backward, setup_context=_relu_setup)
 
 
+def _relu_backward_setup(ctx, inputs, output):
+    ctx.slope = inputs[2]
+    ctx.save_for_backward(inputs[1])
+
+
+def _relu_double_backward(ctx, gg):
+    # the backward is linear in its incoming gradient, with the same mask: double backward works
+    (mask,) = ctx.saved_tensors
+    return _relu_backward_op(gg, mask, ctx.slope), None, None
+
+
+_relu_backward_op.register_autograd(_relu_double_backward, setup_context=_relu_backward_setup)
+
+
 class _LeanReLUInplace(torch.autograd.Function):
     """The in-place variant: a mutating custom op cannot take register_autograd, and
     mark_dirty gives torch's in-place rules (version counter, leaves refused)."""
@@ -120,7 +136,7 @@ class _LeanReLUInplace(torch.autograd.Function):
         _relu_setup(ctx, (x, negative_slope), (x, mask))
         return x
 
-    backward = staticmethod(torch.autograd.function.once_differentiable(_relu_backward))
+    backward = staticmethod(_relu_backward)
 
 
 def _lean_relu(x, negative_slope, inplace):
@@ -244,6 +260,11 @@ def _max_pool_setup(ctx, inputs, output):
 
 
 def _max_pool_backward(ctx, grad, _grad_offset):
+    if torch.is_grad_enabled() and grad.requires_grad:
+        raise UnsupportedError(
+            "fxsketch.ops.lean_max_pool does not support double backward (create_graph=True, e.g. a "
+            "gradient penalty). Plan without it: optimize(..., methods=('probe', 'recompute')), or "
+            "keep the max-pool exact by passing its module type in leaf_modules.")
     (offset,) = ctx.saved_tensors
     return _max_pool_backward_op(grad, offset, ctx.in_shape, *ctx.args), None, None, None, None, None
 
