@@ -276,3 +276,23 @@ def test_probe_note_counts_calibrated_and_refused_convs():
     model, x = net_and_input()
     plan = fxsketch.optimize(model, (x,), max_overhead=1.0, progress=False).memory_plan
     assert any(n.startswith("probing: ") and "calibrated" in n for n in plan.notes), plan.notes
+
+
+def test_a_mistyped_option_lists_the_valid_ones():
+    model, x = net_and_input()
+    with pytest.raises(fxsketch.ConfigError, match=r"'max_overheed' \(did you mean 'max_overhead'\?\).*max_grad_noise"):
+        fxsketch.optimize(model, (x,), max_overheed=0.3)
+    with pytest.raises(fxsketch.ConfigError, match=r"budget=1 is 1 B, below 1 KiB.*budget=1.0"):
+        fxsketch.optimize(model, (x,), 1)
+    with pytest.raises(fxsketch.ConfigError, match="without optimized=True"):
+        fxsketch.plan(model, (x,), 0.5)
+
+
+def test_budget_error_hints_only_at_options_not_already_on():
+    model, x = net_and_input()
+    with pytest.raises(BudgetError) as all_on:
+        fxsketch.optimize(model, (x,), "2KiB", calibrate=False)
+    assert "allow more methods" not in str(all_on.value)
+    with pytest.raises(BudgetError) as lean_only:
+        fxsketch.optimize(model, (x,), "2KiB", methods=("lean",), calibrate=False)
+    assert "allow more methods (methods=('lean', 'probe', 'recompute'))" in str(lean_only.value)

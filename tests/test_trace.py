@@ -214,3 +214,14 @@ def test_plan_does_not_mutate_an_input_that_requires_grad():
     x = torch.randn(2, 4, requires_grad=True)
     fxsketch.plan(mlp(), (x,))
     assert x.grad is None and x.grad_fn is None
+
+
+def test_untraceable_top_level_model_is_not_told_to_make_itself_a_leaf():
+    class Top(nn.Module):
+        def forward(self, x):
+            return x * 2 if x.sum() > 0 else x
+
+    with pytest.raises(TraceError) as info:
+        fxsketch.plan(Top(), (torch.randn(2, 4),))
+    assert "leaf_modules=(Top,)" not in str(info.value)
+    assert "submodule" in str(info.value)
