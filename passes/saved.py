@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..errors import InputError, TraceError
+from .reserve import correct_reserve
 from .trace import first_line
 from ..ops.visible import call_visibly
 
@@ -175,6 +176,7 @@ class _StepTracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = call_visibly(self, func, args, kwargs)  # fxsketch's own custom ops: their workspace too
+        out = correct_reserve(func, args, kwargs, out)  # RNN reserve buffers that fake kernels leave empty
         for t in _tensors(out):
             st = t.untyped_storage()
             if st._cdata not in self._seen:

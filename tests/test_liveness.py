@@ -400,3 +400,40 @@ def test_frozen_layers_save_less():
     for p in model.stem.parameters():
         p.requires_grad_(False)
     assert_predicts(model, image())
+
+
+class _Recurrent(nn.Module):
+    def __init__(self, cls, layers):
+        super().__init__()
+        self.rnn = cls(64, 64, layers, batch_first=True)
+        self.fc = nn.Linear(64, 4)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0])
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(64, 192)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).chunk(3, -1)
+        q, k, v = (z.view(b, t, 4, 16).transpose(1, 2) for z in (q, k, v))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, 64)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_lstm_reserve_buffer_is_predicted(layers):
+    # oneDNN's LSTM workspace is returned by the kernel and saved for backward; its fake kernel
+    # returns it empty (passes/reserve.py measures it): before, -55 % and -76 % here
+    assert_predicts(_seeded(lambda: _Recurrent(nn.LSTM, layers)), torch.randn(16, 32, 64))
+
+
+def test_gru_and_attention_are_predicted():
+    assert_predicts(_seeded(_Attention), torch.randn(4, 64, 64))
+    # the CPU GRU runs step by step; the plan over-predicts it (the safe direction), within 20 %
+    predicted, measured = assert_predicts(_seeded(lambda: _Recurrent(nn.GRU, 2)), torch.randn(16, 32, 64),
+                                          tol=0.2)
+    assert predicted >= measured
