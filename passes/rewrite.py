@@ -3,7 +3,8 @@
 Each candidate is emitted by its option kind (:mod:`fxsketch.passes.options`): single-node
 replacements first (probe, lean), then the kinds that span nodes (recompute), so a replayed
 segment carries the replaced ops inside it. Every node that now stands for a choice is marked
-``node.meta["fxsketch.option"]`` (the kind's name, shown in the report's node table) and
+``node.meta["fxsketch.option"]`` (the kind's label, e.g. "probe r=16", shown in the report's
+node table) and
 ``node.meta["fxsketch.choice"]`` (its position in ``chosen``).
 
 The new module shares the model's submodules (so its parameters, and ``state_dict`` keys, are the
@@ -50,7 +51,7 @@ def rewrite(model: nn.Module, gm: fx.GraphModule, chosen: Sequence[Candidate],
     order = sorted(range(len(chosen)), key=lambda i: get(chosen[i].kind).spans_nodes)  # node kinds first
     for i in order:
         node = get(chosen[i].kind).rewrite(rw, chosen[i])
-        node.meta["fxsketch.option"] = chosen[i].kind
+        node.meta["fxsketch.option"] = get(chosen[i].kind).label(chosen[i])
         node.meta["fxsketch.choice"] = i  # position in ``chosen``: the report maps decisions to nodes
     new.graph.lint()
     new.recompile()

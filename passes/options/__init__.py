@@ -126,6 +126,10 @@ class OptionKind:
         """Emit ``cand`` into ``rw.graph``; return the node that now stands for it."""
         raise NotImplementedError(f"option kind {self.name!r} has no rewrite")
 
+    def label(self, cand: Candidate) -> str:
+        """The node table's option column for ``cand`` (the kind's name by default)."""
+        return self.name
+
 
 _REGISTRY: dict[str, OptionKind] = {}
 

@@ -107,6 +107,9 @@ class Probe(OptionKind):
                    Candidate(self.name, (n.name,),
                              dict(spec, rank=r, mode=st.mode, probe=st.probe, ratio=ratio), detail))
 
+    def label(self, cand: Candidate) -> str:
+        return f"probe r={cand.params['rank']}"
+
     def rewrite(self, rw: RewriteContext, cand: Candidate) -> fx.Node:
         n, p = rw.by_name[cand.nodes[0]], cand.params
         w, b = _attr(rw, p["weight"], n), _attr(rw, p["bias"], n)

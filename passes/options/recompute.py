@@ -123,6 +123,9 @@ class Recompute(OptionKind):
                        covers=tuple(n.name for n in seg)),
                 Candidate(self.name, tuple(n.name for n in seg), {}, f"{first} .. {last} ({len(seg)} nodes)"))
 
+    def label(self, cand: Candidate) -> str:
+        return f"recompute {len(cand.nodes)} nodes"
+
     def rewrite(self, rw: RewriteContext, cand: Candidate) -> fx.Node:
         graph = rw.graph
         seg = [rw.by_name[name] for name in cand.nodes]
