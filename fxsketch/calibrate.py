@@ -220,7 +220,7 @@ def calibrate_convs(model: nn.Module, example_inputs: Any, convs: Mapping[str, A
                     ranks_by_conv: Mapping[str, Sequence[int]], *, loss_fn: Callable | None = None,
                     mode: str = "spatial", probe: str = "gaussian", n_probe_samples: int = 8,
                     sgd_groups: int | None = None, seed: int = 0, rel_tol: float = 0.1,
-                    progress: bool = True) -> dict[str, ConvNoise]:
+                    progress: bool | None = None) -> dict[str, ConvNoise]:
     """Measure, per conv, the SGD noise of dW and the probe noise of each candidate rank.
 
     ``convs`` maps a name (fx node name or module path; only used as the key) to the conv
@@ -283,7 +283,7 @@ def calibrate_convs(model: nn.Module, example_inputs: Any, convs: Mapping[str, A
     result: dict[str, ConvNoise] = {}
     seeds = [seed * 1_000_003 + i + 1 for i in range(n_probe_samples)]
     for name, grad in tqdm(list(zip(names, grads)), desc="calibrating convs", unit="conv",
-                           disable=not progress, leave=False):
+                           disable=None if progress is None else not progress, leave=False):
         calls = [c for c in capture.calls[name] if c.dy is not None]
         if grad is None or not calls:
             raise ValueError(f"conv {name!r} did not take part in the loss's backward (no call of it "

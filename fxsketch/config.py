@@ -48,8 +48,9 @@ class Config:
     calibrate: bool = True
     """Calibrate probe ranks from gradient noise (needs real example inputs and one real
     forward+backward). False: ranks from ``ratios`` with a heuristic noise estimate."""
-    progress: bool = True
-    """Show a progress bar while calibrating."""
+    progress: bool | None = None
+    """Show a progress bar while calibrating: True always, False never, None (default) only
+    when stderr is a terminal (tqdm's convention), so logs and CI output stay clean."""
     time_nodes: bool = True
     """Time every node's forward on the example batch (when it holds real tensors) and estimate
     extra step time from those times; False (or meta inputs): a roofline estimate from FLOPs and

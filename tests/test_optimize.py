@@ -296,3 +296,15 @@ def test_budget_error_hints_only_at_options_not_already_on():
     with pytest.raises(BudgetError) as lean_only:
         fxsketch.optimize(model, (x,), "2KiB", methods=("lean",), calibrate=False)
     assert "allow more methods (methods=('lean', 'probe', 'recompute'))" in str(lean_only.value)
+
+
+def test_a_library_call_without_a_terminal_prints_nothing():
+    # calibration's progress bar follows tqdm's convention: shown only on a terminal
+    import subprocess
+    import sys
+    code = ("import torch, fxsketch; from torch import nn; torch.manual_seed(0); "
+            "m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)); "
+            "fxsketch.optimize(m, (torch.randn(4, 3, 16, 16),), max_overhead=1.0)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "" and run.stderr == "", (run.stdout, run.stderr)
