@@ -271,12 +271,10 @@ def _freed_at_peak(analysis: Analysis, v: Verified, cand: Candidate, rewritten: 
 
     def counterpart(sid: int) -> int | None:
         owner = storages[sid].owner
-        if owner not in by_name:
+        own = [m.storage for m in by_name[owner].meta.get("fxsketch.tensor", ())] if owner in by_name else []
+        if sid not in own:
             return None
-        index = [m.storage for m in by_name[owner].meta.get("fxsketch.tensor", ())].index(sid) \
-            if sid in [m.storage for m in by_name[owner].meta.get("fxsketch.tensor", ())] else None
-        if index is None:
-            return None
+        index = own.index(sid)
         if owner in inside:
             if len(cand.nodes) > 1:  # a replayed segment: only its outputs survive, as the call's
                 if owner not in outputs:

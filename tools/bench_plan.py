@@ -30,6 +30,32 @@ def _unet():
                 strides=(2, 2, 2), num_res_units=2)
 
 
+class _Recurrent(torch.nn.Module):
+    """An RNN (its fused kernel is one node) and a linear head."""
+
+    def __init__(self, cls, layers):
+        super().__init__()
+        self.rnn = cls(128, 128, layers, batch_first=True)
+        self.fc = torch.nn.Linear(128, 4)
+
+    def forward(self, x):
+        return self.fc(self.rnn(x)[0])
+
+
+class _Attention(torch.nn.Module):
+    """One F.scaled_dot_product_attention over a QKV projection."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(64, 192)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q, k, v = self.qkv(x).chunk(3, -1)
+        q, k, v = (z.view(b, t, 4, 16).transpose(1, 2) for z in (q, k, v))
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, 64)
+
+
 # (row name, model factory, input shape, measure?)
 CASES = [
     ("resnet18", _tv("resnet18"), (8, 3, 64, 64), True),
@@ -39,6 +65,10 @@ CASES = [
     ("r3d_18", _tv("r3d_18"), (2, 3, 8, 64, 64), True),
     ("MONAI 3D UNet", _unet, (2, 1, 64, 64, 64), True),
     ("resnet50 (meta input)", _tv("resnet50"), (256, 3, 224, 224), False),
+    ("LSTM 1 layer", lambda: _Recurrent(torch.nn.LSTM, 1), (32, 64, 128), True),
+    ("LSTM 2 layers", lambda: _Recurrent(torch.nn.LSTM, 2), (32, 64, 128), True),
+    ("GRU 2 layers", lambda: _Recurrent(torch.nn.GRU, 2), (32, 64, 128), True),
+    ("attention (SDPA)", _Attention, (8, 128, 64), True),
 ]
 
 

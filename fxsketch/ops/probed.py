@@ -32,8 +32,7 @@ from ._args import per_axis
 from .probes import probe_buckets_and_values
 
 __all__ = ["ConvGeometry", "conv_geometry", "sketch", "dw_spatial", "dw_channel", "reconstruct",
-           "exact_weight_grad", "tap_indices", "sketch_workspace_nbytes", "weight_grad_workspace_nbytes",
-           "workspace_nbytes"]
+           "exact_weight_grad", "tap_indices", "sketch_workspace_nbytes", "weight_grad_workspace_nbytes"]
 
 # Target transient size (elements) of one chunk in forward and backward; at least one sample.
 CHUNK_ELEMS = 1 << 22
@@ -312,9 +311,3 @@ def weight_grad_workspace_nbytes(x_shape, y_shape, weight_shape, rank: int, mode
     block = max(1, min(c, CHUNK_ELEMS // max(1, p_in))) * p_in
     step = _chunk(n, c * p_in, _transient_elems(n * c * p_in))
     return 48 * block + 4 * step * (c * p_in + block + o * p_out) + 4 * math.prod(weight_shape)
-
-
-def workspace_nbytes(x_shape, y_shape, weight_shape, rank: int, mode: str) -> tuple[int, int]:
-    """(forward, backward) estimated workspace bytes of the probed conv: the two above."""
-    return (sketch_workspace_nbytes(x_shape, rank, mode),
-            weight_grad_workspace_nbytes(x_shape, y_shape, weight_shape, rank, mode))
