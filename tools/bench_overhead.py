@@ -19,6 +19,10 @@ For each (model, input, setting) row:
   for budget=None rows also measured <= max_overhead + 0.05 (max_overhead as a bound);
 - decisions: the count by option (``d.option.value``).
 
+With ``--split``, every budget=None setting also gets one row per single method
+(``methods=("lean",)``, ``methods=("recompute",)``, ``methods=("probe",)``), so the measured gap
+of each option kind can be seen on its own.
+
 After the table, the estimated extra time of each row is broken down by option, so a gap can be
 traced to the kinds of decisions that row made. A row whose optimize() raises BudgetError (or any
 other error) prints the error in the row instead of numbers.
@@ -86,17 +90,23 @@ class Row:
         return f"{'**yes**' if ok else '**no**'} ({', '.join(parts)})"
 
 
-def setting_name(budget, max_overhead) -> str:
-    return f"budget={budget}, max_overhead={max_overhead}"
+SPLIT_METHODS = (("lean",), ("recompute",), ("probe",))
+
+
+def setting_name(budget, max_overhead, methods=None) -> str:
+    s = f"budget={budget}, max_overhead={max_overhead}"
+    return s if methods is None else s + f", methods={'+'.join(methods)}"
 
 
 def run_row(name: str, model: nn.Module, x: torch.Tensor, budget, max_overhead: float,
-            repeat: int, rounds: int) -> Row:
-    row = Row(f"{name} ({'x'.join(map(str, x.shape))})", setting_name(budget, max_overhead),
+            repeat: int, rounds: int, methods=None) -> Row:
+    row = Row(f"{name} ({'x'.join(map(str, x.shape))})", setting_name(budget, max_overhead, methods),
               budget, max_overhead)
+    extra = {} if methods is None else {"methods": methods}
     t0 = time.perf_counter()
     try:
-        gm = fxsketch.optimize(model, (x,), budget, max_overhead=max_overhead, seed=0, progress=False)
+        gm = fxsketch.optimize(model, (x,), budget, max_overhead=max_overhead, seed=0, progress=False,
+                               **extra)
     except fxsketch.BudgetError as e:
         row.error = f"BudgetError: {str(e).splitlines()[0]}"
         row.seconds = time.perf_counter() - t0
@@ -164,6 +174,8 @@ def main(argv=None) -> int:
                     help=f"comma-separated subset of {','.join(MODELS)}")
     ap.add_argument("--quick", action="store_true",
                     help="smaller inputs, first setting per model only, --rounds 1")
+    ap.add_argument("--split", action="store_true",
+                    help="also one row per single method for every budget=None setting")
     ap.add_argument("--threads", type=int, default=None,
                     help="torch.set_num_threads(N) (default: leave torch's setting)")
     args = ap.parse_args(argv)
@@ -185,8 +197,13 @@ def main(argv=None) -> int:
         model = build(name)
         torch.manual_seed(0)
         x = torch.randn(shape)
+        runs = []
         for budget, m in settings:
-            row = run_row(name, model, x, budget, m, args.repeat, rounds)
+            runs.append((budget, m, None))
+            if args.split and budget is None:
+                runs.extend((budget, m, meth) for meth in SPLIT_METHODS)
+        for budget, m, meth in runs:
+            row = run_row(name, model, x, budget, m, args.repeat, rounds, meth)
             rows.append(row)
             print(f"[{row.seconds:6.1f} s] {row.model} {row.setting}: "
                   + (row.error or f"est {100 * row.estimated:+.1f} %, meas {100 * row.measured:+.1f} %"),
