@@ -123,6 +123,8 @@ def _planning_options(args: argparse.Namespace) -> dict | None:
                 seed=args.seed)
     if args.methods is not None:
         opts["methods"] = tuple(m for m in args.methods.split(",") if m)
+    if args.max_grad_noise is not None:
+        opts["max_grad_noise"] = args.max_grad_noise
     return opts
 
 
@@ -173,6 +175,9 @@ def _add_planning_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-overhead", type=float, default=0.2, help="estimated extra step time allowed (0.2)")
     p.add_argument("--probe-rank", type=int, default=None, help="force this rank on every probed conv")
     p.add_argument("--seed", type=int, default=None, help="seed of a private generator for the probes")
+    p.add_argument("--max-grad-noise", type=float, default=None,
+                   help="probe noise allowed, in units of each layer's SGD noise (default 1.0; "
+                        "docs/training.md trains at 4)")
 
 
 def _add_model_arguments(p: argparse.ArgumentParser, *, required: bool = True) -> None:
