@@ -210,7 +210,7 @@ def check_report_arguments(args: argparse.Namespace) -> None:
         if folder and not os.path.isdir(folder):
             raise SystemExit(f"fxsketch: {flag} {path}: folder {folder} does not exist")
     if args.plot:
-        from .report import check_plot_path
+        from ._plot import check_plot_path
         try:
             check_plot_path(args.plot)
         except Exception as e:

@@ -203,12 +203,6 @@ class MemoryPlan:
         return save_timeline(self, Path(path))
 
 
-def check_plot_path(path: str | Path) -> None:
-    """Raise now if :meth:`MemoryPlan.save` could not draw to ``path`` (format, matplotlib)."""
-    from ._plot import check_plot_path as check
-    check(path)
-
-
 def _short(text: str, width: int = 28) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 

@@ -1,6 +1,8 @@
 """The time model: how long each node's forward takes, and so what an option's extra time costs.
 
-Two estimators, named in the plan's notes:
+The machine constants of the roofline are measured once per device and kept in
+``~/.cache/fxsketch/device.json`` (``$FXSKETCH_CACHE``), so meta-input plans do not change with
+timing noise. Two estimators, named in the plan's notes:
   "measured"  every node timed on the real example batch (:func:`time_nodes`), where a roofline
               misjudges the machine (BatchNorm and ReLU on a CPU cost far more than their bytes);
   "roofline"  FLOPs / peak FLOP rate vs bytes / memory bandwidth per node (:func:`node_seconds`),
@@ -34,15 +36,51 @@ class Device:
     @staticmethod
     def for_tensor(t: torch.Tensor) -> "Device":
         """Constants measured once per device (a matmul and a copy), so that overheads are in the
-        proportions of this machine; meta tensors are timed on the CPU."""
+        proportions of this machine; meta tensors are timed on the CPU. The measurement is kept
+        on disk (see :func:`_cache_path`): timings vary from run to run, and a plan must not."""
         dev = torch.device("cpu") if t.device.type == "meta" else t.device
-        key = str(dev)
+        key = _device_key(dev)
         if key not in _MEASURED:
-            _MEASURED[key] = _measure(dev)
+            _MEASURED[key] = _load(key) or _store(key, _measure(dev))
         return _MEASURED[key]
 
 
 _MEASURED: dict[str, Device] = {}
+
+
+def _device_key(dev: torch.device) -> str:
+    import platform
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
+    return f"{dev.type}|{name}|{torch.get_num_threads() if dev.type == 'cpu' else ''}|torch {torch.__version__}"
+
+
+def _cache_path():
+    """``$FXSKETCH_CACHE/device.json`` (default ``~/.cache/fxsketch``)."""
+    import os
+    from pathlib import Path
+    return Path(os.environ.get("FXSKETCH_CACHE", Path.home() / ".cache" / "fxsketch")) / "device.json"
+
+
+def _load(key: str) -> "Device | None":
+    import json
+    try:
+        entry = json.loads(_cache_path().read_text()).get(key)
+    except (OSError, ValueError):
+        return None
+    return Device(**entry) if entry else None
+
+
+def _store(key: str, device: Device) -> Device:
+    import json
+    path = _cache_path()
+    try:
+        known = json.loads(path.read_text()) if path.exists() else {}
+        known[key] = {"flops": device.flops, "bandwidth": device.bandwidth}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(known, indent=1))
+    except (OSError, ValueError):
+        pass  # a read-only home: measured again next run
+    return device
 
 
 def _best_seconds(fn, dev: torch.device, reps: int = 3) -> float:

@@ -308,3 +308,20 @@ def test_a_library_call_without_a_terminal_prints_nothing():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     assert run.stdout == "" and run.stderr == "", (run.stdout, run.stderr)
+
+
+def test_the_same_plan_in_two_processes(tmp_path):
+    # the roofline's machine constants are measured once and kept on disk, so a meta-input plan
+    # (roofline costs) does not change with the timing noise of a new measurement
+    import os
+    import subprocess
+    import sys
+    code = ("import torch, torchvision, fxsketch; torch.manual_seed(0); "
+            "p = fxsketch.plan(torchvision.models.resnet18(), (torch.empty(8, 3, 224, 224, device='meta'),), "
+            "optimized=True); print([(d.node, d.option.value, d.detail) for d in p.decisions], p.peak_bytes)")
+    env = dict(os.environ, FXSKETCH_CACHE=str(tmp_path))
+    runs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+            for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[0].stderr
+    assert runs[0].stdout == runs[1].stdout and "probe" in runs[0].stdout
+    assert (tmp_path / "device.json").exists()

@@ -9,6 +9,7 @@ rank of ``settings.ratios`` with a heuristic noise sqrt(1 / storage ratio).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -122,7 +123,6 @@ class Probe(OptionKind):
 
 
 def _attr(rw: RewriteContext, target, like: fx.Node):
-    import warnings
     if target is None:
         return None
     if isinstance(target, fx.Node):  # a node of the analysed graph: its copy in this one
