@@ -10,7 +10,7 @@ from typing import Any, Callable, Sequence
 import torch.fx as fx
 from torch import nn
 
-from . import pipeline
+from . import dfa, pipeline
 from .config import Config
 from .errors import ConfigError
 from .report import MemoryPlan
@@ -25,6 +25,8 @@ __all__ = ["optimize", "plan"]
 
 def _optimize(model, example_inputs, config: Config, loss_fn, leaf_modules) -> fx.GraphModule:
     analysis = pipeline.analyse(model, example_inputs, loss_fn=loss_fn, leaf_modules=leaf_modules)
+    if dfa.selected(config):  # replaces backprop over the whole graph: no solver (fxsketch/dfa.py)
+        return dfa.optimize_dfa(model, analysis, config)
     proposal = pipeline.propose(model, analysis, config)
     fitted = pipeline.fit(model, analysis, proposal, config)
     gm = fitted.verified.gm

@@ -75,6 +75,10 @@ class Config:
         bad = [m for m in methods if m not in known]
         if bad:
             raise ConfigError(f"unknown method(s) {bad}: choose from {known}")
+        whole = [m for m in methods if _options.get(m).whole_graph]  # dfa: see passes/options/dfa.py
+        if whole and len(methods) > 1:
+            raise ConfigError(f"method {whole[0]!r} replaces backpropagation over the whole graph and cannot "
+                              f"be combined with {[m for m in methods if m != whole[0]]}: use methods=({whole[0]!r},)")
         if self.plan_time_limit is not None and not (
                 isinstance(self.plan_time_limit, (int, float)) and self.plan_time_limit > 0):
             raise ConfigError(f"plan_time_limit must be seconds > 0 or None, got {self.plan_time_limit!r}")

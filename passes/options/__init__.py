@@ -13,7 +13,7 @@ Adding a kind is adding a file: subclass :class:`OptionKind`, decorate it with :
 import the module (the built-ins are imported below).
 
 >>> sorted(registered())
-['lean', 'probe', 'recompute']
+['dfa', 'dfa-plain', 'lean', 'probe', 'recompute']
 """
 from __future__ import annotations
 
@@ -113,6 +113,7 @@ class OptionKind:
     default: ClassVar[bool] = False      # among the methods used when the user names none
     spans_nodes: ClassVar[bool] = False  # rewritten after every single-node replacement
     uses_rng: ClassVar[bool] = False     # its op draws from the probes' generator (``seed=``)
+    whole_graph: ClassVar[bool] = False  # replaces backprop over the whole graph (dfa): used alone
 
     def node_choices(self, ctx: ProposalContext, n: fx.Node) -> Iterable[tuple[Choice, Candidate]]:
         """The choices this kind offers for node ``n`` (none by default)."""
@@ -161,4 +162,4 @@ def default_methods() -> tuple[str, ...]:
     return tuple(name for name, kind in _REGISTRY.items() if kind.default)
 
 
-from . import probe, lean, recompute  # noqa: E402,F401  (the built-in kinds register themselves)
+from . import probe, lean, recompute, dfa  # noqa: E402,F401  (the built-in kinds register themselves)
