@@ -28,7 +28,8 @@ class Config:
     within ``max_overhead``."""
     methods: tuple[str, ...] = METHODS
     """Which option kinds the planner may use: any registered kind ("probe", "lean", "recompute",
-    and any added with :func:`fxsketch.passes.options.register`)."""
+    and any added with :func:`fxsketch.passes.options.register`). "dfa" (MEM-DFA) and "dfa-plain"
+    (plain DFA) replace backpropagation over the whole graph and are used alone (fxsketch/dfa.py)."""
     max_overhead: float = 0.2
     """Estimated extra step time allowed when ``budget`` is None (fraction of the step)."""
     probe_rank: int | None = None

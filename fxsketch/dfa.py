@@ -79,7 +79,7 @@ def optimize_dfa(model: nn.Module, analysis, config: Config) -> fx.GraphModule:
         node=f"{dfa.blocks[0].first}..{dfa.blocks[-1].last}", option=Option(method),
         detail=f"{name}: {len(dfa.blocks)} blocks, {n_fb} feedback matrices (seed {seed})",
         freed_bytes=max(0, analysis.timeline.peak_bytes - timeline.peak_bytes), rewritten=call.name)
-    notes = [f"{name}: each block's output gradient is B_l e (e = dL/d(output), B_l fixed Gaussian, "
+    notes = [f"{name}: each block's output gradient is B_l e (e = dL/d(output), B_l fixed random, "
              f"regenerated from the seed, never stored); the last block gets e: gradients are not "
              f"backprop's, so check accuracy (docs/training.md)",
              f"{name} blocks: {blocks}" if len(blocks) <= 400 else f"{name}: {len(dfa.blocks)} blocks",

@@ -2,9 +2,11 @@
 
 The traced graph is cut into local blocks (:mod:`fxsketch.passes.options.dfa` does the cut).
 Backpropagation hands block l the gradient of block l+1's input; DFA hands it ``B_l e`` instead:
-``e = dL/d(output)`` sent through a fixed random matrix ``B_l`` (Gaussian, variance 1/width of e,
-per sample: ``(B_l e)[n] = B_l @ e[n].flatten()``), and the block backpropagates that locally into
+``e = dL/d(output)`` sent through a fixed random matrix ``B_l`` (per sample:
+``(B_l e)[n] = B_l @ e[n].flatten()``), and the block backpropagates that locally into
 its own parameters only. The last block gets ``e`` itself (``B = I`` there).
+``B_l`` has uniform entries of mean 0 and variance 1/width(e) (so ``B e`` is about as large per
+element as ``e``), one matrix per floating tensor that crosses into a later block.
 
 ``B_l`` is never stored: :func:`feedback` regenerates it from ``(seed, key)`` in row chunks of at
 most :data:`CHUNK` elements with the same counter-based hash as the probes
@@ -39,27 +41,27 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..errors import UnsupportedError
 from .probes import hash_positions
 
-__all__ = ["CHUNK", "Block", "DFA", "feedback", "feedback_matrix"]
+__all__ = ["CHUNK", "MIN_CHUNK", "Block", "DFA", "feedback", "feedback_matrix"]
 
 CHUNK = 1 << 16
 """Most elements of ``B`` generated at once (a few int64 temporaries of this size); fewer when
-the result is small, so that the temporaries stay about the size of ``B e``."""
+the result is small, so that the temporaries stay about the size of ``B e``, but not fewer than
+``MIN_CHUNK``."""
+MIN_CHUNK = 1 << 14
 _M32 = (1 << 32) - 1
 
 
 def _rows(seed: int, key: int, start: int, stop: int, width: int, device, dtype) -> torch.Tensor:
-    """Rows ``start:stop`` of feedback matrix ``key``: Gaussian (Box-Muller on two hash streams),
-    scaled by 1/sqrt(width) so that ``B e`` is about as large per element as ``e``."""
+    """Rows ``start:stop`` of feedback matrix ``key``: uniform entries of mean 0 and variance
+    1/width (one 32-bit hash each), so that ``B e`` is about as large per element as ``e``."""
     if stop * width > _M32:
         raise UnsupportedError(f"DFA feedback matrix {key} has {stop * width} entries, more than the "
                                f"hash's 2**32 positions: the output error or the block output is too "
                                f"large per sample for DFA")
     q = torch.arange(start * width, stop * width, dtype=torch.int64, device=device)
-    u1 = ((hash_positions(seed, 2 * key, q) >> 8).to(torch.float32) + 0.5) * 2.0 ** -24
-    u2 = (hash_positions(seed, 2 * key + 1, q) >> 8).to(torch.float32) * 2.0 ** -24
+    u = hash_positions(seed, key, q).to(torch.float32)
     del q
-    z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
-    return (z * (1.0 / math.sqrt(width))).to(dtype).view(stop - start, width)
+    return ((u * 2.0 ** -32 - 0.5) * math.sqrt(12.0 / width)).to(dtype).view(stop - start, width)
 
 
 def _per_sample(e: torch.Tensor, shape: tuple[int, ...]) -> bool:
@@ -88,8 +90,9 @@ def feedback(e: torch.Tensor, seed: int, key: int, shape, dtype=None) -> torch.T
     rows = math.prod(shape[1:]) if per_sample else math.prod(shape)
     width = e2.shape[1]
     out = torch.empty(e2.shape[0], rows, dtype=e.dtype, device=e.device)
-    # a chunk's hash temporaries (~5 x 8 B per entry) stay about the size of the result
-    step = max(1, min(CHUNK, e2.shape[0] * rows // 8) // max(width, 1))
+    # a chunk's hash temporaries (~3 x 8 B per entry) stay about the size of the result, or
+    # MIN_CHUNK entries (fewer, smaller chunks cost more in per-op overhead than they save)
+    step = max(1, min(CHUNK, max(e2.shape[0] * rows // 6, MIN_CHUNK)) // max(width, 1))
     for a in range(0, rows, step):
         b = min(rows, a + step)
         out[:, a:b] = e2 @ _rows(seed, key, a, b, width, e.device, e.dtype).t()
