@@ -44,9 +44,9 @@ from .probes import hash_positions
 __all__ = ["CHUNK", "MIN_CHUNK", "Block", "DFA", "feedback", "feedback_matrix"]
 
 CHUNK = 1 << 16
-"""Most elements of ``B`` generated at once (a few int64 temporaries of this size); fewer when
-the result is small, so that the temporaries stay about the size of ``B e``, but not fewer than
-``MIN_CHUNK``."""
+"""Most elements of ``B`` generated at once (int64 hash temporaries, 40 B per entry at their
+peak); fewer when ``B e`` is small, so that they stay within a quarter of its bytes, but not
+fewer than ``MIN_CHUNK``."""
 MIN_CHUNK = 1 << 14
 _M32 = (1 << 32) - 1
 
@@ -90,9 +90,9 @@ def feedback(e: torch.Tensor, seed: int, key: int, shape, dtype=None) -> torch.T
     rows = math.prod(shape[1:]) if per_sample else math.prod(shape)
     width = e2.shape[1]
     out = torch.empty(e2.shape[0], rows, dtype=e.dtype, device=e.device)
-    # a chunk's hash temporaries (~3 x 8 B per entry) stay about the size of the result, or
-    # MIN_CHUNK entries (fewer, smaller chunks cost more in per-op overhead than they save)
-    step = max(1, min(CHUNK, max(e2.shape[0] * rows // 6, MIN_CHUNK)) // max(width, 1))
+    # a chunk's hash temporaries (40 B per entry at their peak) stay within a quarter of the
+    # result's bytes, or MIN_CHUNK entries (smaller chunks cost more in per-op overhead than they save)
+    step = max(1, min(CHUNK, max(e2.shape[0] * rows // 40, MIN_CHUNK)) // max(width, 1))
     for a in range(0, rows, step):
         b = min(rows, a + step)
         out[:, a:b] = e2 @ _rows(seed, key, a, b, width, e.device, e.dtype).t()
@@ -266,7 +266,8 @@ class DFA(nn.Module):
         return _Tap.apply(self._blocks(inputs, attrs, cut), state)
 
     def _map(self, name: str, value: Any, fn) -> Any:
-        """``value`` with ``fn(tensor, key)`` applied to each trainable floating tensor of it."""
+        """``value`` with ``fn(tensor, key)`` applied to each trainable floating tensor of it
+        (each with its feedback matrix ``key``); the output is left as it is (it gets e)."""
         if name == self.output:
             return value
         leaves, spec = tree_flatten(value)
@@ -277,6 +278,15 @@ class DFA(nn.Module):
             out.append(fn(leaf, key) if key is not None and _floating(leaf) else leaf)
         return tree_unflatten(out, spec)
 
+    def _feedbacks(self, name: str, value: Any, e: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """(tensor, its gradient) for each trainable tensor of a written value: e for the
+        output, ``B_key e`` for a crossing value."""
+        if name == self.output:
+            return [(value, e)] if _floating(value) else []
+        pairs = []
+        self._map(name, value, lambda t, key: pairs.append((t, feedback(e, self.seed, key, t.shape, t.dtype))))
+        return pairs
+
     def replay(self, inputs, attrs, e, wanted):
         """MEM-DFA's backward: replay each block on detached inputs, backpropagate its feedback
         (e for the output) into its parameters, keep only what later blocks read."""
@@ -286,17 +296,11 @@ class DFA(nn.Module):
         grads: list[torch.Tensor | None] = [None] * len(attrs)
 
         def local_backward(b, outs):
-            targets, fb = [], []
-            for name, v in zip(b.writes, outs):
-                if name == self.output and _floating(v):
-                    targets.append(v)
-                    fb.append(e)
-                else:
-                    self._map(name, v, lambda t, key: targets.append(t) or fb.append(
-                        feedback(e, self.seed, key, t.shape, t.dtype)) or t)
-            params = list(dict.fromkeys(canon[id(attrs[j])] for j in b.params))
-            params = [j for j in params if wanted[j]]
-            if targets and params:
+            params = [j for j in dict.fromkeys(canon[id(attrs[j])] for j in b.params) if wanted[j]]
+            pairs = [p for name, v in zip(b.writes, outs) for p in self._feedbacks(name, v, e)] if params else []
+            if pairs:
+                targets, fb = zip(*pairs)
+                del pairs
                 got = torch.autograd.grad(targets, [attrs[j] for j in params], fb, allow_unused=True)
                 del targets, fb
                 for j, g in zip(params, got):
