@@ -3,8 +3,10 @@ from .api import optimize, plan
 from .config import Config
 from .errors import BudgetError, ConfigError, FxsketchError, InputError, TraceError, UnsupportedError
 from .measurement import Measurement, measure
+from .ops.aop import reset_aop_memory
 from .report import Decision, MemoryPlan, Option
 
 __all__ = ["optimize", "plan", "measure", "Config", "MemoryPlan", "Decision", "Option", "Measurement",
-           "FxsketchError", "BudgetError", "ConfigError", "InputError", "TraceError", "UnsupportedError"]
+           "FxsketchError", "BudgetError", "ConfigError", "InputError", "TraceError", "UnsupportedError",
+           "reset_aop_memory"]
 __version__ = "0.1.0"

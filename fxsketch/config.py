@@ -6,6 +6,7 @@ from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from .errors import ConfigError
+from .ops.aop import check_aop
 from .ops.probes import MODES, PROBES
 from .passes import options as _options
 from .passes.options import OptionSettings
@@ -41,6 +42,14 @@ class Config:
     """Probe kind of the probed convs: "gaussian", "rademacher" or "orthogonal"."""
     mode: str = "spatial"
     """Sketch mode of the probed convs: "spatial" (r values per sample and channel) or "channel"."""
+    aop_k: float = 0.5
+    """Mem-AOP-GD (method "aop"): the fraction K / D of a layer's D outer products its dW keeps."""
+    aop_policy: str = "topk"
+    """Mem-AOP-GD: which K ("topk" by ||x_j|| * ||dy_j||, "weighted" sampled in proportion to it,
+    "uniform"); see fxsketch.ops.outer for how the rows left out are carried."""
+    aop_decay: float = 1.0
+    """Mem-AOP-GD: the factor on the memory of left-out rows at each step, in [0, 1]; 0: no memory
+    (plain AOP, sampling policies reweighted to be unbiased per step)."""
     ratios: tuple[float, ...] = (1 / 4, 1 / 16, 1 / 64)
     """Sketch sizes the planner may choose from, as fractions of the conv input."""
     max_grad_noise: float = 1.0
@@ -96,6 +105,10 @@ class Config:
             raise ConfigError(f"unknown probe {self.probe!r}: choose from {PROBES}")
         if self.mode not in MODES:
             raise ConfigError(f"unknown mode {self.mode!r}: choose from {MODES}")
+        try:
+            check_aop(self.aop_k, self.aop_policy, self.aop_decay)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         if not self.ratios or any(not (0 < r <= 1) for r in self.ratios):
             raise ConfigError(f"ratios must be fractions in (0, 1], got {self.ratios!r}")
         if not (isinstance(self.max_grad_noise, (int, float)) and self.max_grad_noise > 0):
@@ -122,7 +135,8 @@ class Config:
     def option_settings(self, noise=None) -> OptionSettings:
         """What the option kinds read, with calibrated ``noise`` (node name -> ConvNoise) if any."""
         return OptionSettings(ratios=tuple(self.ratios), probe_rank=self.probe_rank, mode=self.mode,
-                              probe=self.probe, max_grad_noise=self.max_grad_noise, noise=noise)
+                              probe=self.probe, max_grad_noise=self.max_grad_noise, noise=noise,
+                              aop_k=self.aop_k, aop_policy=self.aop_policy, aop_decay=self.aop_decay)
 
     def solver_options(self, time_limit: float | None = None) -> SolverOptions:
         """The solver's knobs, with this config's time limit (or ``time_limit`` when given)."""

@@ -179,10 +179,14 @@ def _budget_hint(config: Config, proposal: Proposal) -> str:
 
 
 def _no_worse(v: Verified, model, analysis: Analysis, proposal: Proposal, config: Config,
-              notes: list[str]) -> Verified:
+              notes: list[str], budget: int | None = None) -> Verified:
     """``v``, or the unmodified step when ``v``'s verified peak is above it (the solver's model
-    can miss a cost that only the rewritten graph's analysis shows, e.g. a lean op's workspace)."""
+    can miss a cost that only the rewritten graph's analysis shows, e.g. a lean op's workspace).
+    A plan above it that meets ``budget`` and is estimated to save time (Mem-AOP-GD trades memory
+    for time) is kept."""
     if not v.solution.chosen or v.timeline.peak_bytes <= analysis.timeline.peak_bytes:
+        return v
+    if budget is not None and v.timeline.peak_bytes <= budget and v.solution.cost < 0:
         return v
     notes.append(f"the solver's plan verified at {format_bytes(v.timeline.peak_bytes)}, above the "
                  f"unmodified step: the model is left as it is")
@@ -218,7 +222,7 @@ def fit(model: nn.Module, analysis: Analysis, proposal: Proposal, config: Config
             break
         v = apply(model, analysis, proposal, sol, config.seed)
         if budget is None or v.timeline.peak_bytes <= budget or not sol.chosen:
-            v = _no_worse(v, model, analysis, proposal, config, notes)  # still within the budget
+            v = _no_worse(v, model, analysis, proposal, config, notes, budget)  # still within the budget
             if budget is not None and v.timeline.peak_bytes > budget * 1.001:
                 notes.append(f"predicted peak exceeds the budget by "
                              f"{100 * (v.timeline.peak_bytes / budget - 1):.1f} %")

@@ -1,6 +1,7 @@
-"""Memory-lean autograd ops: the probed convolution and lean companions with exact gradients."""
+"""fxsketch's autograd ops: the probed convolution, lean companions with exact gradients, Mem-AOP-GD layers."""
 from .lean import lean_leaky_relu, lean_max_pool, lean_relu
 from .conv import probed_conv
+from .aop import AopMemory, aop_conv, aop_linear, reset_aop_memory
 from .probes import probe_buckets_and_values, rank_for_ratio, sketch_nbytes, sketch_shape
 
 __all__ = [
@@ -12,4 +13,8 @@ __all__ = [
     "lean_relu",
     "lean_leaky_relu",
     "lean_max_pool",
+    "aop_linear",
+    "aop_conv",
+    "AopMemory",
+    "reset_aop_memory",
 ]

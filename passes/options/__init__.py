@@ -13,7 +13,7 @@ Adding a kind is adding a file: subclass :class:`OptionKind`, decorate it with :
 import the module (the built-ins are imported below).
 
 >>> sorted(registered())
-['dfa', 'dfa-plain', 'lean', 'probe', 'recompute']
+['aop', 'dfa', 'dfa-plain', 'lean', 'probe', 'recompute']
 """
 from __future__ import annotations
 
@@ -52,6 +52,9 @@ class OptionSettings:
     probe: str = "gaussian"
     max_grad_noise: float = 1.0
     noise: Mapping[str, Any] | None = None   # node name -> calibrated ConvNoise
+    aop_k: float = 0.5                       # Mem-AOP-GD: fraction of outer products kept
+    aop_policy: str = "topk"                 # Mem-AOP-GD: "topk", "weighted" or "uniform"
+    aop_decay: float = 1.0                   # Mem-AOP-GD: memory decay per step (0: no memory)
 
 
 @dataclass
@@ -163,3 +166,4 @@ def default_methods() -> tuple[str, ...]:
 
 
 from . import probe, lean, recompute, dfa  # noqa: E402,F401  (the built-in kinds register themselves)
+from . import aop  # noqa: E402,F401  (Mem-AOP-GD: registered, not a default method)
