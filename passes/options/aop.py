@@ -10,8 +10,12 @@ byte budget leaves room for the memory and the estimate says it saves time; with
 (lowest peak) it is never worth its memory. ``settings.aop_k``, ``aop_policy`` and ``aop_decay``
 choose K / D, the policy and the memory's decay (0: no memory, no buffer).
 
-Noise: a heuristic sqrt(D / K - 1), the relative error of a K-of-D subsample of equal terms; it
-enters the solver's objective like the probes' heuristic noise (not calibrated against SGD noise).
+Noise, in units of the layer's SGD noise: sqrt(D / K - 1). When the D rows are independent
+samples (a linear layer's batch rows), a uniform K-of-D subsample of their gradient has variance
+sigma^2 (1/K - 1/D) beyond the batch's own sigma^2 / D, a ratio of D / K - 1; for conv rows
+(positions, not independent) and for top-K it is a stated prior, not a measurement. It enters the
+plan like every choice's noise: the objective's noise term and the ``max_grad_noise`` bound
+(K / D = 1/2 is 1.0, the default bound; K / D = 1/4 is 1.73).
 """
 from __future__ import annotations
 
