@@ -57,7 +57,8 @@ def optimize_dfa(model: nn.Module, analysis, config: Config) -> fx.GraphModule:
     memory = registry.get(method).memory
     _check_inputs(analysis)
     seed = _seed(config)
-    gm, dfa = build(model, analysis.gm, seed=seed, memory=memory)
+    emitted = build(model, analysis.gm, seed=seed, memory=memory)
+    gm = emitted.gm
     schedule, timeline = pipeline.verify(gm, analysis.inputs, analysis.loss_fn)
     budget = resolve_budget(config.budget, analysis.timeline.peak_bytes)
     name = "MEM-DFA" if memory else "DFA"
@@ -70,19 +71,19 @@ def optimize_dfa(model: nn.Module, analysis, config: Config) -> fx.GraphModule:
             f"{tuple(config.methods)}: {name} reaches a predicted peak of {format_bytes(timeline.peak_bytes)} "
             f"(unmodified: {format_bytes(analysis.timeline.peak_bytes)}). To go lower: {hint}; or raise "
             f"the budget to at least {format_bytes(timeline.peak_bytes)}.", timeline.peak_bytes)
-    call = next(n for n in gm.graph.nodes if n.op == "call_module" and n.target == "fxsketch_dfa")
-    call.meta["fxsketch.option"] = f"{name}, {len(dfa.blocks)} blocks"
-    call.meta["fxsketch.choice"] = 0
-    blocks = " | ".join(f"{b.first}..{b.last}" if b.first != b.last else b.first for b in dfa.blocks)
-    n_fb = sum(len(k) for k in dfa.keys.values())
+    node = next(n for n in gm.graph.nodes if n.name == emitted.node)
+    node.meta["fxsketch.option"] = f"{name}, {len(emitted.blocks)} blocks"
+    node.meta["fxsketch.choice"] = 0
+    blocks = " | ".join(f"{a}..{b}" if a != b else a for a, b in emitted.blocks)
+    n_fb = sum(len(k) for k in emitted.keys.values())
     decision = Decision(
-        node=f"{dfa.blocks[0].first}..{dfa.blocks[-1].last}", option=Option(method),
-        detail=f"{name}: {len(dfa.blocks)} blocks, {n_fb} feedback matrices (seed {seed})",
-        freed_bytes=max(0, analysis.timeline.peak_bytes - timeline.peak_bytes), rewritten=call.name)
+        node=f"{emitted.blocks[0][0]}..{emitted.blocks[-1][1]}", option=Option(method),
+        detail=f"{name}: {len(emitted.blocks)} blocks, {n_fb} feedback matrices (seed {seed})",
+        freed_bytes=max(0, analysis.timeline.peak_bytes - timeline.peak_bytes), rewritten=node.name)
     notes = [f"{name}: each block's output gradient is B_l e (e = dL/d(output), B_l fixed random, "
              f"regenerated from the seed, never stored); the last block gets e: gradients are not "
              f"backprop's, so check accuracy (docs/training.md)",
-             f"{name} blocks: {blocks}" if len(blocks) <= 400 else f"{name}: {len(dfa.blocks)} blocks",
+             f"{name} blocks: {blocks}" if len(blocks) <= 400 else f"{name}: {len(emitted.blocks)} blocks",
              "extra step time not estimated for DFA (see docs/training.md for measured step times)"]
     if memory:
         notes.insert(1, "MEM-DFA: forward saves only the inputs and the RNG state; backward replays "

@@ -14,10 +14,11 @@ most :data:`CHUNK` elements with the same counter-based hash as the probes
 
 Two runtimes give bit-identical parameter gradients; they differ only in memory:
 
-* plain DFA (``memory=False``): the forward runs the blocks with autograd as usual (every block's
-  activations are saved); each value that crosses into a later block passes through ``_Cut``,
-  whose backward throws away the later blocks' gradient and returns ``B e``.
-* MEM-DFA (``memory=True``): one autograd Function around the whole graph. Its forward runs under
+* plain DFA: the model's own graph, run with autograd as usual (every block's activations are
+  saved), with each value that crosses into a later block read there through :func:`dfa_cut`,
+  whose backward throws away the later blocks' gradient and returns ``B e``; :func:`dfa_tap` on
+  the output hands e to the cuts, :func:`dfa_state` is what they share in one step.
+* MEM-DFA (:class:`DFA`): one autograd Function around the whole graph. Its forward runs under
   ``no_grad`` and saves only its inputs and the RNG state; its backward receives ``e``, replays
   the blocks one at a time with autograd on detached inputs, backpropagates each block's ``B e``
   into that block's parameters and frees the block. Activation memory is one block's, whatever
@@ -41,7 +42,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..errors import UnsupportedError
 from .probes import hash_positions
 
-__all__ = ["CHUNK", "MIN_CHUNK", "Block", "DFA", "feedback", "feedback_matrix"]
+__all__ = ["CHUNK", "MIN_CHUNK", "Block", "DFA", "feedback", "feedback_matrix", "dfa_state", "dfa_cut", "dfa_tap"]
 
 CHUNK = 1 << 16
 """Most elements of ``B`` generated at once (int64 hash temporaries, 40 B per entry at their
@@ -114,6 +115,26 @@ class Block:
 
 def _floating(t) -> bool:
     return isinstance(t, torch.Tensor) and t.is_floating_point() and t.requires_grad
+
+
+def _map(value: Any, keys, fn) -> Any:
+    """``value`` with ``fn(tensor, key)`` applied to each trainable floating tensor of it, the
+    i-th tensor leaf with feedback matrix ``keys[i]``."""
+    leaves, spec = tree_flatten(value)
+    keys = iter(keys)
+    out = []
+    for leaf in leaves:
+        key = next(keys, None) if isinstance(leaf, torch.Tensor) else None
+        out.append(fn(leaf, key) if key is not None and _floating(leaf) else leaf)
+    return tree_unflatten(out, spec)
+
+
+def _no_input_grad(names, inputs) -> None:
+    bad = [name for name, x in zip(names, inputs) if isinstance(x, torch.Tensor) and x.requires_grad]
+    if bad and torch.is_grad_enabled():
+        raise UnsupportedError(f"DFA trains parameters only and computes no input gradient, but input "
+                               f"{bad[0]!r} requires grad: pass it detached (x.detach()), or plan "
+                               f"without 'dfa' for exact gradients")
 
 
 class _State:
@@ -212,12 +233,12 @@ class DFA(nn.Module):
     unregistered so that ``state_dict`` keys do not change. ``keys[name]`` is the feedback
     matrix of each floating tensor of a crossing value (the output has none: it gets e)."""
 
-    def __init__(self, blocks, inputs, attrs, output, keys, seed: int, memory: bool):
+    def __init__(self, blocks, inputs, attrs, output, keys, seed: int):
         super().__init__()
         object.__setattr__(self, "blocks", tuple(blocks))  # unregistered on purpose (see docstring)
         self.inputs, self.attrs, self.output = tuple(inputs), tuple(attrs), output
         self.n_inputs = len(self.inputs)
-        self.keys, self.seed, self.memory = dict(keys), int(seed), bool(memory)
+        self.keys, self.seed = dict(keys), int(seed)
         last = {}
         for i, b in enumerate(self.blocks):
             last.update((k, i) for k in b.reads)
@@ -227,14 +248,8 @@ class DFA(nn.Module):
         inputs, attrs = args[:self.n_inputs], args[self.n_inputs:]
         if not torch.is_grad_enabled():
             return self.run(inputs, attrs)
-        bad = [name for name, x in zip(self.inputs, inputs) if isinstance(x, torch.Tensor) and x.requires_grad]
-        if bad:
-            raise UnsupportedError(f"DFA trains parameters only and computes no input gradient, but input "
-                                   f"{bad[0]!r} requires grad: pass it detached (x.detach()), or plan "
-                                   f"without 'dfa' for exact gradients")
-        if self.memory:
-            return _MemDFA.apply(self, *args)
-        return self._plain(inputs, attrs)
+        _no_input_grad(self.inputs, inputs)
+        return _MemDFA.apply(self, *args)
 
     def _blocks(self, inputs, attrs, after, replaying: bool = False):
         """Run the blocks in order; ``after(block, values)`` may replace the written values."""
@@ -256,35 +271,13 @@ class DFA(nn.Module):
         """The forward as the model computes it (no feedback): inference and MEM-DFA's forward."""
         return self._blocks(inputs, attrs, lambda b, outs: outs)
 
-    def _plain(self, inputs, attrs):
-        state = _State(self.seed)
-
-        def cut(b, outs):
-            return tuple(self._map(name, v, lambda t, key: _Cut.apply(t, state, key))
-                         for name, v in zip(b.writes, outs))
-
-        return _Tap.apply(self._blocks(inputs, attrs, cut), state)
-
-    def _map(self, name: str, value: Any, fn) -> Any:
-        """``value`` with ``fn(tensor, key)`` applied to each trainable floating tensor of it
-        (each with its feedback matrix ``key``); the output is left as it is (it gets e)."""
-        if name == self.output:
-            return value
-        leaves, spec = tree_flatten(value)
-        keys = iter(self.keys.get(name, ()))
-        out = []
-        for leaf in leaves:
-            key = next(keys, None) if isinstance(leaf, torch.Tensor) else None
-            out.append(fn(leaf, key) if key is not None and _floating(leaf) else leaf)
-        return tree_unflatten(out, spec)
-
     def _feedbacks(self, name: str, value: Any, e: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(tensor, its gradient) for each trainable tensor of a written value: e for the
         output, ``B_key e`` for a crossing value."""
         if name == self.output:
             return [(value, e)] if _floating(value) else []
         pairs = []
-        self._map(name, value, lambda t, key: pairs.append((t, feedback(e, self.seed, key, t.shape, t.dtype))))
+        _map(value, self.keys.get(name, ()), lambda t, key: pairs.append((t, feedback(e, self.seed, key, t.shape, t.dtype))))
         return pairs
 
     def replay(self, inputs, attrs, e, wanted):
@@ -322,5 +315,23 @@ class DFA(nn.Module):
                [attrs[j] for j in b.attr_reads if not attrs[j].requires_grad]
 
     def extra_repr(self) -> str:
-        return (f"{'MEM-DFA' if self.memory else 'DFA'}, {len(self.blocks)} blocks, "
+        return (f"MEM-DFA, {len(self.blocks)} blocks, "
                 f"{sum(len(k) for k in self.keys.values())} feedback matrices, seed {self.seed}")
+
+
+# ---- plain DFA: functions the rewritten graph calls (the model's own nodes stay in between) ----
+
+def dfa_state(seed: int, *inputs) -> _State:
+    """The start of a plain-DFA step: what its cuts and tap share (refuses inputs needing grad)."""
+    _no_input_grad([f"input {i}" for i in range(len(inputs))], inputs)
+    return _State(seed)
+
+
+def dfa_cut(value: Any, state: _State, keys: tuple[int, ...]) -> Any:
+    """A crossing value as later blocks read it: each trainable tensor of it through ``_Cut``."""
+    return _map(value, keys, lambda t, key: _Cut.apply(t, state, key))
+
+
+def dfa_tap(out: torch.Tensor, state: _State) -> torch.Tensor:
+    """The model output; its gradient e is handed to the cuts."""
+    return _Tap.apply(out, state) if _floating(out) and torch.is_grad_enabled() else out

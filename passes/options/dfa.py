@@ -17,17 +17,18 @@ values read several blocks later (residual skips) simply stay alive as inputs of
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
 from ...errors import UnsupportedError
-from ...ops.dfa import DFA, Block
+from ...ops.dfa import DFA, Block, dfa_cut, dfa_state, dfa_tap
 from ..patterns import CONV_FUNCS, CONV_MODULES
 from . import OptionKind, register
 
-__all__ = ["DFAMethod", "PlainDFA", "WEIGHT_MODULES", "cut_blocks", "build"]
+__all__ = ["DFAMethod", "PlainDFA", "WEIGHT_MODULES", "Emitted", "cut_blocks", "build"]
 
 WEIGHT_MODULES = CONV_MODULES + (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 _WEIGHT_FUNCS = set(CONV_FUNCS) | {F.linear, F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
@@ -108,50 +109,96 @@ def _fetch(gm: fx.GraphModule, target: str):
     return obj
 
 
-def build(model: nn.Module, gm: fx.GraphModule, *, seed: int, memory: bool) -> tuple[fx.GraphModule, DFA]:
-    """A GraphModule ``inputs -> dfa(*inputs, *attributes) -> output`` over ``model``'s own
-    submodules and parameters (same ``state_dict`` keys), and its :class:`DFA` module.
+@dataclass(frozen=True)
+class Emitted:
+    """What :func:`build` made: the module, the node that stands for the method in its graph
+    (the DFA call; plain DFA: the tap on the output), the blocks and the feedback keys."""
+
+    gm: fx.GraphModule
+    node: str
+    blocks: tuple[tuple[str, str], ...]      # (first node, last node) of each block
+    keys: dict[str, tuple[int, ...]]         # crossing value -> feedback matrix per tensor of it
+    seed: int
+
+
+def build(model: nn.Module, gm: fx.GraphModule, *, seed: int, memory: bool) -> Emitted:
+    """The DFA module of ``model`` over its own submodules and parameters (same ``state_dict``
+    keys). MEM-DFA: a graph ``inputs -> fxsketch_dfa(*inputs, *attributes) -> output`` (the
+    attributes fetched by the graph, so the module's own tensors are used and get gradients).
+    Plain DFA: the model's graph with each crossing value read by later blocks through
+    :func:`~fxsketch.ops.dfa.dfa_cut` and the output through :func:`~fxsketch.ops.dfa.dfa_tap`,
+    so the liveness model sees every node's forward and backward as in backprop.
 
     ``gm`` is the traced and profiled graph (``node.meta["fxsketch.tensor"]`` says how many
-    tensors each crossing value holds: one feedback matrix each)."""
-    from ..rewrite import _share_modules  # the same module sharing as every rewrite
-
-    graph = fx.Graph()
+    tensors each crossing value holds: one feedback matrix each, numbered in block order)."""
     work = fx.GraphModule(gm, _copy(gm.graph), type(model).__name__)
     work.graph.eliminate_dead_code()  # a block that reaches no output would get feedback for nothing
     out_node = next(n for n in work.graph.nodes if n.op == "output")
     _check_output(out_node.args[0], type(model).__name__)
+    output = out_node.args[0].name
     blocks_nodes = cut_blocks(work)
+    block_of = {n: i for i, b in enumerate(blocks_nodes) for n in b}
+    writes = [n for b in blocks_nodes for n in b
+              if n.name != output and any(block_of.get(u, -1) > block_of[n] for u in n.users)]
+    counter = itertools.count()  # one matrix per tensor of a crossing value; the output gets e itself
+    keys = {w.name: tuple(next(counter) for _ in w.meta.get("fxsketch.tensor", ())) for w in writes}
+    spans = tuple((b[0].name, b[-1].name) for b in blocks_nodes)
+    if memory:
+        new, node = _emit_mem(model, work, blocks_nodes, keys, output, seed)
+    else:
+        new, node = _emit_plain(model, work, block_of, writes, keys, seed)
+    return Emitted(new, node, spans, keys, seed)
+
+
+def _finish(model: nn.Module, gm: fx.GraphModule, graph: fx.Graph, name: str) -> fx.GraphModule:
+    from ..rewrite import _share_modules  # the same module sharing as every rewrite
+
+    new = fx.GraphModule(gm, graph, name)
+    _share_modules(new, model)
+    new.graph.lint()
+    new.recompile()
+    return new
+
+
+def _emit_plain(model, work: fx.GraphModule, block_of, writes, keys, seed: int):
+    graph = work.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    with graph.inserting_after(placeholders[-1]):
+        state = graph.call_function(dfa_state, (seed, *placeholders))
+    for w in writes:
+        later = [u for u in w.users if block_of.get(u, -1) > block_of[w]]
+        with graph.inserting_after(w):
+            cut = graph.call_function(dfa_cut, (w, state, keys[w.name]))
+        for u in later:
+            u.replace_input_with(w, cut)
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    with graph.inserting_before(out_node):
+        tap = graph.call_function(dfa_tap, (out_node.args[0], state))
+    out_node.args = (tap,)
+    return _finish(model, work, _copy(graph), type(model).__name__), tap.name
+
+
+def _emit_mem(model, work: fx.GraphModule, blocks_nodes, keys, output: str, seed: int):
     attr_names = list(dict.fromkeys(
         [n.target for n in work.graph.nodes if n.op == "get_attr"]
         + [f"{n.target}.{p}" for b in blocks_nodes for n in b if n.op == "call_module"
            for p, _ in work.get_submodule(n.target).named_parameters()]))
     attrs = {name: i for i, name in enumerate(attr_names)}
-    blocks, keys = [], {}
-    for i, nodes in enumerate(blocks_nodes):
-        later = {n for b in blocks_nodes[i + 1:] for n in b}
-        blocks.append(_block(model, work, nodes, later, attrs, i))
-    output = out_node.args[0].name
-    by_name = {n.name: n for n in work.graph.nodes}
-    counter = itertools.count()
-    for b in blocks:
-        for w in b.writes:
-            if w != output:  # one matrix per tensor of a crossing value; the output gets e itself
-                keys[w] = tuple(next(counter) for _ in by_name[w].meta.get("fxsketch.tensor", ()))
+    blocks = [_block(model, work, nodes, {n for b in blocks_nodes[i + 1:] for n in b}, attrs, i)
+              for i, nodes in enumerate(blocks_nodes)]
     placeholders = [n for n in work.graph.nodes if n.op == "placeholder"]
-    dfa = DFA(blocks, [p.name for p in placeholders], attr_names, output, keys, seed, memory)
-
-    new = fx.GraphModule(gm, graph, type(model).__name__)
-    _share_modules(new, model)
-    new.add_submodule("fxsketch_dfa", dfa)
+    dfa = DFA(blocks, [p.name for p in placeholders], attr_names, output, keys, seed)
+    graph = fx.Graph()
     env = {p: graph.node_copy(p) for p in placeholders}
     fetched = [graph.get_attr(name) for name in attr_names]
     call = graph.call_module("fxsketch_dfa", tuple(env[p] for p in placeholders) + tuple(fetched))
     graph.output(call)
-    new.graph = graph
+    new = _finish(model, work, fx.Graph(), type(model).__name__)
+    new.add_submodule("fxsketch_dfa", dfa)
+    new.graph = graph  # set once the DFA module is there for the call to resolve
     new.graph.lint()
     new.recompile()
-    return new, dfa
+    return new, call.name
 
 
 def _check_output(ret, model: str) -> None:
