@@ -18,6 +18,13 @@ __all__ = ["Config", "METHODS", "resolve_budget"]
 METHODS = _options.default_methods()
 """The built-in option kinds, the default of ``methods``."""
 
+_REPLACED = {"solver_time_limit": "solver_max_nodes", "plan_time_limit": "plan_max_nodes"}
+"""Options that are gone, and what took their place (for the error on an unknown option)."""
+
+
+def _is_count(n) -> bool:
+    return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
 
 @dataclass(frozen=True)
 class Config:
@@ -65,18 +72,21 @@ class Config:
     """Time every node's forward on the example batch (when it holds real tensors) and estimate
     extra step time from those times; False (or meta inputs): a roofline estimate from FLOPs and
     bytes with this machine's measured matmul and copy rates."""
-    solver_time_limit: float = 2.0
-    """Seconds HiGHS may search for a plan (a budget solve, or a lowest-peak solve's whole ladder
-    of overhead caps); then the best plan found so far is used (always feasible). Small models
-    solve to optimality (2 % gap) well within it; on ResNet-50 the MILP does not close in any
-    practical time, and 2 s keeps planning under 5 s (docs/optimize.md). Raise it when more
-    planning time for a possibly lower peak is worth it."""
-    plan_time_limit: float | None = None
-    """Seconds all solves of one ``optimize`` call may take together (the first solve, and the
-    re-solves when the rewritten graph comes out above the budget); None: 3 x solver_time_limit."""
+    solver_max_nodes: int = SolverOptions.max_nodes
+    """Branch-and-bound nodes HiGHS may explore in one search for a plan (a budget solve, or a
+    lowest-peak solve's whole ladder of overhead caps); then the best plan found so far is used
+    (always feasible). A work limit, not seconds, so that the same model, inputs and seed give
+    the same plan on any machine load. Most searches close the 2 % gap at their root node; the
+    default, 100, keeps ResNet-50's solves near 2-3 s and reaches the plans a longer search
+    finds on the models of docs/optimize.md (30 nodes left MobileNetV2 12 % higher). Raise it
+    when more planning time for a possibly better plan is worth it."""
+    plan_max_nodes: int | None = None
+    """Nodes all solves of one ``optimize`` call may use together (the first solve, and the at
+    most two re-solves when the rewritten graph comes out above the budget); None: 3 x
+    solver_max_nodes."""
     solver: SolverOptions = SolverOptions()
-    """The MILP's other knobs (gap, ladder of overhead caps, noise weight, reduction sizes);
-    ``solver_time_limit`` overrides its time limit."""
+    """The MILP's other knobs (gap, ladder of overhead caps, noise weight, reduction sizes, the
+    wall-clock safety net ``safety_seconds``); ``solver_max_nodes`` overrides its node limit."""
 
     def __post_init__(self):
         methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)
@@ -89,9 +99,10 @@ class Config:
         if whole and len(methods) > 1:
             raise ConfigError(f"method {whole[0]!r} replaces backpropagation over the whole graph and cannot "
                               f"be combined with {[m for m in methods if m != whole[0]]}: use methods=({whole[0]!r},)")
-        if self.plan_time_limit is not None and not (
-                isinstance(self.plan_time_limit, (int, float)) and self.plan_time_limit > 0):
-            raise ConfigError(f"plan_time_limit must be seconds > 0 or None, got {self.plan_time_limit!r}")
+        if not _is_count(self.solver_max_nodes):
+            raise ConfigError(f"solver_max_nodes must be a number of nodes >= 1, got {self.solver_max_nodes!r}")
+        if self.plan_max_nodes is not None and not _is_count(self.plan_max_nodes):
+            raise ConfigError(f"plan_max_nodes must be a number of nodes >= 1 or None, got {self.plan_max_nodes!r}")
         if not isinstance(self.solver, SolverOptions):
             raise ConfigError(f"solver must be a fxsketch.passes.solve.SolverOptions, got {type(self.solver).__name__}")
         if not (isinstance(self.max_overhead, (int, float)) and self.max_overhead >= 0):
@@ -113,8 +124,6 @@ class Config:
             raise ConfigError(f"ratios must be fractions in (0, 1], got {self.ratios!r}")
         if not (isinstance(self.max_grad_noise, (int, float)) and self.max_grad_noise > 0):
             raise ConfigError(f"max_grad_noise must be > 0, got {self.max_grad_noise!r}")
-        if not (isinstance(self.solver_time_limit, (int, float)) and self.solver_time_limit > 0):
-            raise ConfigError(f"solver_time_limit must be seconds > 0, got {self.solver_time_limit!r}")
         resolve_budget(self.budget, 1)  # fail early on a malformed budget
 
     @classmethod
@@ -124,7 +133,9 @@ class Config:
         names = [f.name for f in fields(cls)]
         unknown = [k for k in options if k not in names]
         if unknown:
-            hints = [f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, names, 1))
+            hints = [f"{k!r} (replaced by {_REPLACED[k]!r}: planning is bounded by work, not seconds, "
+                     f"so that it gives the same plan on any load)" if k in _REPLACED
+                     else f"{k!r} (did you mean {close[0]!r}?)" if (close := difflib.get_close_matches(k, names, 1))
                      else repr(k) for k in unknown]
             raise ConfigError(f"unknown option(s) {', '.join(hints)}; the options are the fields of "
                               f"fxsketch.Config: {', '.join(names)}")
@@ -138,14 +149,14 @@ class Config:
                               probe=self.probe, max_grad_noise=self.max_grad_noise, noise=noise,
                               aop_k=self.aop_k, aop_policy=self.aop_policy, aop_decay=self.aop_decay)
 
-    def solver_options(self, time_limit: float | None = None) -> SolverOptions:
-        """The solver's knobs, with this config's time limit (or ``time_limit`` when given)."""
-        return replace(self.solver, time_limit=float(time_limit if time_limit is not None
-                                                     else self.solver_time_limit))
+    def solver_options(self) -> SolverOptions:
+        """The solver's knobs, with this config's node limit."""
+        return replace(self.solver, max_nodes=self.solver_max_nodes)
 
     @property
-    def total_plan_seconds(self) -> float:
-        return self.plan_time_limit if self.plan_time_limit is not None else 3 * self.solver_time_limit
+    def total_plan_nodes(self) -> int:
+        """Nodes all solves of one ``optimize`` call may use (``plan_max_nodes`` or its default)."""
+        return self.plan_max_nodes if self.plan_max_nodes is not None else 3 * self.solver_max_nodes
 
 
 def resolve_budget(budget, baseline_peak: int) -> int | None:

@@ -13,7 +13,6 @@ solver already found.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
@@ -194,22 +193,32 @@ def _no_worse(v: Verified, model, analysis: Analysis, proposal: Proposal, config
     return apply(model, analysis, proposal, none, config.seed)
 
 
+def _safety_notes(solver: Solver) -> list[str]:
+    """The note a plan carries when a solve ran into the solver's wall-clock safety net: the one
+    way a plan can depend on the machine's load."""
+    if not solver.hit_time_limit:
+        return []
+    return [f"a solver search stopped at its {solver.options.safety_seconds:g} s safety limit "
+            f"(SolverOptions.safety_seconds), so this plan can differ from run to run; lower "
+            f"solver_max_nodes or raise the limit for a plan that does not"]
+
+
 def fit(model: nn.Module, analysis: Analysis, proposal: Proposal, config: Config) -> Fit:
     """Solve, rewrite and verify until the verified peak meets the budget (or none is given).
 
     The rewritten graph's analysis may land above the solver's own estimate; then the solver's
     target is lowered by the excess and it solves again (at most three times, all solves within
-    ``config.total_plan_seconds``). If no plan meets the budget, the lowest-peak plan decides:
-    met, or :class:`BudgetError` with its verified peak.
+    ``config.total_plan_nodes`` branch-and-bound nodes: work, not seconds, so the plan is the
+    same on any load). If no plan meets the budget, the lowest-peak plan decides: met, or
+    :class:`BudgetError` with its verified peak.
     """
     budget = resolve_budget(config.budget, analysis.timeline.peak_bytes)
     solver = Solver(proposal.candidates.problem, config.solver_options())
-    deadline = time.perf_counter() + config.total_plan_seconds
     notes: list[str] = []
 
     def search(target, max_overhead):  # each search gets what is left of the total, at most its own limit
-        left = max(min(config.solver_time_limit, deadline - time.perf_counter()), 0.1)
-        solver.options = replace(solver.options, time_limit=left)
+        left = max(min(config.solver_max_nodes, config.total_plan_nodes - solver.nodes_used), 1)
+        solver.options = replace(solver.options, max_nodes=left)
         return solver.solve(target, max_overhead=max_overhead)
 
     lowest: Solution | None = None
@@ -226,11 +235,11 @@ def fit(model: nn.Module, analysis: Analysis, proposal: Proposal, config: Config
             if budget is not None and v.timeline.peak_bytes > budget * 1.001:
                 notes.append(f"predicted peak exceeds the budget by "
                              f"{100 * (v.timeline.peak_bytes / budget - 1):.1f} %")
-            return Fit(v, budget, tuple(notes))
+            return Fit(v, budget, tuple(notes + _safety_notes(solver)))
         notes.append(f"re-planned: the rewritten graph predicted {format_bytes(v.timeline.peak_bytes)} "
                      f"> budget; solver target lowered")
         target = max(1, target - (v.timeline.peak_bytes - budget))
-        if time.perf_counter() >= deadline:
+        if solver.nodes_used >= config.total_plan_nodes:
             break
     if lowest is None:
         lowest = search(None, math.inf)
@@ -242,7 +251,7 @@ def fit(model: nn.Module, analysis: Analysis, proposal: Proposal, config: Config
             f"{format_bytes(v.timeline.peak_bytes)} (unmodified: {format_bytes(analysis.timeline.peak_bytes)}). "
             f"To go lower: {_budget_hint(config, proposal)}.", v.timeline.peak_bytes)
     notes.append("the lowest-peak plan was used (the budget is close to the reachable floor)")
-    return Fit(v, budget, tuple(notes))
+    return Fit(v, budget, tuple(notes + _safety_notes(solver)))
 
 
 # --------------------------------------------------------------------------------------------

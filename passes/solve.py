@@ -8,16 +8,21 @@ y >= "saver j still keeps it" for every saver j still ahead), never a per-node s
 :mod:`.solver_model` builds it. Solved with HiGHS through ``highspy``, which takes a starting plan:
 a lowest-peak solve climbs a ladder of overhead caps, each rung starting from the best plan found
 so far. A :class:`Solver` keeps the model between solves on the same problem.
+
+Deterministic: the searches are bounded by work (branch-and-bound nodes, LPs run to the optimum),
+never by the clock, so the same problem gives the same plan on any machine load. The one
+wall-clock limit, :attr:`SolverOptions.safety_seconds`, is a far-away safety net that a solve
+reports in :attr:`Solution.hit_time_limit`.
 """
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from .solver_model import BaseModel, Program, _highs, build_model  # noqa: F401  (_highs: tests)
+from .solver_model import BaseModel, Effort, Program, _highs, build_model  # noqa: F401  (_highs: tests)
 from .sweep import live_bytes
 
 __all__ = ["Span", "Saved", "Choice", "Problem", "Solution", "SolverOptions", "Infeasible", "Solver",
@@ -69,6 +74,9 @@ class Solution:
     peak_bytes: int
     live_bytes: tuple[int, ...]
     cost: float
+    hit_time_limit: bool = False
+    """A search of the solve that found it ran into ``SolverOptions.safety_seconds``: the plan
+    then depends on the machine's speed and load, unlike every other plan."""
 
 
 class Infeasible(Exception):
@@ -101,9 +109,19 @@ class SolverOptions:
     tight cap and poorly under a loose one. ``()``: one solve at the cap."""
     noise_weight: float = 0.01
     """Weight of gradient noise against cost in the objective (0: cost alone)."""
-    time_limit: float = 2.0
-    """Seconds for one solve (a budget solve, or a lowest-peak solve's whole ladder, LPs
-    included); then the best plan found so far is used (always feasible)."""
+    max_nodes: int = 100
+    """Branch-and-bound nodes for one search (a budget solve's, or a lowest-peak solve's whole
+    ladder, whose rungs share them); then the best plan found so far is used (always feasible).
+    A work limit, not a time limit: the plan does not depend on the machine's load. Each MILP's
+    root node counts as one and always runs (HiGHS closes the 2 % gap there on most problems);
+    the limit bounds the tree search after it, which some problems need (ResNet-18 with a
+    budget: 93 nodes, MobileNetV2: 40). Nodes cost 3-25 ms each on the models of
+    docs/optimize.md."""
+    safety_seconds: float = 60.0
+    """Wall-clock safety net for one :meth:`Solver.solve` (its MILPs; the LPs always finish):
+    far above what any measured problem needs (docs/optimize.md), so it never decides a plan
+    unless something is badly wrong. A solve that hits it says so in
+    :attr:`Solution.hit_time_limit`."""
     mip_rel_gap: float = 0.02
     """HiGHS stops once its plan is provably within this fraction of the optimum."""
     reduce_above: int = 200
@@ -112,7 +130,9 @@ class SolverOptions:
     ResNet-50 the same plan as the full MILP in a fraction of the time."""
     also_full_below: int = 400
     """With fewer choices, the full MILP runs too and the better plan is kept: the reduction can
-    leave out what the optimum needs (r3d_18 lost 3 % of its peak that way)."""
+    leave out what the optimum needs (r3d_18 lost 3 % of its peak that way). With more, it never
+    runs (ResNet-50's root node alone takes 15 s): a budget the reduced MILP cannot meet goes to
+    the ladder of lowest-peak solves instead."""
 
     def __post_init__(self):
         ladder = self.ladder
@@ -120,14 +140,14 @@ class SolverOptions:
         _require(caps and list(ladder) == sorted(set(ladder)), "ladder",
                  "increasing overhead caps > 0, e.g. (0.1,)", ladder)
         object.__setattr__(self, "ladder", tuple(float(f) for f in ladder))
-        nw, tl, gap = self.noise_weight, self.time_limit, self.mip_rel_gap
+        nw, safety, gap = self.noise_weight, self.safety_seconds, self.mip_rel_gap
         _require(_is_number(nw) and 0 <= nw < math.inf, "noise_weight", "a weight >= 0", nw)
-        _require(_is_number(tl) and tl > 0, "time_limit", "seconds > 0", tl)
+        _require(_is_number(safety) and safety > 0, "safety_seconds", "seconds > 0 (inf: none)", safety)
         _require(_is_number(gap) and 0 <= gap < math.inf, "mip_rel_gap", "a fraction >= 0 (0.02 = 2 %)", gap)
-        for name in ("reduce_above", "also_full_below"):
+        for name, what in (("max_nodes", "a number of nodes >= 1"), ("reduce_above", "a number of choices >= 0"),
+                           ("also_full_below", "a number of choices >= 0")):
             n = getattr(self, name)
-            _require(isinstance(n, int) and not isinstance(n, bool) and n >= 0, name,
-                     "a number of choices >= 0", n)
+            _require(isinstance(n, int) and not isinstance(n, bool) and n >= (name == "max_nodes"), name, what, n)
 
 
 def evaluate(problem: Problem, chosen) -> list[int]:
@@ -158,7 +178,8 @@ class Solver:
     """Plans for one problem. The base model is built here, once, and the uncapped relaxation's
     support on first need; every :meth:`solve` reuses both, so a caller that re-plans with a
     tighter budget pays only for the new search. Neither depends on :attr:`options`, which a
-    caller may replace between solves (each with the time it has left, say).
+    caller may replace between solves (each with the nodes it has left, say: :attr:`nodes_used`
+    counts every solve's).
 
     >>> p = Problem(2, [1, 5], [Saved(10, 0, 0, (("a", 1),))], [Choice("a", 0.1, drops=((0, "a"),))])
     >>> s = Solver(p)
@@ -172,18 +193,39 @@ class Solver:
         self.unmodified = _solution(problem, [])
         self.model: BaseModel = build_model(problem, scale=float(max(self.unmodified.peak_bytes, 1)))
         self._uncapped: np.ndarray | None = None
+        self.nodes_used = 0
+        """Branch-and-bound nodes of every solve so far (a caller's work budget across solves)."""
+        self.hit_time_limit = False
+        """Whether any solve so far stopped at ``options.safety_seconds`` (see
+        :attr:`Solution.hit_time_limit`)."""
+        self._effort = Effort()
+        self._deadline = math.inf
 
     @property
-    def _reduce(self) -> bool:  # ``options`` may be replaced between solves (a new time limit)
+    def _reduce(self) -> bool:  # ``options`` may be replaced between solves (new reduction sizes)
         return self.model.n_choices > self.options.reduce_above
 
     def solve(self, budget: int | None = None, *, max_overhead: float = 0.2) -> Solution:
         """With a budget: least cost (+ noise_weight x noise) with peak <= budget; raises
         :class:`Infeasible` (carrying the lowest-peak plan) when it cannot be met. Without: the
         lowest peak whose cost stays <= max_overhead."""
-        if budget is None:
-            return self._lowest_peak(math.inf if max_overhead is None else max_overhead)
-        return self._within(budget)
+        self._effort = Effort()
+        self._deadline = time.perf_counter() + self.options.safety_seconds
+        try:
+            if budget is None:
+                found = self._lowest_peak(math.inf if max_overhead is None else max_overhead, self.options.max_nodes)
+            else:
+                found = self._within(budget)
+        except Infeasible as e:
+            raise Infeasible(e.budget, self._reported(e.lowest)) from None
+        finally:
+            self.nodes_used += self._effort.nodes
+            self.hit_time_limit |= self._effort.hit_time_limit
+        return self._reported(found)
+
+    def _reported(self, found: Solution) -> Solution:
+        """``found``, saying whether this solve's safety limit stopped a search."""
+        return replace(found, hit_time_limit=self._effort.hit_time_limit)
 
     def _solution(self, chosen) -> Solution:
         return _solution(self.problem, chosen)
@@ -214,22 +256,24 @@ class Solver:
                               else np.zeros(m.n_choices, bool))
         return self._uncapped
 
-    def _search(self, program: Program, limit: float, start=None, *, relax: bool = True, free=None):
-        """The MILP of ``program`` within ``limit`` seconds (the relaxation's included), from the
-        plan ``start`` (choice indices) if given: over ``reduce_above`` choices reduced first (see
-        :meth:`_reduced`), in full if that finds nothing or below ``also_full_below`` choices.
-        Returns (chosen or None, the relaxation's support or None)."""
-        o, nc = self.options, self.model.n_choices
+    def _search(self, program: Program, nodes: int, start=None, *, relax: bool = True, free=None):
+        """The MILP of ``program`` within ``nodes`` branch-and-bound nodes, from the plan
+        ``start`` (choice indices) if given: over ``reduce_above`` choices reduced first (see
+        :meth:`_reduced`), then in full below ``also_full_below`` choices (with the nodes the
+        reduced MILP left, at least its root). Returns (chosen or None, the relaxation's support
+        or None)."""
+        o, nc, effort = self.options, self.model.n_choices, self._effort
         given = np.zeros(nc, bool)
         given[list(start or [])] = True
         hint = (np.arange(nc), given.astype(float)) if start is not None else None
-        began = time.perf_counter()
+        began = effort.nodes
 
         def mip(upper):
-            left = max(limit - (time.perf_counter() - began), 0.1)
-            return program.mip(upper, left, o.mip_rel_gap, hint)
+            seconds = max(self._deadline - time.perf_counter(), 1e-3)  # the safety net only
+            return program.mip(upper, o.mip_rel_gap, hint, max_nodes=max(nodes - (effort.nodes - began), 1),
+                               effort=effort, time_limit=seconds if math.isfinite(seconds) else None)
         res, wanted = self._reduced(program, mip, given, free, relax) if self._reduce else (None, None)
-        if res is None or nc < o.also_full_below:
+        if not self._reduce or nc < o.also_full_below:
             full = mip(program.upper)
             if res is None or (full is not None and full[1] < res[1] - 1e-9):
                 res = full
@@ -263,26 +307,27 @@ class Solver:
             extra = m.cost_row(cap).under(extra, m.n_var + 1)
         return m.program(self._objective(self._weights(), peak=True), extra, live_upper=np.inf)
 
-    def _lowest_peak(self, cap: float) -> Solution:
+    def _lowest_peak(self, cap: float, nodes: int) -> Solution:
         """Minimise the peak, cost as a tie-break, climbing ``options.ladder`` up to ``cap``:
         ResNet-50 at 16x3x224x224 on meta inputs, one 2 s solve: 525 MiB at cap 0.1, 606 MiB
         uncapped; with the ladder 478 MiB at caps 0.15, 0.2 and uncapped. Each rung starts from
-        the best plan so far, which every looser rung also admits; the rungs share the time
-        limit, and the rungs below the cap search small supports (their relaxations', pooled),
-        which HiGHS explores fast. The last rung also frees the uncapped relaxation's support
-        (ResNet-50 with CPU-timed costs: 857 MiB without it, 573 MiB with it)."""
-        o = self.options
+        the best plan so far, which every looser rung also admits; the rungs share ``nodes``
+        (what a rung leaves goes to the rungs after it), and the rungs below the cap search small
+        supports (their relaxations', pooled), which HiGHS explores fast. The last rung also
+        frees the uncapped relaxation's support (ResNet-50 with CPU-timed costs: 857 MiB without
+        it, 573 MiB with it)."""
+        o, effort = self.options, self._effort
         rungs = [f for f in o.ladder if f < cap] + [cap]
         best = self.unmodified
-        deadline = time.perf_counter() + o.time_limit  # for everything below, LPs included
+        began = effort.nodes
         pool = np.zeros(self.model.n_choices, bool) if self._reduce else None
         for k, rung in enumerate(rungs):
             free = pool
             if pool is not None and k == len(rungs) - 1:
                 free = pool | self._uncapped_support()
-            # the time left, shared by the rungs left (a tight rung often finishes early)
-            limit = max((deadline - time.perf_counter()) / (len(rungs) - k), 0.1)
-            chosen, wanted = self._search(self._rung(rung), limit, best.chosen,
+            # the nodes left, shared by the rungs left (a tight rung often closes at its root)
+            share = max((nodes - (effort.nodes - began)) // (len(rungs) - k), 1)
+            chosen, wanted = self._search(self._rung(rung), share, best.chosen,
                                           relax=bool(np.isfinite(rung)), free=free)
             if pool is not None and wanted is not None:
                 pool |= wanted
@@ -301,15 +346,15 @@ class Solver:
         m, o = self.model, self.options
         program = m.program(self._objective(self._weights(), peak=False), None, live_upper=budget / m.scale)
         free = self._uncapped_support().copy() if self._reduce else None
-        chosen, wanted = self._search(program, o.time_limit, free=free)
+        chosen, wanted = self._search(program, o.max_nodes, free=free)
         if chosen is not None:
             return self._solution(chosen)
         if free is not None and wanted is not None:
             free |= wanted
-        best = self._lowest_peak(math.inf)
+        best = self._lowest_peak(math.inf, o.max_nodes)
         if best.peak_bytes > budget:
             raise Infeasible(budget, best)
-        chosen, _ = self._search(program, o.time_limit, best.chosen, free=free)
+        chosen, _ = self._search(program, o.max_nodes, best.chosen, free=free)
         return best if chosen is None else min(best, self._solution(chosen), key=lambda s: s.cost)
 
 

@@ -21,22 +21,45 @@ from .sweep import live_bytes
 if TYPE_CHECKING:
     from .solve import Problem
 
-__all__ = ["Rows", "BaseModel", "Program", "build_model"]
+__all__ = ["Rows", "BaseModel", "Program", "Effort", "build_model"]
 
 Entries = Iterable[tuple[int, float]]  # (column, coefficient) of one row
 
+# HiGHS's MIP settings. Its RENS and RINS sub-MIP heuristics and its root restarts took half of
+# the root node's time on ResNet-50's problems and changed the plans by under 0.1 %
+# (docs/optimize.md): the solver's own LP-guided reduction already does what RINS does.
+_MIP_SETTINGS = {"mip_heuristic_run_rens": False, "mip_heuristic_run_rins": False,
+                 "mip_allow_restart": False}
+
+
+@dataclass
+class Effort:
+    """What the MILPs of a solve have used, added up by :func:`_highs`: branch-and-bound nodes
+    (the work limit), and whether the wall-clock safety limit stopped one of them."""
+
+    nodes: int = 0
+    hit_time_limit: bool = False
+
 
 def _highs(objective, A, lo, hi, lower, upper, integrality=None, *, time_limit=None, gap=None,
-           start=None) -> tuple[np.ndarray, float] | None:
+           start=None, max_nodes=None, effort: Effort | None = None) -> tuple[np.ndarray, float] | None:
     """Solve min objective @ x, lo <= A x <= hi, lower <= x <= upper (x[i] integer where
     integrality[i]); ``start`` = (indices, values) of a known plan for the integer variables,
-    which HiGHS completes and keeps as its first incumbent. Returns (x, objective) or None."""
+    which HiGHS completes and keeps as its first incumbent. A MILP stops at ``max_nodes``
+    branch-and-bound nodes (the root is one: it always runs), which HiGHS counts the same way on
+    any load, or at ``time_limit`` seconds, which only a safety net should set; ``effort`` adds
+    up what it used. Returns (x, objective) or None."""
     h = highspy._Highs()  # the base class: highspy.Highs() prints a banner to the process stdout
     h.setOptionValue("output_flag", False)
     if time_limit is not None:
         h.setOptionValue("time_limit", float(time_limit))
     if gap is not None:
         h.setOptionValue("mip_rel_gap", float(gap))
+    if integrality is not None:
+        for name, value in _MIP_SETTINGS.items():
+            h.setOptionValue(name, value)
+    if max_nodes is not None:
+        h.setOptionValue("mip_max_nodes", int(max_nodes))
     lp = highspy.HighsLp()
     lp.num_col_, lp.num_row_ = A.shape[1], A.shape[0]
     lp.col_cost_ = np.asarray(objective, dtype=float)
@@ -54,6 +77,9 @@ def _highs(objective, A, lo, hi, lower, upper, integrality=None, *, time_limit=N
         idx, val = start
         h.setSolution(len(idx), np.asarray(idx, dtype=np.int32), np.asarray(val, dtype=float))
     h.run()
+    if effort is not None and integrality is not None:
+        effort.nodes += max(int(h.getInfo().mip_node_count), 0)  # -1 / 0: solved before the root
+        effort.hit_time_limit |= h.getModelStatus() == highspy.HighsModelStatus.kTimeLimit
     if h.getInfo().primal_solution_status != 2:  # 2: a feasible solution is at hand
         return None
     x = np.asarray(h.getSolution().col_value)
@@ -107,17 +133,20 @@ class Program:
     n_choices: int
 
     def relax(self) -> tuple[np.ndarray, float] | None:
-        """The LP relaxation (no integrality, no time limit: LPs here take about a second)."""
+        """The LP relaxation (no limit: simplex runs to the optimum; LPs here take about a
+        second)."""
         r = self.rows
         return _highs(self.objective, r.A, r.lo, r.hi, self.lower, self.upper)
 
-    def mip(self, upper: np.ndarray, time_limit: float, gap: float, start=None):
-        """The MILP with column upper bounds ``upper`` (this program's, or a reduced copy)."""
+    def mip(self, upper: np.ndarray, gap: float, start=None, *, max_nodes: int, effort: Effort,
+            time_limit: float | None = None):
+        """The MILP with column upper bounds ``upper`` (this program's, or a reduced copy),
+        stopped at ``max_nodes`` nodes (see :func:`_highs`)."""
         integrality = np.zeros(len(self.objective))
         integrality[:self.n_choices] = 1
         r = self.rows
         return _highs(self.objective, r.A, r.lo, r.hi, self.lower, upper, integrality,
-                      time_limit=time_limit, gap=gap, start=start)
+                      time_limit=time_limit, gap=gap, start=start, max_nodes=max_nodes, effort=effort)
 
 
 @dataclass(frozen=True)

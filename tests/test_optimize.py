@@ -207,7 +207,8 @@ def test_unreachable_budget_names_the_lowest_peak_and_it_is_reachable():
     (dict(probe_rank=0), "probe_rank"),
     (dict(probe="uniform"), "unknown probe"),
     (dict(mode="diagonal"), "unknown mode"),
-    (dict(solver_time_limit=0), "solver_time_limit"),
+    (dict(solver_max_nodes=0), "solver_max_nodes"),
+    (dict(solver_time_limit=2.0), "replaced by 'solver_max_nodes'"),
 ])
 def test_bad_arguments_raise_clear_errors(kwargs, match):
     model, x = net_and_input()

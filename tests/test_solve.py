@@ -1,5 +1,10 @@
 """The solver on literal problems (no fx): lifetimes written as numbers, one property per test."""
+import contextlib
 import itertools
+import os
+import random
+import subprocess
+import sys
 
 import pytest
 from hypothesis import given, settings
@@ -133,9 +138,9 @@ def test_a_reused_solver_plans_as_fresh_solves(p, budgets, reduce_above):
 
 @pytest.mark.parametrize("name, value", [
     ("ladder", (0.2, 0.1)), ("ladder", (0.1, 0.1)), ("ladder", (0.0,)), ("ladder", (float("inf"),)),
-    ("ladder", 0.1), ("noise_weight", -1), ("noise_weight", float("nan")), ("time_limit", 0),
-    ("time_limit", "2"), ("mip_rel_gap", -0.01), ("reduce_above", 1.5), ("reduce_above", True),
-    ("also_full_below", -1)])
+    ("ladder", 0.1), ("noise_weight", -1), ("noise_weight", float("nan")), ("max_nodes", 0),
+    ("max_nodes", 2.0), ("safety_seconds", 0), ("safety_seconds", "60"), ("mip_rel_gap", -0.01),
+    ("reduce_above", 1.5), ("reduce_above", True), ("also_full_below", -1)])
 def test_solver_options_reject_bad_values(name, value):
     with pytest.raises(ValueError, match=f"SolverOptions.{name} must be .*, got "):
         SolverOptions(**{name: value})
@@ -144,9 +149,9 @@ def test_solver_options_reject_bad_values(name, value):
 def test_solver_options_are_frozen_with_a_tuple_ladder():
     assert SolverOptions(ladder=[0.05, 0.1]).ladder == (0.05, 0.1)
     assert SolverOptions(ladder=()).ladder == ()
-    assert SolverOptions(time_limit=float("inf")).time_limit == float("inf")
+    assert SolverOptions(safety_seconds=float("inf")).safety_seconds == float("inf")
     with pytest.raises(AttributeError):
-        SolverOptions().time_limit = 1.0
+        SolverOptions().max_nodes = 1
 
 
 def test_a_starting_plan_is_kept_when_the_solver_has_no_time():
@@ -164,3 +169,85 @@ def test_a_starting_plan_is_kept_when_the_solver_has_no_time():
     assert obj == pytest.approx(-1.0) and x.round().tolist() == [0.0, 1.0, 0.0]
     x, obj = _highs(*args, time_limit=10.0, start=(np.arange(3), np.array([0.0, 1.0, 0.0])))
     assert obj == pytest.approx(-2.0)
+
+
+def chain(n: int, seed: int) -> Problem:
+    """A forward/backward chain of ``n`` saved tensors, each saved by two nodes (a, b), with a
+    sketch-like choice per a, a drop per b and a recompute-like choice over every 3 in a row."""
+    rng = random.Random(seed)
+    T = 2 * n + 1
+    saved = [Saved(rng.randint(50, 200), i, i, ((f"a{i}", T - 1 - i), (f"b{i}", T - 1 - i - rng.randint(0, 2))))
+             for i in range(n)]
+    choices = []
+    for i in range(n):
+        choices.append(Choice(f"a{i}", rng.uniform(0.01, 0.1), noise=rng.uniform(0, 1), drops=((i, f"a{i}"),),
+                              adds=(Span(rng.randint(5, 40), i, T - 1 - i),)))
+        choices.append(Choice(f"b{i}", rng.uniform(0.01, 0.05), drops=((i, f"b{i}"),)))
+        if i + 3 < n:
+            seg = range(i, i + 3)
+            choices.append(Choice(f"r{i}", rng.uniform(0.05, 0.2), drops=tuple((j, k + str(j)) for j in seg for k in "ab"),
+                                  holds=((i, T - 3 - i),), adds=(Span(sum(saved[j].nbytes for j in seg), T - 4 - i, T - 1 - i),),
+                                  covers=tuple(k + str(j) for j in seg for k in "ab")))
+    return Problem(T, [rng.randint(0, 30) for _ in range(T)], saved, choices)
+
+
+@contextlib.contextmanager
+def cpu_burner():
+    """Every core this process may use kept busy by a spinning subprocess (at most 4)."""
+    n = min(len(os.sched_getaffinity(0)), 4)
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+def test_the_same_problem_gives_the_same_plan_under_load():
+    """Work limits, not time limits: a search stopped by its node limit (gap 0, so it cannot
+    close first) returns the same plan while a CPU burner runs beside it."""
+    p = chain(30, 0)
+    options = SolverOptions(mip_rel_gap=0.0, max_nodes=8)
+    budget = int(0.35 * max(evaluate(p, [])))
+    quiet = Solver(p, options)
+    first = quiet.solve(budget)
+    with cpu_burner():
+        loaded = Solver(p, options)
+        second = loaded.solve(budget)
+    assert second == first and not first.hit_time_limit
+    assert loaded.nodes_used == quiet.nodes_used > 1
+
+
+def test_the_safety_limit_is_reported():
+    """The wall-clock safety net only stops a search that ran past it, and says so."""
+    p = chain(30, 0)
+    options = SolverOptions(safety_seconds=1e-9)
+    sol = solve(p, None, max_overhead=0.5, options=options)
+    assert sol.hit_time_limit and sol.cost <= 0.5  # the MILPs stopped at once: the best start plan
+    with pytest.raises(Infeasible) as e:  # no time to find a plan under the budget
+        solve(p, int(0.35 * max(evaluate(p, []))), options=options)
+    assert e.value.lowest.hit_time_limit
+    assert not solve(p, None, max_overhead=0.5).hit_time_limit
+
+
+def test_optimize_plans_a_small_cnn_the_same_under_load():
+    """The whole planner, twice on meta inputs (roofline costs: no timing on the batch), the
+    second time beside a CPU burner: the same decisions (a budget that makes it re-plan)."""
+    import torch
+    from torch import nn
+
+    import fxsketch
+
+    def cnn():
+        torch.manual_seed(0)
+        layers = [nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True)]
+        for _ in range(5):
+            layers += [nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True)]
+        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    x = torch.empty(8, 3, 32, 32, device="meta")
+    first = fxsketch.optimize(cnn(), (x,), 0.5, seed=0).memory_plan
+    with cpu_burner():
+        second = fxsketch.optimize(cnn(), (x,), 0.5, seed=0).memory_plan
+    assert first.decisions and second.decisions == first.decisions
+    assert second.peak_bytes == first.peak_bytes
