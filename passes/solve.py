@@ -260,21 +260,22 @@ class Solver:
         """The MILP of ``program`` within ``nodes`` branch-and-bound nodes, from the plan
         ``start`` (choice indices) if given: over ``reduce_above`` choices reduced first (see
         :meth:`_reduced`), then in full below ``also_full_below`` choices (with the nodes the
-        reduced MILP left, at least its root). Returns (chosen or None, the relaxation's support
-        or None)."""
+        reduced MILP left, at least its root, from the reduced MILP's plan: a better incumbent
+        closes the full root sooner, UNet 1.5 -> 0.9 s). Returns (chosen or None, the
+        relaxation's support or None)."""
         o, nc, effort = self.options, self.model.n_choices, self._effort
         given = np.zeros(nc, bool)
         given[list(start or [])] = True
         hint = (np.arange(nc), given.astype(float)) if start is not None else None
         began = effort.nodes
 
-        def mip(upper):
+        def mip(upper, start=hint):
             seconds = max(self._deadline - time.perf_counter(), 1e-3)  # the safety net only
-            return program.mip(upper, o.mip_rel_gap, hint, max_nodes=max(nodes - (effort.nodes - began), 1),
+            return program.mip(upper, o.mip_rel_gap, start, max_nodes=max(nodes - (effort.nodes - began), 1),
                                effort=effort, time_limit=seconds if math.isfinite(seconds) else None)
         res, wanted = self._reduced(program, mip, given, free, relax) if self._reduce else (None, None)
         if not self._reduce or nc < o.also_full_below:
-            full = mip(program.upper)
+            full = mip(program.upper, hint if res is None else (np.arange(nc), res[0][:nc].round()))
             if res is None or (full is not None and full[1] < res[1] - 1e-9):
                 res = full
         return (None if res is None else [c for c in range(nc) if res[0][c] > 0.5]), wanted
