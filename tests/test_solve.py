@@ -231,23 +231,31 @@ def test_the_safety_limit_is_reported():
     assert not solve(p, None, max_overhead=0.5).hit_time_limit
 
 
+def small_cnn():
+    """Six conv-BN-ReLU blocks (16 channels) and a linear head, and a meta input batch for it."""
+    import torch
+    from torch import nn
+    torch.manual_seed(0)
+    layers = [nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True)]
+    for _ in range(5):
+        layers += [nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True)]
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    return model, torch.empty(8, 3, 32, 32, device="meta")
+
+
 def test_optimize_plans_a_small_cnn_the_same_under_load():
     """The whole planner, twice on meta inputs (roofline costs: no timing on the batch), the
     second time beside a CPU burner: the same decisions (a budget that makes it re-plan)."""
-    import torch
-    from torch import nn
-
     import fxsketch
-
-    def cnn():
-        torch.manual_seed(0)
-        layers = [nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True)]
-        for _ in range(5):
-            layers += [nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(inplace=True)]
-        return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
-    x = torch.empty(8, 3, 32, 32, device="meta")
-    first = fxsketch.optimize(cnn(), (x,), 0.5, seed=0).memory_plan
+    first = fxsketch.optimize(*small_cnn(), 0.5, seed=0).memory_plan
     with cpu_burner():
-        second = fxsketch.optimize(cnn(), (x,), 0.5, seed=0).memory_plan
+        second = fxsketch.optimize(*small_cnn(), 0.5, seed=0).memory_plan
     assert first.decisions and second.decisions == first.decisions
     assert second.peak_bytes == first.peak_bytes
+    assert not any("safety limit" in n for n in first.notes)
+
+
+def test_a_plan_notes_the_safety_limit():
+    import fxsketch
+    plan = fxsketch.optimize(*small_cnn(), solver=SolverOptions(safety_seconds=1e-9)).memory_plan
+    assert any("safety limit" in n and "differ from run to run" in n for n in plan.notes), plan.notes
