@@ -45,6 +45,18 @@ class ResCNN(nn.Module):
         return self.fc(self.drop(F.relu(y)).mean((2, 3)))
 
 
+class Chunked(nn.Module):
+    """A tuple (chunk) whose items are read by different later blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(8, 20), nn.Linear(10, 10), nn.Linear(10, 10)
+
+    def forward(self, x):
+        t = torch.relu(self.fc1(x)).chunk(2, 1)
+        return self.fc3(self.fc2(t[0])) * t[1]
+
+
 def step(module, x, y, rng_seed=5):
     """Gradients, output and buffers of one step of a deep copy of ``module``."""
     m = copy.deepcopy(module)
@@ -101,8 +113,8 @@ def test_mlp_steps_match_a_reference_dfa_loop(method):
         torch.testing.assert_close(got.detach(), want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("make, shape", [(lambda: mlp(depth=5), (24, 8)), (ResCNN, (4, 3, 8, 8))],
-                         ids=["mlp", "residual-cnn"])
+@pytest.mark.parametrize("make, shape", [(lambda: mlp(depth=5), (24, 8)), (ResCNN, (4, 3, 8, 8)),
+                                         (Chunked, (6, 8))], ids=["mlp", "residual-cnn", "chunked"])
 def test_mem_dfa_gradients_equal_plain_dfa_exactly(make, shape):
     torch.manual_seed(0)
     model = make()

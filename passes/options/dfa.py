@@ -17,6 +17,7 @@ values read several blocks later (residual skips) simply stay alive as inputs of
 from __future__ import annotations
 
 import itertools
+import operator
 from dataclasses import dataclass
 
 import torch.fx as fx
@@ -133,6 +134,7 @@ def build(model: nn.Module, gm: fx.GraphModule, *, seed: int, memory: bool) -> E
     tensors each crossing value holds: one feedback matrix each, numbered in block order)."""
     work = fx.GraphModule(gm, _copy(gm.graph), type(model).__name__)
     work.graph.eliminate_dead_code()  # a block that reaches no output would get feedback for nothing
+    _getitems_with_source(work.graph)
     out_node = next(n for n in work.graph.nodes if n.op == "output")
     _check_output(out_node.args[0], type(model).__name__)
     output = out_node.args[0].name
@@ -199,6 +201,20 @@ def _emit_mem(model, work: fx.GraphModule, blocks_nodes, keys, output: str, seed
     new.graph.lint()
     new.recompile()
     return new, call.name
+
+
+def _getitems_with_source(graph: fx.Graph) -> None:
+    """Move each ``getitem`` of a value read only through ``getitem`` (a tuple such as
+    ``chunk``'s) right after that value: the items, not the tuple, then cross into later blocks,
+    so an item that no later block reads gets no feedback."""
+    for n in list(graph.nodes):
+        users = list(n.users)
+        if n.op in ("placeholder", "get_attr", "output") or not users or not all(
+                u.op == "call_function" and u.target is operator.getitem and len(u.all_input_nodes) == 1
+                for u in users):
+            continue
+        for u in reversed(users):
+            n.append(u)
 
 
 def _check_output(ret, model: str) -> None:
