@@ -23,14 +23,14 @@ except ImportError:  # pragma: no cover - older torch
 __all__ = ["optimize", "plan"]
 
 
-def _optimize(model, example_inputs, config: Config, loss_fn, leaf_modules) -> fx.GraphModule:
+def _optimize(model, example_inputs, config: Config, loss_fn, leaf_modules, calibration) -> fx.GraphModule:
     analysis = pipeline.analyse(model, example_inputs, loss_fn=loss_fn, leaf_modules=leaf_modules)
     if dfa.selected(config):  # replaces backprop over the whole graph: no solver (fxsketch/dfa.py)
         return dfa.optimize_dfa(model, analysis, config)
-    proposal = pipeline.propose(model, analysis, config)
+    proposal = pipeline.propose(model, analysis, config, **calibration)
     fitted = pipeline.fit(model, analysis, proposal, config)
     gm = fitted.verified.gm
-    gm.memory_plan = pipeline.report(analysis, proposal, fitted)
+    gm.memory_plan = pipeline.report(analysis, proposal, fitted, config)
     # GraphModule.__deepcopy__ keeps only attributes listed here (pickle keeps them all)
     gm.meta.setdefault(_PRESERVED, {})["memory_plan"] = gm.memory_plan
     return gm
@@ -38,6 +38,7 @@ def _optimize(model, example_inputs, config: Config, loss_fn, leaf_modules) -> f
 
 def optimize(model: nn.Module, example_inputs: Any, budget=None, *, config: Config | None = None,
              loss_fn: Callable | None = None, leaf_modules: Sequence[type] = (),
+             calibration_inputs: Any = None, calibration_loss_fn: Callable | None = None,
              **options) -> fx.GraphModule:
     """Rewrite ``model`` to train within ``budget`` bytes; return the new GraphModule.
 
@@ -52,17 +53,24 @@ def optimize(model: nn.Module, example_inputs: Any, budget=None, *, config: Conf
     ``loss_fn(output)`` is the scalar backpropagated (default: the sum of all floating outputs);
     ``leaf_modules``: module types to keep whole (opaque) when tracing.
 
+    Probe noise is measured on a real sub-batch of ``example_inputs`` that fits the plan's memory
+    (never the full step); with meta inputs pass ``calibration_inputs`` (a few real samples) and,
+    if ``loss_fn`` does not fit them, ``calibration_loss_fn``; without them the plan says it is
+    uncalibrated and judges probes by a stated prior.
+
     >>> gm = fxsketch.optimize(torchvision.models.resnet18(), (x,), budget=0.3)  # doctest: +SKIP
     >>> print(gm.memory_plan.summary())                                          # doctest: +SKIP
     """
     if budget is not None:
         options["budget"] = budget
-    return _optimize(model, example_inputs, Config.from_options(config, **options), loss_fn, leaf_modules)
+    return _optimize(model, example_inputs, Config.from_options(config, **options), loss_fn, leaf_modules,
+                     dict(calibration_inputs=calibration_inputs, calibration_loss_fn=calibration_loss_fn))
 
 
 def plan(model: nn.Module, example_inputs: Any, budget=None, *, optimized: bool = False,
          config: Config | None = None, loss_fn: Callable | None = None,
-         leaf_modules: Sequence[type] = (), **options) -> MemoryPlan:
+         leaf_modules: Sequence[type] = (), calibration_inputs: Any = None,
+         calibration_loss_fn: Callable | None = None, **options) -> MemoryPlan:
     """Predict the memory of one training step of ``model`` (forward, loss, backward).
 
     ``example_inputs`` is a tuple of tensors, as in ``torch.export``; meta tensors are accepted
@@ -82,8 +90,10 @@ def plan(model: nn.Module, example_inputs: Any, budget=None, *, optimized: bool 
     """
     if optimized:
         return optimize(model, example_inputs, budget, config=config, loss_fn=loss_fn,
-                        leaf_modules=leaf_modules, **options).memory_plan
-    given = sorted(options) + (["budget"] if budget is not None else []) + (["config"] if config else [])
+                        leaf_modules=leaf_modules, calibration_inputs=calibration_inputs,
+                        calibration_loss_fn=calibration_loss_fn, **options).memory_plan
+    given = sorted(options) + (["budget"] if budget is not None else []) + (["config"] if config else []) \
+        + (["calibration_inputs"] if calibration_inputs is not None else [])
     if given:
         raise ConfigError(f"plan() got planning argument(s) {', '.join(given)} without optimized=True: "
                           f"pass optimized=True for the plan optimize() would carry out, or leave "

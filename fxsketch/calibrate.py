@@ -2,45 +2,43 @@
 
 A probed conv replaces the exact weight gradient dW of a convolution by an unbiased estimate.
 That extra noise is harmless while it stays on the order of the noise that minibatch sampling
-already puts into dW. :func:`calibrate_convs` measures both, per conv, on one example batch:
+already puts into dW. :func:`calibrate_convs` measures both, per conv, from one exact forward +
+backward on a small real *calibration batch* of b samples, and states them for the training
+batch of B samples:
 
-One exact forward + backward of the model (``torch.autograd.grad`` with respect to the conv
-weights, so no ``.grad`` is ever written) captures, for every call of every listed conv, its input
-X and its output gradient dY. Everything else is computed from (X, dY) with the conv's own
-weight-gradient kernels; the model is not run again.
+* Streaming. A torch-function mode sees every ``F.convNd`` call of a listed conv and hooks its
+  output; when the output gradient dY arrives in backward, the hook computes that call's
+  statistics from (X, dY) at once and lets both go. X is the tensor autograd saves for the conv's
+  own backward anyway, so calibration holds nothing beyond the step's own tensors but running
+  sums (and, for a conv called several times, one (b, *W) per-sample accumulator until its last
+  call). No ``.grad`` is written (``torch.autograd.grad`` on the conv weights).
+* SGD noise. g_n is sample n's contribution to dW (so dW = sum_n g_n, the gradient of a loss
+  summed over samples). With sigma^2 the unbiased per-sample variance of g_n summed over dW's
+  elements, the SGD noise of the batch gradient is sqrt(B sigma^2) at batch B: the standard error
+  of a sum of B independent samples (the 1/B law for the batch mean, in sum units).
+* Probe noise, closed form (:mod:`fxsketch.noise`): E||dW_hat - dW||_F^2 for every rank at once,
+  from quadratic statistics of (X, dY) split into same-sample and cross-sample parts, extrapolated
+  from b to B by the number of pairs (B/b and B(B-1)/(b(b-1))). A cross-sample part that comes
+  out negative on the b samples (the pairs' mean is small and its estimate noisy, and B(B-1)
+  would amplify it into a negative variance) counts as 0: the extrapolation errs on the safe,
+  noisier side. Monte Carlo of the real op (:func:`probe_noise_mc`) stays as the checked reference.
+* ``ratio(r) = probe_noise(r) / sgd_noise``: how much noise probing adds, in units of the noise
+  SGD already has. A global scale of dY (mean vs sum loss, 1/b vs 1/B) cancels in it. Independent
+  noises add in quadrature, so ratio 1 makes dW's total noise sqrt(2) times SGD's.
 
-Definitions (all norms are Frobenius norms over every element of dW):
+Approximation: dY of a sample is taken from the whole-batch backward, so cross-sample terms
+(BatchNorm's batch statistics over b samples rather than B) are held fixed, as in the usual
+per-sample-gradient estimates.
 
-* exact gradient: ``dW = wgrad(X, dY)`` for the whole batch (summed over the conv's calls).
-* SGD noise: split the batch into k contiguous groups G_1..G_k of equal size (k = the batch size by default:
-  per-sample gradients). With g_i the contribution of sample i to dW (so dW = sum_i g_i), the
-  group-mean gradient is M_g = k * sum_{i in G_g} g_i, and dW = mean_g M_g. The SGD noise is the
-  standard error of that mean::
-
-      sgd_noise = sqrt( sum_elements Var_g[M_g] / k ) = || std_g(M_g) ||_F / sqrt(k)
-
-  with the unbiased (k - 1) variance over groups: an estimate of sqrt(E ||dW - E dW||_F^2), the
-  RMS deviation of the batch gradient from the expected gradient under resampling the batch.
-  It does not depend on whether the loss is a mean or a sum over the batch. Approximation: dY of
-  a sample is taken from the whole-batch backward, so cross-sample terms (BatchNorm's batch
-  statistics) are held fixed, as in the usual per-sample-gradient estimates.
-* probe noise at rank r: with the sketch op of :mod:`fxsketch.ops.probed_conv` (the very
-  functions its backward calls: ``sketch`` in forward, ``dw_spatial``/``dw_channel`` in backward)
-  and S fresh seeds s, ``probe_noise[r] = sqrt( mean_s ||dW_hat_s - dW||_F^2 )``, the RMS error
-  of the estimate (its std, since it is unbiased). S = ``n_probe_samples``.
-* ``ratio(r) = probe_noise[r] / sgd_noise``: how much noise probing adds, in units of the noise
-  SGD already has. Independent noises add in quadrature, so ratio 1 makes dW's total noise
-  sqrt(2) times SGD's; ratio 0.5 makes it 1.12 times.
-
->>> noise = calibrate_convs(model, (x,), {"conv1": model.conv1}, {"conv1": [4, 16, 64]})  # doctest: +SKIP
->>> noise["conv1"].smallest_rank(1.0), noise["conv1"].ratio(16)                           # doctest: +SKIP
+>>> noise = calibrate_convs(model, (x,), {"conv1": model.conv1}, batch=64)  # doctest: +SKIP
+>>> noise["conv1"].ratio(16), noise["conv1"].smallest_rank(1.0, [4, 16, 64])  # doctest: +SKIP
 """
 from __future__ import annotations
 
 import math
-import warnings
+import weakref
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -49,72 +47,145 @@ from torch.overrides import TorchFunctionMode
 from ._state import preserved
 from .errors import InputError
 from .measurement import default_loss
-from .passes.patterns import CONV_FUNCS as _CONV_FUNCS
-from .passes.trace import check_inputs
 from .ops.probed import conv_geometry, dw_channel, dw_spatial, exact_weight_grad, sketch
 from .ops.probes import check_rank_mode_probe
+from .passes.patterns import CONV_FUNCS as _CONV_FUNCS
+from .passes.trace import check_inputs
 
-__all__ = ["ConvNoise", "calibrate_convs", "sgd_noise_of", "probe_noise_of"]
+__all__ = ["ConvNoise", "PriorNoise", "calibrate_convs", "probe_noise_mc", "hook_workspace_nbytes",
+           "clear_cache"]
 
 _ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
 @dataclass(frozen=True, eq=False)
 class ConvNoise:
-    """Gradient noise of one convolution's dW on the calibration batch (see module docstring)."""
+    """Gradient noise of one convolution's dW, stated for the training batch (module docstring)."""
 
     sgd_noise: float
-    """Standard error of the batch-mean dW, ||std over groups of group-mean dW||_F / sqrt(k)."""
-    probe_noise: Mapping[int, float]
-    """Rank -> RMS Frobenius error of the probed dW estimate against the exact dW."""
+    """sqrt(B sigma^2): the SGD noise of the batch gradient at batch ``batch``."""
+    terms: Any
+    """The closed-form probe-variance statistics (:func:`fxsketch.noise.probe_variance_terms`)."""
+    batch: int
+    """B, the batch the figures are stated for."""
+    calibration_batch: int
+    """b, the samples they were measured on."""
     grad_norm: float = float("nan")
-    """||dW||_F of the exact gradient on the batch (for scale)."""
-    groups: int = 0
-    """k, the number of batch groups the SGD noise was estimated from."""
+    """||dW||_F of the exact gradient at batch B (extrapolated like the probe statistics)."""
     calls: int = 1
     """How many times the conv ran in the forward pass (shared weights: estimates summed)."""
     shape: tuple[int, ...] = field(default=())
-    """Shape of the conv's input X at its first call."""
+    """Shape of the conv's input X at its first call (calibration batch)."""
+    calibrated: bool = True
+
+    def probe_noise(self, rank: int) -> float:
+        """RMS Frobenius error of the probed dW estimate at ``rank`` (its std: it is unbiased),
+        at batch B: (B/b) x its same-sample part + B(B-1)/(b(b-1)) x its cross-sample part, the
+        latter taken as 0 where the calibration batch shows it negative (module docstring)."""
+        diag, off = variance_parts(self.terms, int(rank))
+        b, big = self.calibration_batch, self.batch
+        scale = big * (big - 1) / (b * (b - 1))
+        return math.sqrt(max(big / b * diag + scale * max(off, 0.0), 0.0))
 
     def ratio(self, rank: int) -> float:
-        """probe_noise[rank] / sgd_noise (inf when the batch shows no SGD noise but probing does)."""
-        if rank not in self.probe_noise:
-            raise KeyError(f"rank {rank} was not calibrated; calibrated ranks: {sorted(self.probe_noise)}")
-        p = self.probe_noise[rank]
+        """probe_noise(rank) / sgd_noise (inf when the batch shows no SGD noise but probing does)."""
+        p = self.probe_noise(rank)
         if self.sgd_noise > 0:
             return p / self.sgd_noise
         return 0.0 if p == 0 else math.inf
 
-    def smallest_rank(self, max_grad_noise: float) -> int:
-        """The smallest calibrated rank with ratio(rank) <= max_grad_noise; the largest rank if none."""
-        ranks = sorted(self.probe_noise)
-        for r in ranks:
-            if self.ratio(r) <= max_grad_noise:
-                return r
-        return ranks[-1]
+    def smallest_rank(self, max_grad_noise: float, ranks: Iterable[int]) -> int:
+        """The smallest of ``ranks`` with ratio(rank) <= max_grad_noise; the largest if none."""
+        ranks = sorted(ranks)
+        return next((r for r in ranks if self.ratio(r) <= max_grad_noise), ranks[-1])
+
+
+@dataclass(frozen=True)
+class PriorNoise:
+    """The noise a plan assumes for a conv it could not calibrate (meta inputs and no
+    ``calibration_inputs``, a batch of one, or no calibration batch fitting in the budget).
+
+    ratio(r) = scale * sqrt(positions / r), positions = pixels (spatial mode) or channels x
+    pixels (channel mode) of one sample: the probe variance of a hashed sketch falls like 1/r
+    from its value at r = 1 ... positions. ``scale`` (:data:`PRIOR_SCALE`) is set from calibrated
+    convs of the models in docs/training.md so that most of them lie below the prior."""
+
+    positions: int
+    scale: float
+    calibrated: bool = False
+
+    def ratio(self, rank: int) -> float:
+        return self.scale * math.sqrt(self.positions / max(int(rank), 1))
+
+    def smallest_rank(self, max_grad_noise: float, ranks: Iterable[int]) -> int:
+        ranks = sorted(ranks)
+        return next((r for r in ranks if self.ratio(r) <= max_grad_noise), ranks[-1])
+
+
+PRIOR_SCALE = 0.25
+"""Prior ratio at r = positions (docs/training.md, "the prior for uncalibrated plans")."""
+
+
+def probe_variance_terms(x, dy, weight_shape, geo, mode: str, probe: str):
+    """The closed-form statistics of one conv call (:func:`fxsketch.noise.probe_variance_terms`)."""
+    from .noise import probe_variance_terms as terms
+    return terms(x, dy, weight_shape, geo, mode, probe)
+
+
+def variance_parts(terms, rank: int) -> tuple[float, float]:
+    """(same-sample, cross-sample) parts of the closed-form variance at ``rank`` on the
+    calibration batch (:meth:`fxsketch.noise.ProbeVarianceTerms.variance` is their sum)."""
+    terms.variance(rank)  # validates rank (and that orthogonal ranks were computed)
+    if terms.probe == "orthogonal":
+        fb, tb = terms.blocks[rank]
+        parts = ((terms.f, 1), (fb, -1), (terms.t, 1), (tb, -1))
+        return tuple(sum(c * getattr(s, k) for s, c in parts) / rank for k in ("diag", "off"))
+    cd = {"gaussian": 2.0}.get(terms.probe, 0.0) - 2.0 / rank
+    return tuple(cd * getattr(terms.d, k) + (getattr(terms.f, k) + getattr(terms.t, k)) / rank
+                 for k in ("diag", "off"))
+
+
+def prior_noise(x_shape, mode: str) -> PriorNoise:
+    positions = math.prod(x_shape[2:]) * (x_shape[1] if mode == "channel" else 1)
+    return PriorNoise(positions, PRIOR_SCALE)
 
 
 # --------------------------------------------------------------------------------------------
-# capture
+# streaming capture
 
 
-@dataclass
-class _Call:
-    x: torch.Tensor
-    geo: Any
-    weight_shape: tuple[int, ...]
-    dy: torch.Tensor | None = None
+class _ConvStats:
+    """Running sums of one conv over its calls: per-sample gradients and closed-form terms."""
+
+    def __init__(self, weight_shape):
+        self.weight_shape = weight_shape
+        self.calls = 0          # forward calls seen
+        self.done = 0           # backward hooks run
+        self.per_sample: torch.Tensor | None = None  # (b, *W), only while calls are pending
+        self.terms = None
+        self.shape: tuple[int, ...] = ()
+        self.batch = 0
+        self.sq_sum = self.sum_sq = 0.0   # sum_n ||g_n||^2 and ||sum_n g_n||^2 once complete
+
+
+def _per_sample_grads(x, dy, geo, weight_shape) -> torch.Tensor:
+    """g_n for every sample n, shape (b, *weight_shape), fp32, in one grouped wgrad: samples
+    folded into channels, the conv's groups multiplied by b."""
+    b = x.shape[0]
+    xs = x.float().reshape(1, -1, *x.shape[2:])
+    dys = dy.float().reshape(1, -1, *dy.shape[2:])
+    geo_b = type(geo)(geo.stride, geo.dilation, geo.pad_left, geo.pad_right, geo.groups * b)
+    return exact_weight_grad(dys, xs, (b * weight_shape[0], *weight_shape[1:]), geo_b).reshape(b, *weight_shape)
 
 
 class _Capture(TorchFunctionMode):
-    """Record (X, geometry) of every F.convNd call whose weight is one of ``weights`` and hook
-    its output to record dY in backward. nn.ConvNd modules go through F.convNd, so both forms
-    (call_module and call_function nodes) are seen."""
+    """See every F.convNd call whose weight is listed; in backward, fold each call's (X, dY) into
+    its conv's running sums and drop them."""
 
-    def __init__(self, weights: dict[int, str]):
+    def __init__(self, weights: dict[int, str], mode: str, probe: str):
         super().__init__()
-        self.weights = weights
-        self.calls: dict[str, list[_Call]] = {name: [] for name in weights.values()}
+        self.weights, self.mode, self.probe = weights, mode, probe
+        self.stats: dict[str, _ConvStats] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -124,75 +195,60 @@ class _Capture(TorchFunctionMode):
             w = bound.get("weight")
             name = self.weights.get(id(w)) if isinstance(w, torch.Tensor) else None
             if name is not None and isinstance(out, torch.Tensor) and out.requires_grad:
-                x = bound["input"]
-                d = _CONV_FUNCS[func]
-                if x.dim() == d + 1:
-                    raise ValueError(f"conv {name!r}: unbatched input {tuple(x.shape)} cannot be calibrated")
-                geo = conv_geometry(tuple(w.shape), bound.get("stride", 1), bound.get("padding", 0),
-                                    bound.get("dilation", 1), bound.get("groups", 1))
-                call = _Call(x.detach(), geo, tuple(w.shape))
-                self.calls[name].append(call)
-
-                def hook(g, call=call):
-                    call.dy = g.detach()
-                out.register_hook(hook)
+                self._watch(name, bound, w, out, _CONV_FUNCS[func])
         return out
 
+    def _watch(self, name, bound, w, out, dims: int):
+        x = bound["input"]
+        if x.dim() == dims + 1:
+            raise ValueError(f"conv {name!r}: unbatched input {tuple(x.shape)} cannot be calibrated")
+        geo = conv_geometry(tuple(w.shape), bound.get("stride", 1), bound.get("padding", 0),
+                            bound.get("dilation", 1), bound.get("groups", 1))
+        st = self.stats.setdefault(name, _ConvStats(tuple(w.shape)))
+        if st.calls and x.shape[0] != st.batch:
+            raise ValueError(f"conv {name!r} ran on batches of different sizes; cannot pair its samples")
+        st.calls += 1
+        st.batch, st.shape = x.shape[0], st.shape or tuple(x.shape)
+        ref = [x.detach()]  # dropped by the hook: autograd's own saved X is the only other holder
 
-# --------------------------------------------------------------------------------------------
-# noise of one conv from its (X, dY) calls
+        def hook(dy):
+            self._fold(st, ref.pop(), dy.detach(), geo)
+        out.register_hook(hook)
+
+    def _fold(self, st: _ConvStats, x, dy, geo):
+        if st.calls == 1:  # one sample at a time: two |W| buffers, whatever the batch
+            total = None
+            for i in range(x.shape[0]):
+                g = exact_weight_grad(dy[i:i + 1].float(), x[i:i + 1].float(), st.weight_shape, geo)
+                st.sq_sum += float(g.pow(2).sum())
+                total = g if total is None else total.add_(g)
+                del g
+            st.sum_sq = float(total.pow(2).sum())
+            del total
+        else:  # shared weights: sample n's gradient sums over calls before its norm is taken
+            g = _per_sample_grads(x, dy, geo, st.weight_shape)
+            st.per_sample = g if st.per_sample is None else st.per_sample.add_(g)
+            del g
+        terms = probe_variance_terms(x, dy, st.weight_shape, geo, self.mode, self.probe)
+        st.terms = terms if st.terms is None else st.terms + terms
+        st.done += 1
+        if st.done == st.calls and st.per_sample is not None:  # the last call: reduce to scalars
+            flat = st.per_sample.flatten(1)
+            st.sq_sum = float(flat.pow(2).sum())
+            st.sum_sq = float(flat.sum(0).pow(2).sum())
+            st.per_sample = None
 
 
-def _group_grads(x, dy, geo, weight_shape, k: int) -> torch.Tensor:
-    """sum_{i in G_g} g_i for k equal groups of the batch, shape (k, *weight_shape), fp32, in one
-    grouped wgrad: the groups are folded into channels and the conv's groups multiplied by k."""
-    n = x.shape[0]
-    m = n // k
-    x = x[: m * k].float().reshape(k, m, *x.shape[1:]).transpose(0, 1).reshape(m, -1, *x.shape[2:])
-    dy = dy[: m * k].float().reshape(k, m, *dy.shape[1:]).transpose(0, 1).reshape(m, -1, *dy.shape[2:])
-    geo_k = type(geo)(geo.stride, geo.dilation, geo.pad_left, geo.pad_right, geo.groups * k)
-    wshape = (k * weight_shape[0], *weight_shape[1:])
-    return exact_weight_grad(dy, x.contiguous(), wshape, geo_k).reshape(k, *weight_shape)
-
-
-def sgd_noise_of(calls: Sequence[_Call], k: int) -> tuple[float, torch.Tensor]:
-    """(||std_g(M_g)||_F / sqrt(k), exact dW), M_g = k * (sum over group g of per-sample dW),
-    summed over the conv's calls; dW = mean_g M_g comes for free."""
-    total = None
-    for c in calls:
-        s = _group_grads(c.x, c.dy, c.geo, c.weight_shape, k)
-        total = s if total is None else total.add_(s)
-    exact = total.sum(dim=0)
-    dev = total.mul_(k).sub_(exact)  # M_g - mean_g M_g
-    var_sum = float(torch.linalg.vector_norm(dev)) ** 2 / (k - 1)  # unbiased over the k groups
-    return math.sqrt(var_sum / k), exact
-
-
-def probe_noise_of(calls: Sequence[_Call], exact: torch.Tensor, rank: int, mode: str, probe: str,
-                   seeds: Sequence[int], rel_tol: float = 0.0, min_seeds: int = 3) -> float:
-    """sqrt(mean over seeds of ||dW_hat - dW||_F^2), dW_hat from the probed conv's own sketch and
-    backward functions (each call of the conv with its own seed, as in training).
-
-    With ``rel_tol`` > 0 the seeds stop early, after at least ``min_seeds``, once the standard
-    error of the mean squared error is below ``rel_tol`` of it (large layers average over many
-    elements and converge in a few draws; small ones use every seed)."""
-    sq = []
-    for s in seeds:
-        est = None
-        for j, c in enumerate(calls):
-            seed = (int(s) * 7919 + j) % (2**31 - 1)
-            xbar = sketch(c.x, seed, rank, mode, probe)
-            if mode == "spatial":
-                dw = dw_spatial(c.dy, xbar, seed, rank, probe, c.x.shape[2:], c.weight_shape, c.geo)
-            else:
-                dw = dw_channel(c.dy, xbar, seed, rank, probe, tuple(c.x.shape), c.weight_shape, c.geo)
-            est = dw if est is None else est.add_(dw)
-        sq.append(float(torch.linalg.vector_norm(est.sub_(exact))) ** 2)
-        if rel_tol > 0 and len(sq) >= max(2, min_seeds):
-            t = torch.tensor(sq, dtype=torch.float64)
-            if float(t.std() / math.sqrt(len(sq))) <= rel_tol * float(t.mean()):
-                break
-    return math.sqrt(sum(sq) / len(sq))
+def hook_workspace_nbytes(x_shape, y_shape, weight_shape, calls: int = 1) -> int:
+    """Upper estimate of what one calibration hook holds beside the step's own tensors: a
+    sample's gradient and the running sum (fp32; a (b, *W) accumulator and its fold for a conv
+    called several times), fp32 copies of one sample's X and dY, and the closed form's chunked
+    temporaries (:func:`fxsketch.noise.workspace_nbytes`)."""
+    from .noise import workspace_nbytes
+    b, w = x_shape[0], math.prod(weight_shape)
+    grads = 2 * w if calls == 1 else 2 * b * w
+    sample = (math.prod(x_shape) + math.prod(y_shape)) // max(b, 1)
+    return 4 * (grads + sample) + workspace_nbytes(x_shape, y_shape, weight_shape)
 
 
 # --------------------------------------------------------------------------------------------
@@ -216,42 +272,48 @@ def _weight_of(name: str, conv) -> torch.Tensor:
     raise TypeError(f"convs[{name!r}] must be a conv nn.Module or its weight tensor, got {type(conv).__name__}")
 
 
-def calibrate_convs(model: nn.Module, example_inputs: Any, convs: Mapping[str, Any],
-                    ranks_by_conv: Mapping[str, Sequence[int]], *, loss_fn: Callable | None = None,
-                    mode: str = "spatial", probe: str = "gaussian", n_probe_samples: int = 8,
-                    sgd_groups: int | None = None, seed: int = 0, rel_tol: float = 0.1,
-                    progress: bool | None = None) -> dict[str, ConvNoise]:
-    """Measure, per conv, the SGD noise of dW and the probe noise of each candidate rank.
+_CACHE: dict[tuple, tuple[weakref.ref, dict[str, ConvNoise]]] = {}
 
-    ``convs`` maps a name (fx node name or module path; only used as the key) to the conv
-    ``nn.Module`` or its weight tensor; ``ranks_by_conv[name]`` lists the candidate ranks.
-    ``loss_fn(output)`` gives the scalar loss (default: :func:`fxsketch.measure.default_loss`).
-    ``sgd_groups``: k, the number of batch groups for the SGD noise (default: the batch size,
-    i.e. per-sample gradients; must divide into the batch, at least 2). ``seed``: base seed of
-    the probe draws (calibration is deterministic and leaves torch's RNG streams alone).
-    ``n_probe_samples``: the most probe seeds per rank; ``rel_tol``: stop drawing seeds (after at
-    least 3) once the standard error of the mean squared probe error is below this fraction of it
-    (0: always draw ``n_probe_samples``).
 
-    The model is not modified: no ``.grad`` is written (gradients are taken with
-    ``torch.autograd.grad``), buffers (BatchNorm running statistics) and train/eval flags are
-    restored. Its train/eval mode is used as is (BatchNorm in train mode uses batch statistics).
-    One exact forward+backward runs, then per conv one grouped weight-gradient call for the SGD
-    noise and ``n_probe_samples`` sketch+estimate calls per rank.
+def clear_cache() -> None:
+    """Forget every cached calibration (they are also dropped when their model is freed)."""
+    _CACHE.clear()
+
+
+def _cache_key(model, inputs, names, batch, mode, probe, loss_fn) -> tuple:
+    """(model structure, shapes, weights version): the same model with untouched weights, the
+    same calibration tensors and the same settings give the same statistics. Any in-place
+    update of a parameter (an optimizer step) bumps its version and misses. Buffers are left
+    out: calibration's own forward updates BatchNorm statistics and restores them."""
+    state = [(id(t), t._version) for t in model.parameters()] + [model.training]
+    data = [(id(x), x._version, tuple(x.shape), x.dtype) for x in inputs]
+    return (id(model), type(model).__qualname__, tuple(state), tuple(data), tuple(names), batch, mode, probe,
+            id(loss_fn))
+
+
+def calibrate_convs(model: nn.Module, calibration_inputs: Any, convs: Mapping[str, Any], *,
+                    batch: int | None = None, loss_fn: Callable | None = None, mode: str = "spatial",
+                    probe: str = "gaussian", cache: bool = True) -> dict[str, ConvNoise]:
+    """Measure, per conv, the SGD noise of dW and the closed-form probe noise, for batch ``batch``.
+
+    ``calibration_inputs``: a small real batch (b >= 2 samples along dim 0). ``convs`` maps a name
+    (fx node name or module path; only the key) to the conv ``nn.Module`` or its weight tensor.
+    ``batch``: B, the training batch the figures are for (default b). ``loss_fn(output)`` gives the
+    scalar loss (default :func:`fxsketch.measure.default_loss`). Results are cached per (model,
+    weights version, calibration tensors, settings): sweeping budgets does not recalibrate.
+
+    The model is not modified: no ``.grad`` is written, buffers (BatchNorm running statistics)
+    and train/eval flags are restored, torch's RNG streams are left alone.
     """
     check_rank_mode_probe(1, mode, probe)
-    if n_probe_samples < 1:
-        raise ValueError(f"n_probe_samples must be >= 1, got {n_probe_samples}")
-    missing = [n for n in convs if n not in ranks_by_conv or not ranks_by_conv[n]]
-    if missing:
-        raise ValueError(f"no candidate ranks for conv(s) {missing}: ranks_by_conv must list at least one")
-    for n in convs:
-        for r in ranks_by_conv[n]:
-            check_rank_mode_probe(r, mode, probe)
-    inputs = tuple(x.detach() for x in check_inputs(model, example_inputs))
+    inputs = tuple(x.detach() for x in check_inputs(model, calibration_inputs))
     if any(x.device.type == "meta" or _is_fake(x) for x in inputs):
-        raise InputError("calibrate_convs needs real tensors as example_inputs (it runs one real "
-                         "forward+backward); got meta or fake tensors")
+        raise InputError("calibration needs real tensors (it runs one real forward+backward on a small "
+                         "batch); got meta or fake tensors: pass calibration_inputs= a few real samples")
+    b = inputs[0].shape[0] if inputs and inputs[0].dim() else 0
+    if b < 2:
+        raise InputError(f"a calibration batch needs at least 2 samples to show SGD noise, got {b}")
+    batch = b if batch is None else int(batch)
     loss_fn = default_loss if loss_fn is None else loss_fn
     weights = {name: _weight_of(name, c) for name, c in convs.items()}
     by_id: dict[int, str] = {}
@@ -263,47 +325,58 @@ def calibrate_convs(model: nn.Module, example_inputs: Any, convs: Mapping[str, A
         by_id[id(w)] = name
     if not weights:
         return {}
+    key = _cache_key(model, inputs, sorted(weights), batch, mode, probe, loss_fn)
+    hit = _CACHE.get(key)
+    if cache and hit is not None and hit[0]() is model:
+        return dict(hit[1])
 
     names = list(weights)
     with preserved(model), torch.random.fork_rng(devices=[]), torch.enable_grad():
-        capture = _Capture(by_id)
+        capture = _Capture(by_id, mode, probe)
         with capture:
             out = model(*inputs)
         loss = loss_fn(out)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise InputError("loss_fn must return a scalar tensor")
+        del out
         grads = torch.autograd.grad(loss, [weights[n] for n in names], allow_unused=True)
-        del out, loss
+        del loss, grads
 
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover
-        def tqdm(it, **_):
-            return it
     result: dict[str, ConvNoise] = {}
-    seeds = [seed * 1_000_003 + i + 1 for i in range(n_probe_samples)]
-    for name, grad in tqdm(list(zip(names, grads)), desc="calibrating convs", unit="conv",
-                           disable=None if progress is None else not progress, leave=False):
-        calls = [c for c in capture.calls[name] if c.dy is not None]
-        if grad is None or not calls:
+    for name in names:
+        st = capture.stats.get(name)
+        if st is None or st.done == 0:
             raise ValueError(f"conv {name!r} did not take part in the loss's backward (no call of it "
                              "was recorded with a gradient); is it used by the model?")
-        n = calls[0].x.shape[0]
-        if any(c.x.shape[0] != n for c in calls):
-            raise ValueError(f"conv {name!r} ran on batches of different sizes; cannot split them into groups")
-        k = n if sgd_groups is None else int(sgd_groups)
-        if not 2 <= k <= n or n % k:
-            raise ValueError(f"the SGD noise needs k >= 2 equal batch groups; batch {n}, sgd_groups {sgd_groups}")
-        sgd, exact = sgd_noise_of(calls, k)
-        err = float((exact - grad.float()).norm()) / max(float(grad.float().norm()), 1e-30)
-        if err > 1e-3:
-            warnings.warn(f"conv {name!r}: dW rebuilt from the captured X and dY differs from autograd's "
-                          f"by {err:.2e} (relative); an in-place op may have changed X or dY")
-        probe_noise = {int(r): probe_noise_of(calls, exact, int(r), mode, probe, seeds, rel_tol)
-                       for r in sorted(set(ranks_by_conv[name]))}
-        result[name] = ConvNoise(sgd_noise=sgd, probe_noise=probe_noise,
-                                 grad_norm=float(torch.linalg.vector_norm(exact)), groups=k, calls=len(calls),
-                                 shape=tuple(calls[0].x.shape))
-        for c in calls:  # free X and dY as we go
-            c.x = c.dy = None
+        if st.done != st.calls:
+            raise ValueError(f"conv {name!r}: {st.calls - st.done} of its {st.calls} calls got no gradient")
+        n = st.batch
+        var = (st.sq_sum - st.sum_sq / n) / (n - 1)           # sigma^2, unbiased over samples
+        pairs = batch * (batch - 1) / (n * (n - 1))
+        grad_sq = batch / n * st.sq_sum + pairs * (st.sum_sq - st.sq_sum)
+        result[name] = ConvNoise(sgd_noise=math.sqrt(max(batch * var, 0.0)), terms=st.terms, batch=batch,
+                                 calibration_batch=n, grad_norm=math.sqrt(max(grad_sq, 0.0)),
+                                 calls=st.calls, shape=st.shape)
+    if cache:
+        _CACHE[key] = (weakref.ref(model, lambda _, k=key: _CACHE.pop(k, None)), dict(result))
     return result
+
+
+# --------------------------------------------------------------------------------------------
+# the checked reference
+
+
+def probe_noise_mc(x, dy, weight_shape, geo, rank: int, mode: str, probe: str,
+                   seeds: Sequence[int]) -> float:
+    """sqrt(mean over seeds of ||dW_hat - dW||_F^2), dW_hat from the probed conv's own sketch and
+    backward functions: the Monte-Carlo reference the closed form is tested against."""
+    exact = exact_weight_grad(dy.float(), x.float(), weight_shape, geo)
+    sq = []
+    for s in seeds:
+        xbar = sketch(x, int(s), rank, mode, probe)
+        if mode == "spatial":
+            est = dw_spatial(dy, xbar, int(s), rank, probe, x.shape[2:], weight_shape, geo)
+        else:
+            est = dw_channel(dy, xbar, int(s), rank, probe, tuple(x.shape), weight_shape, geo)
+        sq.append(float(torch.linalg.vector_norm(est - exact)) ** 2)
+    return math.sqrt(sum(sq) / len(sq))

@@ -59,12 +59,18 @@ class Config:
     (plain AOP, sampling policies reweighted to be unbiased per step)."""
     ratios: tuple[float, ...] = (1 / 4, 1 / 16, 1 / 64)
     """Sketch sizes the planner may choose from, as fractions of the conv input."""
-    max_grad_noise: float = 1.0
-    """Largest probe noise allowed, relative to the SGD noise of each layer's dW, measured on the
-    example batch (fxsketch.calibrate). Each probed conv gets the smallest sketch within it."""
+    max_grad_noise: float = 4.0
+    """Largest gradient noise allowed, relative to the SGD noise of each layer's dW at the
+    training batch (``fxsketch.calibrate``): a bound every plan keeps. Within it, the planner
+    minimises overhead plus a noise penalty. Uncalibrated convs are judged by the stated prior.
+    The default is the largest limit whose digits runs train as exact backprop does
+    (docs/training.md, "choosing the default max_grad_noise")."""
     calibrate: bool = True
-    """Calibrate probe ranks from gradient noise (needs real example inputs and one real
-    forward+backward). False: ranks from ``ratios`` with a heuristic noise estimate."""
+    """Measure probe noise (and node times) on a small real sub-batch of the example inputs, or on
+    ``calibration_inputs`` with meta inputs, within the plan's memory. False: the prior."""
+    calibration_batch: int = 8
+    """Most samples calibration may use (it uses 8, 4 or 2, at most half the batch, the largest
+    whose predicted peak fits under the budget or the lowest reachable peak)."""
     progress: bool | None = None
     """Show a progress bar while calibrating: True always, False never, None (default) only
     when stderr is a terminal (tqdm's convention), so logs and CI output stay clean."""
@@ -122,6 +128,9 @@ class Config:
             raise ConfigError(str(e)) from None
         if not self.ratios or any(not (0 < r <= 1) for r in self.ratios):
             raise ConfigError(f"ratios must be fractions in (0, 1], got {self.ratios!r}")
+        if isinstance(self.calibration_batch, bool) or not isinstance(self.calibration_batch, int) \
+                or self.calibration_batch < 2:
+            raise ConfigError(f"calibration_batch must be an int >= 2 (samples), got {self.calibration_batch!r}")
         if not (isinstance(self.max_grad_noise, (int, float)) and self.max_grad_noise > 0):
             raise ConfigError(f"max_grad_noise must be > 0, got {self.max_grad_noise!r}")
         resolve_budget(self.budget, 1)  # fail early on a malformed budget

@@ -20,15 +20,15 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from ._calibration import calibrate_for_plan
 from .config import Config, resolve_budget
 from .errors import BudgetError
 from .measurement import default_loss
 from .passes import options as registry
 from .passes.candidates import Candidates, build_problem
-from .passes.cost import Device, time_nodes
+from .passes.cost import Device
 from .passes.liveness import Schedule, Timeline, build_schedule, simulate
 from .passes.options import Candidate
-from .passes.options.probe import conv_ranks, probe_targets
 from .passes.rewrite import rewrite
 from .passes.saved import RESIDENT, Kind, profile_step
 from .passes.solve import Infeasible, Solution, Solver
@@ -60,9 +60,11 @@ class Analysis:
 class Proposal:
     """Every enabled option's choices on the unmodified step, and what the planner noted doing so."""
 
-    candidates: Candidates
+    candidates: Candidates       # the choices within max_grad_noise: what the solver sees
     notes: tuple[str, ...] = ()
-    refused_probes: int = 0      # convs calibration refused at max_grad_noise
+    refused_probes: int = 0      # convs with no probe choice within max_grad_noise
+    every: Candidates | None = None  # every choice, noise unbounded (for what a looser bound reaches)
+    calibration_batch: int = 0   # samples the probe noise was measured on (0: uncalibrated)
 
 
 @dataclass(frozen=True)
@@ -107,52 +109,48 @@ def analyse(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | None =
     return Analysis(type(model).__name__, gm, inputs, loss_fn, schedule, timeline)
 
 
-def _calibrate(model, analysis: Analysis, config: Config, notes: list[str]):
-    """Per probe-able conv, its SGD and probe noise on the example batch (None if not calibrated)."""
-    if "probe" not in config.methods or config.probe_rank is not None or not config.calibrate:
-        return None
-    inputs = analysis.inputs
-    if analysis.meta_inputs:
-        notes.append("probe noise not calibrated (meta inputs): noise column is a heuristic")
-        return None
-    if inputs[0].dim() == 0 or inputs[0].shape[0] < 2:
-        notes.append("probe noise not calibrated (a batch of one has no SGD noise to compare with): "
-                     "noise column is a heuristic")
-        return None
-    targets = probe_targets(analysis.gm)
-    if not targets:
-        return None
-    from .calibrate import calibrate_convs
-    convs = {name: w for name, (w, _) in targets.items()}
-    ranks = {name: conv_ranks(shape, config.ratios, config.mode) for name, (_, shape) in targets.items()}
-    noise = calibrate_convs(model, inputs, convs, ranks, loss_fn=analysis.loss_fn, mode=config.mode,
-                            probe=config.probe, progress=config.progress)
-    notes.append(f"probe ranks calibrated on the example batch: probe noise <= {config.max_grad_noise:g}x "
-                 f"SGD noise of each layer's dW")
-    return noise
+def admissible(cands: Candidates, max_grad_noise: float) -> Candidates:
+    """The choices whose gradient noise is within ``max_grad_noise`` (the bound every plan keeps)."""
+    keep = [i for i, c in enumerate(cands.problem.choices) if c.noise <= max_grad_noise]
+    if len(keep) == len(cands.candidates):
+        return cands
+    problem = replace(cands.problem, choices=[cands.problem.choices[i] for i in keep])
+    return Candidates(problem, tuple(cands.candidates[i] for i in keep), cands.cost)
 
 
-def propose(model: nn.Module, analysis: Analysis, config: Config) -> Proposal:
-    """Calibrate probe noise and time the nodes (real inputs only), then describe every choice."""
+def propose(model: nn.Module, analysis: Analysis, config: Config, *, calibration_inputs=None,
+            calibration_loss_fn: Callable | None = None) -> Proposal:
+    """Measure probe noise and node times on a real sub-batch within the plan's memory (see
+    :mod:`fxsketch._calibration`), then describe every choice; only those within
+    ``max_grad_noise`` are offered to the solver."""
     notes: list[str] = []
+    device = Device.for_tensor(next(iter(analysis.gm.parameters()), analysis.inputs[0]))
+
+    def build(noise=None, timings=None) -> Candidates:
+        return build_problem(analysis.gm, analysis.schedule, analysis.timeline, methods=config.methods,
+                             settings=config.option_settings(noise), device=device, timings=timings)
+    limit = resolve_budget(config.budget, analysis.timeline.peak_bytes)
+    if limit is None and (not analysis.meta_inputs or calibration_inputs is not None):
+        # without a budget, calibration stays under the lowest peak any plan could reach
+        bound = Solver(build().problem, config.solver_options()).solve(None, max_overhead=config.max_overhead)
+        limit = bound.peak_bytes if limit is None else limit
     with _fork_rng():
-        noise = _calibrate(model, analysis, config, notes)
-        timings = None
-        if config.time_nodes and not analysis.meta_inputs:
-            timings = time_nodes(analysis.gm, analysis.inputs)
-            notes.append("extra time estimated from measured node times on the example batch "
-                         "(backward = 2 x forward; probes: roofline)")
-        device = Device.for_tensor(next(iter(analysis.gm.parameters()), analysis.inputs[0]))
-    cands = build_problem(analysis.gm, analysis.schedule, analysis.timeline, methods=config.methods,
-                          settings=config.option_settings(noise), device=device, timings=timings)
-    refused = sum(1 for c in (noise or {}).values()
-                  if c.ratio(c.smallest_rank(config.max_grad_noise)) > config.max_grad_noise)
-    if noise:
-        notes.append(f"probing: {len(noise)} conv(s) calibrated, {refused} refused (no sketch size keeps "
-                     f"the probe noise within {config.max_grad_noise:g}x the layer's SGD noise; raise "
-                     f"max_grad_noise to allow them)" if refused else
-                     f"probing: {len(noise)} conv(s) calibrated, all within {config.max_grad_noise:g}x SGD noise")
-    return Proposal(cands, tuple(notes), refused)
+        noise, timings = calibrate_for_plan(model, analysis, config, limit, notes,
+                                            calibration_inputs=calibration_inputs,
+                                            calibration_loss_fn=calibration_loss_fn)
+    every = build(noise, timings)
+    cands = admissible(every, config.max_grad_noise)
+    probed = {c.nodes[0] for c in every.candidates if c.kind == "probe"}
+    offered = {c.nodes[0] for c in cands.candidates if c.kind == "probe"}
+    refused = len(probed - offered)
+    if probed:
+        source = "calibrated" if noise else "prior"
+        notes.append(f"probing: {len(probed)} conv(s), {refused} refused (no sketch size keeps the {source} "
+                     f"probe noise within {config.max_grad_noise:g}x the layer's SGD noise)" if refused else
+                     f"probing: {len(probed)} conv(s), every one has a sketch size within "
+                     f"{config.max_grad_noise:g}x SGD noise ({source})")
+    samples = next((c.calibration_batch for c in (noise or {}).values()), 0)
+    return Proposal(cands, tuple(notes), refused, every, samples)
 
 
 def apply(model: nn.Module, analysis: Analysis, proposal: Proposal, solution: Solution,
@@ -164,17 +162,53 @@ def apply(model: nn.Module, analysis: Analysis, proposal: Proposal, solution: So
     return Verified(solution, chosen, gm, schedule, timeline)
 
 
-def _budget_hint(config: Config, proposal: Proposal) -> str:
-    """Which option would reach further, for the BudgetError message."""
+def _noise_to_reach(proposal: Proposal, config: Config, budget: int) -> float | None:
+    """The smallest noise bound (among the choices' own levels, bisected with a few solves) whose
+    admissible choices reach ``budget`` on the solver's model; None if no bound does."""
+    every = proposal.every
+    if every is None:
+        return None
+    levels = sorted({c.noise for c in every.problem.choices if c.noise > config.max_grad_noise})
+    if not levels:
+        return None
+
+    def reaches(level: float) -> bool:
+        try:
+            Solver(admissible(every, level).problem, config.solver_options()).solve(budget)
+        except Infeasible:
+            return False
+        return True
+    if not reaches(levels[-1]):
+        return None
+    lo, hi = 0, len(levels) - 1          # levels[hi] reaches; find the first that does
+    for _ in range(4):
+        if lo >= hi:
+            break
+        mid = (lo + hi) // 2
+        if reaches(levels[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    return levels[hi]
+
+
+def _budget_error(analysis: Analysis, proposal: Proposal, config: Config, budget: int,
+                  lowest: int) -> BudgetError:
+    """What is reachable within the bounds, and which option would reach the budget."""
     hints = []
     missing = [m for m in registry.default_methods() if m not in config.methods]
     if missing:
         hints.append(f"allow more methods (methods={tuple(config.methods) + tuple(missing)!r})")
-    if proposal.refused_probes:
-        hints.append(f"raise max_grad_noise (now {config.max_grad_noise:g}): calibration refused probes on "
-                     f"{proposal.refused_probes} conv(s)")
+    level = _noise_to_reach(proposal, config, budget)
+    if level is not None:
+        hints.insert(0, f"allow noisier probes: max_grad_noise={math.ceil(level * 100) / 100:g} (now "
+                        f"{config.max_grad_noise:g}) reaches the budget on the planner's model")
     hints.append("raise the budget to at least the lowest reachable peak")
-    return "; or ".join(hints)
+    return BudgetError(
+        f"budget {format_bytes(budget)} cannot be met for {analysis.model_name}: the lowest reachable "
+        f"predicted peak with methods {tuple(config.methods)} and max_grad_noise={config.max_grad_noise:g} "
+        f"is {format_bytes(lowest)} (unmodified: {format_bytes(analysis.timeline.peak_bytes)}). "
+        f"To go lower: {'; or '.join(hints)}.", lowest)
 
 
 def _no_worse(v: Verified, model, analysis: Analysis, proposal: Proposal, config: Config,
@@ -245,11 +279,7 @@ def fit(model: nn.Module, analysis: Analysis, proposal: Proposal, config: Config
         lowest = search(None, math.inf)
     v = _no_worse(apply(model, analysis, proposal, lowest, config.seed), model, analysis, proposal, config, notes)
     if v.timeline.peak_bytes > budget:
-        raise BudgetError(
-            f"budget {format_bytes(budget)} cannot be met for {analysis.model_name}: the lowest "
-            f"reachable predicted peak with methods {tuple(config.methods)} is "
-            f"{format_bytes(v.timeline.peak_bytes)} (unmodified: {format_bytes(analysis.timeline.peak_bytes)}). "
-            f"To go lower: {_budget_hint(config, proposal)}.", v.timeline.peak_bytes)
+        raise _budget_error(analysis, proposal, config, budget, v.timeline.peak_bytes)
     notes.append("the lowest-peak plan was used (the budget is close to the reachable floor)")
     return Fit(v, budget, tuple(notes + _safety_notes(solver)))
 
@@ -371,7 +401,8 @@ def _rows(gm: fx.GraphModule, schedule: Schedule, timeline: Timeline) -> tuple[N
 
 def make_plan(analysis: Analysis, gm: fx.GraphModule, schedule: Schedule, timeline: Timeline, *,
               decisions: Sequence[Decision] = (), budget: int | None = None, notes: Sequence[str] = (),
-              cost_estimator: str = "") -> MemoryPlan:
+              cost_estimator: str = "", max_grad_noise: float | None = None,
+              calibration_batch: int = 0) -> MemoryPlan:
     """Assemble the report data of ``gm`` (analysed: ``schedule``, ``timeline``) against the
     unmodified step of ``analysis``."""
     storages = schedule.storages
@@ -382,12 +413,15 @@ def make_plan(analysis: Analysis, gm: fx.GraphModule, schedule: Schedule, timeli
     return MemoryPlan(model=analysis.model_name, parameter_bytes=params, input_bytes=inputs,
                       baseline=_timeline_data(analysis.timeline), timeline=_timeline_data(timeline),
                       rows=_rows(gm, schedule, timeline), alive_at_peak=alive, decisions=tuple(decisions),
-                      budget_bytes=budget, notes=tuple(notes), cost_estimator=cost_estimator)
+                      budget_bytes=budget, notes=tuple(notes), cost_estimator=cost_estimator,
+                      max_grad_noise=max_grad_noise, calibration_batch=calibration_batch)
 
 
-def report(analysis: Analysis, proposal: Proposal, fitted: Fit) -> MemoryPlan:
+def report(analysis: Analysis, proposal: Proposal, fitted: Fit, config: Config | None = None) -> MemoryPlan:
     """The memory plan of the fitted module: every figure from its verified analysis."""
     v = fitted.verified
     return make_plan(analysis, v.gm, v.schedule, v.timeline, decisions=_decisions(analysis, proposal, v),
                      budget=fitted.budget, notes=proposal.notes + fitted.notes,
-                     cost_estimator=proposal.candidates.cost.estimator)
+                     cost_estimator=proposal.candidates.cost.estimator,
+                     max_grad_noise=config.max_grad_noise if config is not None else None,
+                     calibration_batch=proposal.calibration_batch)

@@ -100,6 +100,8 @@ class MemoryPlan:
     budget_bytes: int | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
     cost_estimator: str = ""      # how extra time was estimated: "measured" | "roofline" | ""
+    max_grad_noise: float | None = None  # the noise bound the plan kept (None: plan of the unmodified step)
+    calibration_batch: int = 0    # samples probe noise was measured on (0: uncalibrated)
 
     @property
     def extra_time(self) -> float:

@@ -70,11 +70,14 @@ class Lean(OptionKind):
             window = math.prod(k) if isinstance(k, tuple) else k ** (len(n.meta["fxsketch.tensor"][0].shape) - 2)
             nb = elems * (1 if window <= 256 else 2 if window <= 32768 else 4)
             detail = f"max-pool window offsets ({nb // max(elems, 1)} B each)"
+            unpacked = ()
         else:
             nb = (elems + 7) // 8
             detail = f"{spec['op']} 1-bit mask"
+            # its backward unpacks the mask to one bool per element beside dX (fxsketch.ops.lean)
+            unpacked = (Span(elems, ctx.bwd[n.name], ctx.bwd[n.name]),)
         yield (Choice(n.name, ctx.cost.fraction(0.1 * ctx.cost.seconds[n.name]), 0.0, drops=drops,
-                      adds=(Span(nb, ctx.fwd[n.name], ctx.bwd[n.name]),)),
+                      adds=(Span(nb, ctx.fwd[n.name], ctx.bwd[n.name]),) + unpacked),
                Candidate(self.name, (n.name,), spec, detail))
 
     def rewrite(self, rw: RewriteContext, cand: Candidate) -> fx.Node:

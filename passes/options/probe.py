@@ -2,9 +2,10 @@
 
 The conv's backward then estimates dW from the sketch (unbiased; :func:`fxsketch.ops.probed_conv`).
 It frees the input only if nothing else keeps it, which the solver sees through the OR over
-savers. With calibrated noise (``settings.noise``) a conv is offered at one rank only: the
-smallest whose probe noise is at most ``max_grad_noise`` times its SGD noise; without it, every
-rank of ``settings.ratios`` with a heuristic noise sqrt(1 / storage ratio).
+savers. Every rank of ``settings.ratios`` is offered, each with its gradient noise relative to the
+layer's SGD noise: calibrated (``settings.noise``, :mod:`fxsketch.calibrate`) or, where the conv
+could not be calibrated, the stated prior (:class:`fxsketch.calibrate.PriorNoise`). The planner
+admits only choices within ``max_grad_noise``.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import torch
 import torch.fx as fx
 
 from ... import ops
+from ...calibrate import prior_noise
 from ...ops.probes import rank_for_ratio, sketch_nbytes
 from ..cost import tensor_bytes
 from ..patterns import CONV_FUNCS, CONV_MODULES
@@ -86,10 +88,7 @@ class Probe(OptionKind):
         x_bytes = ctx.schedule.storages[x].nbytes
         taps = math.prod(_weight_shape(ctx, n)[2:])  # the estimate scatters dY once per tap
         ranks = [st.probe_rank] if st.probe_rank else conv_ranks(xmeta.shape, st.ratios, st.mode)
-        calibrated = st.noise.get(n.name) if st.noise and not st.probe_rank else None
-        if calibrated is not None:
-            r = calibrated.smallest_rank(st.max_grad_noise)
-            ranks = [r] if calibrated.ratio(r) <= st.max_grad_noise else []
+        noise = (st.noise or {}).get(n.name) or prior_noise(xmeta.shape, st.mode)
         exact_wgrad = ctx.cost.seconds[n.name]
         f, b = ctx.fwd[n.name], ctx.bwd[n.name]
         for r in ranks:
@@ -97,12 +96,9 @@ class Probe(OptionKind):
             ratio = nb / max(x_bytes, 1)
             extra = (2 * x_bytes + 2 * taps * tensor_bytes(out)) / ctx.cost.device.bandwidth \
                 + ratio * exact_wgrad - exact_wgrad
-            detail = f"{st.mode}, r={r} ({ratio:.3g} of X, {st.probe})"
-            if calibrated is not None:
-                level = calibrated.ratio(r)
-                detail += f", noise {level:.2f}x SGD"
-            else:
-                level = math.sqrt(1.0 / ratio) if ratio < 1 else 0.0
+            level = noise.ratio(r)
+            detail = (f"{st.mode}, r={r} ({ratio:.3g} of X, {st.probe}), noise {level:.2f}x SGD"
+                      + ("" if noise.calibrated else " (prior)"))
             yield (Choice(n.name, ctx.cost.fraction(max(extra, 0.02 * exact_wgrad)), level,
                           drops=((ctx.saved_index[x], n.name),), adds=(Span(nb, f, b),)),
                    Candidate(self.name, (n.name,),

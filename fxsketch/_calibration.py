@@ -1,0 +1,134 @@
+"""What planning measures on real data, within memory: probe/SGD noise and node times on a sub-batch.
+
+The user's training step may not fit, so planning never runs it at full size. It runs one exact
+forward + backward of the model on the first b samples of the batch (or on the
+``calibration_inputs`` given with meta inputs), with b the largest of 8, 4, 2 (at most half the
+batch, :attr:`fxsketch.Config.calibration_batch` at most) whose predicted peak stays under the
+limit: the budget, or, without one, the lowest peak the planner could reach (a solve with every
+option allowed, before any noise bound). The prediction is the liveness model of the unmodified
+step at batch b (:func:`fxsketch.pipeline.analyse` on meta copies of the sub-batch) plus the
+calibration hooks' own temporaries (:func:`fxsketch.calibrate.hook_workspace_nbytes`).
+
+The loss is evaluated on the sub-batch's outputs padded back to the full batch with zeros that
+carry no gradient, so a ``loss_fn`` closing over the batch's targets pairs sample n with target n,
+and a loss that is a sum or mean over samples gets the right per-sample gradients (up to a global
+scale, which cancels in every noise ratio).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from .calibrate import calibrate_convs, hook_workspace_nbytes
+from .measurement import default_loss
+from .passes.cost import time_nodes
+from .passes.options.probe import probe_targets
+from .units import format_bytes
+
+__all__ = ["calibrate_for_plan", "sub_batch"]
+
+
+def sub_batch(inputs: tuple[torch.Tensor, ...], batch: int, b: int) -> tuple[torch.Tensor, ...]:
+    """The first ``b`` samples of every input whose first dimension is the batch."""
+    return tuple(x[:b] if x.dim() and x.shape[0] == batch else x for x in inputs)
+
+
+def _pad(out: Any, b: int, batch: int) -> Any:
+    """``out`` with every tensor of ``b`` rows padded to ``batch`` rows by zeros (no gradient)."""
+    if isinstance(out, torch.Tensor):
+        if out.dim() and out.shape[0] == b and batch > b:
+            return torch.cat([out, out.new_zeros((batch - b, *out.shape[1:])).detach()])
+        return out
+    if isinstance(out, (tuple, list)):
+        return type(out)(_pad(o, b, batch) for o in out)
+    if isinstance(out, dict):
+        return {k: _pad(v, b, batch) for k, v in out.items()}
+    return out
+
+
+def _padded_loss(loss_fn: Callable, b: int, batch: int) -> Callable:
+    return lambda out: loss_fn(_pad(out, b, batch))
+
+
+def _predicted_peak(model, inputs, batch: int, b: int, loss, pad_to: int, targets) -> int:
+    from .pipeline import analyse  # the pipeline imports this module
+    meta = tuple(torch.empty_like(x, device="meta") for x in sub_batch(inputs, batch, b))
+    a = analyse(model, meta, loss_fn=_padded_loss(loss, b, pad_to))
+    shapes = {n.name: n for n in a.gm.graph.nodes}
+    calls: dict[int, int] = {}
+    for w, _ in targets.values():
+        calls[id(w)] = calls.get(id(w), 0) + 1
+    hooks = 0
+    for name, (w, _) in targets.items():
+        node = shapes.get(name)
+        if node is None or not node.all_input_nodes:
+            continue
+        x = node.all_input_nodes[0].meta["fxsketch.tensor"][0].shape
+        y = node.meta["fxsketch.tensor"][0].shape
+        hooks = max(hooks, hook_workspace_nbytes(x, y, tuple(w.shape), calls[id(w)]))
+    return a.timeline.peak_bytes + hooks
+
+
+def calibrate_for_plan(model, analysis, config, limit: int | None, notes: list[str], *,
+                       calibration_inputs=None, calibration_loss_fn: Callable | None = None):
+    """(noise by conv node or None, node timings at the full batch or None)."""
+    batch = analysis.inputs[0].shape[0] if analysis.inputs and analysis.inputs[0].dim() else 1
+    if calibration_inputs is not None:
+        source = tuple(calibration_inputs) if isinstance(calibration_inputs, (tuple, list)) else (calibration_inputs,)
+        have = source[0].shape[0] if source and source[0].dim() else 0
+        # the training loss_fn fits the training batch: outputs are padded to it; a
+        # calibration_loss_fn fits the calibration inputs
+        loss, pad_to = (calibration_loss_fn, have) if calibration_loss_fn else (analysis.loss_fn, batch)
+    elif analysis.meta_inputs:
+        notes.append("uncalibrated (meta inputs, no calibration_inputs): probe noise from the stated prior "
+                     "(fxsketch.calibrate.PriorNoise); pass calibration_inputs= a few real samples to measure it")
+        return None, None
+    else:
+        source, have = analysis.inputs, batch // 2
+        loss, pad_to = calibration_loss_fn or analysis.loss_fn, batch
+    wanted = "probe" in config.methods and config.probe_rank is None and config.calibrate
+    targets = probe_targets(analysis.gm) if wanted else {}
+    tries = [b for b in (8, 4, 2) if b <= min(config.calibration_batch, have)]
+    if not tries:
+        why = f"a batch of {batch}" if calibration_inputs is None else f"calibration_inputs of {have} sample(s)"
+        if targets:
+            notes.append(f"uncalibrated ({why} gives no sub-batch of at least 2 samples below the full step): "
+                         f"probe noise from the stated prior")
+        return None, None
+    full = have if calibration_inputs is not None else batch
+    chosen, predicted = None, 0
+    for b in tries:
+        predicted = _predicted_peak(model, source, full, b, loss or default_loss, pad_to, targets)
+        if limit is None or predicted <= limit:
+            chosen = b
+            break
+    if chosen is None:
+        notes.append(f"uncalibrated: even a 2-sample calibration batch is predicted at "
+                     f"{format_bytes(predicted)}, above the {format_bytes(limit)} the plan may use; probe "
+                     f"noise from the stated prior")
+        return None, None
+    sub = tuple(x.detach() for x in sub_batch(source, full, chosen))
+    noise = None
+    if targets:
+        first: dict[int, str] = {}  # a conv module called twice is two nodes with one weight
+        for name, (w, _) in targets.items():
+            first.setdefault(id(w), name)
+        by_weight = calibrate_convs(model, sub, {name: targets[name][0] for name in first.values()},
+                                    batch=batch, loss_fn=_padded_loss(loss or default_loss, chosen, pad_to),
+                                    mode=config.mode, probe=config.probe)
+        noise = {name: by_weight[first[id(w)]] for name, (w, _) in targets.items()}
+        notes.append(f"probe noise calibrated on {chosen} of {batch} samples (predicted peak of calibration "
+                     f"{format_bytes(predicted)}) and stated for batch {batch} by the 1/B law")
+    timings = None
+    if config.time_nodes:
+        try:
+            measured = time_nodes(analysis.gm, sub)
+        except Exception as e:  # a graph specialised to its batch: the roofline stands
+            notes.append(f"node times not measured ({type(e).__name__} at batch {chosen}): roofline estimate")
+        else:
+            scale = batch / chosen
+            timings = {k: v * scale for k, v in measured.items()}
+            notes.append(f"extra time estimated from node times measured on {chosen} samples, scaled to "
+                         f"{batch} (backward = 2 x forward; probes: roofline)")
+    return noise, timings
