@@ -74,10 +74,12 @@ class Config:
     progress: bool | None = None
     """Show a progress bar while calibrating: True always, False never, None (default) only
     when stderr is a terminal (tqdm's convention), so logs and CI output stay clean."""
-    time_nodes: bool = True
-    """Time every node's forward on the example batch (when it holds real tensors) and estimate
-    extra step time from those times; False (or meta inputs): a roofline estimate from FLOPs and
-    bytes with this machine's measured matmul and copy rates."""
+    time_nodes: bool = False
+    """False (default): extra step time from a roofline estimate (FLOPs and bytes at this
+    machine's matmul and copy rates, measured once and cached), the same rule for real and meta
+    inputs, so a plan does not depend on the machine's load. True: time every node's forward on
+    the calibration sub-batch (scaled to the batch) instead: closer on some models, but a plan
+    that can change with load."""
     solver_max_nodes: int = SolverOptions.max_nodes
     """Branch-and-bound nodes HiGHS may explore in one search for a plan (a budget solve, or a
     lowest-peak solve's whole ladder of overhead caps); then the best plan found so far is used
