@@ -1,4 +1,4 @@
-"""DFA and MEM-DFA as methods: cut the traced graph into local blocks and emit one DFA call.
+"""DFA and MEM-DFA as methods: cut the traced graph into local blocks and emit the DFA module.
 
 Unlike the other kinds, DFA is no per-node choice for the solver: it replaces backpropagation
 over the whole graph, so ``methods=("dfa",)`` (MEM-DFA) and ``methods=("dfa-plain",)`` (plain
@@ -41,7 +41,7 @@ class DFAMethod(OptionKind):
 
     name = "dfa"
     whole_graph = True
-    memory = True
+    memory = True  # MEM-DFA's replaying call (False: plain DFA, the model's graph with cuts)
 
     def label(self, cand) -> str:
         return "MEM-DFA"
