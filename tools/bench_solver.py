@@ -13,8 +13,9 @@ it does not). Every cell is solved ``--runs`` times on a fresh :class:`Solver` w
 ``SolverOptions()`` as shipped (``--max-nodes`` overrides the node limit): a lowest-peak solve
 per ``--caps`` entry, and a budget solve per ``--budgets`` fraction of the unmodified peak.
 Printed: the solver's predicted peak (its own model, not the rewritten graph's re-analysis), the
-estimated overhead, the nodes used, the wall time of each run, and whether every run chose the
-same plan (the solver is bounded by nodes, not seconds, so it should). ``--against REV`` also
+estimated overhead, the nodes used, the wall time of each run, the CPU time of the first (this
+process, HiGHS's threads included: less sensitive to other load than wall time), and whether
+every run chose the same plan (the solver is bounded by nodes, not seconds, so it should). ``--against REV`` also
 solves every cell with ``passes/solve.py`` as it was at git revision REV (its own defaults), on the
 same problem: the time-limited solver before this one, say. ``--highs-defaults`` runs HiGHS with
 its own MIP settings instead of the ones ``passes/solver_model.py`` sets.
@@ -77,12 +78,13 @@ def capture(make, shape, meta: bool, noise: float) -> S.Problem:
 
 def _solve(problem: S.Problem, budget: int | None, cap: float, options: S.SolverOptions):
     solver = S.Solver(problem, options)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     try:
         sol = solver.solve(budget, max_overhead=cap)
     except S.Infeasible as e:
         sol = e.lowest
-    return sol, budget is not None and sol.peak_bytes > budget, solver.nodes_used, time.perf_counter() - t
+    return (sol, budget is not None and sol.peak_bytes > budget, solver.nodes_used, time.perf_counter() - t,
+            time.process_time() - cpu)
 
 
 def _solver_at(rev: str):
@@ -102,17 +104,18 @@ def _solver_at(rev: str):
 
 def _solve_with(old, problem: S.Problem, budget: int | None, cap: float):
     """One solve with the module ``old`` (see :func:`_solver_at`) on ``problem``, rebuilt from its
-    own dataclasses. Returns (chosen, peak bytes, infeasible, seconds)."""
+    own dataclasses. Returns (chosen, peak bytes, infeasible, wall seconds, CPU seconds)."""
     choices = [old.Choice(c.group, c.cost, c.noise, c.drops, tuple(old.Span(a.nbytes, a.start, a.end) for a in c.adds),
                           c.holds, c.covers) for c in problem.choices]
     saved = [old.Saved(s.nbytes, s.start, s.base_end, s.savers) for s in problem.saved]
     p = old.Problem(problem.n_steps, list(problem.fixed), saved, choices)
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     try:
         sol = old.solve(p, budget, max_overhead=cap)
     except old.Infeasible as e:
         sol = e.lowest
-    return sol.chosen, sol.peak_bytes, budget is not None and sol.peak_bytes > budget, time.perf_counter() - t
+    return (sol.chosen, sol.peak_bytes, budget is not None and sol.peak_bytes > budget, time.perf_counter() - t,
+            time.process_time() - cpu)
 
 
 class _Burner:
@@ -146,9 +149,9 @@ def main(argv=None):
         solver_model._MIP_SETTINGS.clear()
     options = S.SolverOptions(max_nodes=args.max_nodes)
     old = _solver_at(args.against) if args.against else None
-    extra = f" {args.against}: peak | wall s | same plan |" if old else ""
-    print(f"| problem | choices | solve | peak | est. overhead | nodes | wall s (runs) | same plan |{extra}")
-    print("|---|---|---|---|---|---|---|---|" + ("---|---|---|" if old else ""))
+    extra = f" {args.against}: peak | wall s | CPU s | same plan |" if old else ""
+    print(f"| problem | choices | solve | peak | est. overhead | nodes | wall s (runs) | CPU s | same plan |{extra}")
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if old else ""))
     for name in args.problems:
         problem = capture(*PROBLEMS[name])
         base = S.evaluate(problem, [])
@@ -156,16 +159,16 @@ def main(argv=None):
         cells += [(int(f * max(base)), float("inf"), f"budget {f:g}") for f in args.budgets]
         for budget, cap, label in cells:
             runs = [_run(args, k, lambda: _solve(problem, budget, cap, options)) for k in range(args.runs)]
-            sol, infeasible, nodes, _ = runs[0]
+            sol, infeasible, nodes, _, cpu = runs[0]
             same = all(r[0] == sol for r in runs)
             timed_out = " (safety limit hit)" if any(r[0].hit_time_limit for r in runs) else ""
             row = (f"| {name} | {len(problem.choices)} | {label} | {_peak(sol.peak_bytes, infeasible)} | "
-                   f"{100 * sol.cost:.1f} % | {nodes} | {_seconds(r[3] for r in runs)} | "
+                   f"{100 * sol.cost:.1f} % | {nodes} | {_seconds(r[3] for r in runs)} | {cpu:.1f} | "
                    f"{'yes' if same else 'NO'}{timed_out} |")
             if old:
                 before = [_run(args, k, lambda: _solve_with(old, problem, budget, cap)) for k in range(args.runs)]
                 peaks = sorted({_peak(r[1], r[2]) for r in before})
-                row += (f" {' or '.join(peaks)} | {_seconds(r[3] for r in before)} | "
+                row += (f" {' or '.join(peaks)} | {_seconds(r[3] for r in before)} | {before[0][4]:.1f} | "
                         f"{'yes' if len({r[0] for r in before}) == 1 else 'NO'} |")
             print(row, flush=True)
 
