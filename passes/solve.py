@@ -110,18 +110,20 @@ class SolverOptions:
     noise_weight: float = 0.01
     """Weight of gradient noise against cost in the objective (0: cost alone)."""
     max_nodes: int = 100
-    """Branch-and-bound nodes for one search (a budget solve's, or a lowest-peak solve's whole
-    ladder, whose rungs share them); then the best plan found so far is used (always feasible).
+    """Branch-and-bound nodes for one search: a budget MILP, or a lowest-peak solve's whole
+    ladder (its rungs share them; a budget solve the budget MILP cannot meet runs the ladder and
+    a second budget MILP after it, each with as many); then the best plan found so far is used.
     A work limit, not a time limit: the plan does not depend on the machine's load. Each MILP's
     root node counts as one and always runs (HiGHS closes the 2 % gap there on most problems);
     the limit bounds the tree search after it, which some problems need (ResNet-18 with a
     budget: 93 nodes, MobileNetV2: 40). Nodes cost 3-25 ms each on the models of
     docs/optimize.md."""
-    safety_seconds: float = 60.0
-    """Wall-clock safety net for one :meth:`Solver.solve` (its MILPs; the LPs always finish):
-    far above what any measured problem needs (docs/optimize.md), so it never decides a plan
-    unless something is badly wrong. A solve that hits it says so in
-    :attr:`Solution.hit_time_limit`."""
+    safety_seconds: float = 120.0
+    """Wall-clock safety net for one :meth:`Solver.solve` (its MILPs; the LPs always finish),
+    so that it never decides a plan unless something is badly wrong: 2.5x the slowest solve
+    measured (ResNet-50 on meta inputs at budget 0.35 of its peak, 47 s with the 2-core machine
+    at load 8 and a CPU burner on both cores; docs/optimize.md). A solve that hits it says so
+    in :attr:`Solution.hit_time_limit`."""
     mip_rel_gap: float = 0.02
     """HiGHS stops once its plan is provably within this fraction of the optimum."""
     reduce_above: int = 200
