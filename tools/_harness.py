@@ -118,19 +118,23 @@ def mib(b) -> str:
 # -- training -----------------------------------------------------------------------------------
 
 def train(name, seed, gm, model, opt, data, loss, metric: Metric, *, epochs, batch, sched=None,
-          target=None) -> dict:
+          target=None, on_epoch=None) -> dict:
     """Train gm (model's parameters) for epochs on data = (x_train, y_train, x_test, y_test):
     minibatches of ``batch`` in an order drawn from a generator seeded 1000 + seed, ``loss(out, y)``
     per step, then opt.step() and sched.step() (if any), metric.fn(model, x_test, y_test) after every
     epoch. ``target``, if given, is a dict whose "y" is set to each step's targets (for a loss_fn
-    that reads them). Prints one progress line; returns the record (losses, metric per epoch,
-    final metric, training seconds)."""
+    that reads them). ``on_epoch(e)``, if given, is called before the first epoch (e = 0) and after
+    each epoch e (a measurement during training; its time is left out of the record's seconds).
+    Prints one progress line; returns the record (losses, metric per epoch, final metric,
+    training seconds)."""
     xtr, ytr, xte, yte = data
     steps = len(xtr) // batch
     g = torch.Generator().manual_seed(1000 + seed)
     losses, values = [], []
     t0 = time.time()
-    for _epoch in range(epochs):
+    if on_epoch is not None:
+        t0 += _timed(on_epoch, 0)
+    for epoch in range(epochs):
         perm = torch.randperm(len(xtr), generator=g)
         tot = 0.0
         for i in range(steps):
@@ -146,10 +150,19 @@ def train(name, seed, gm, model, opt, data, loss, metric: Metric, *, epochs, bat
             tot += float(value.detach())
         losses.append(tot / steps)
         values.append(metric.fn(model, xte, yte))
+        if on_epoch is not None:
+            t0 += _timed(on_epoch, epoch + 1)
     rec = {"losses": losses, metric.per_epoch: values, metric.final: values[-1], "seconds": time.time() - t0}
     print(f"{name} seed {seed}: {metric.short} {values[-1]:.{metric.places}f} loss {losses[-1]:.4f} "
           f"({rec['seconds']:.0f} s)", file=sys.stderr)
     return rec
+
+
+def _timed(fn, *args) -> float:
+    """Seconds fn(*args) took."""
+    t = time.time()
+    fn(*args)
+    return time.time() - t
 
 
 def eval_forward(model, x):
