@@ -116,7 +116,7 @@ def calibrate_for_plan(model, analysis, config, limit: int | None, notes: list[s
             first.setdefault(id(w), name)
         by_weight = calibrate_convs(model, sub, {name: targets[name][0] for name in first.values()},
                                     batch=batch, loss_fn=_padded_loss(loss or default_loss, chosen, pad_to),
-                                    mode=config.mode, probe=config.probe)
+                                    mode=config.mode, probe=config.probe, progress=config.progress)
         noise = {name: by_weight[first[id(w)]] for name, (w, _) in targets.items()}
         notes.append(f"probe noise calibrated on {chosen} of {batch} samples (predicted peak of calibration "
                      f"{format_bytes(predicted)}) and stated for batch {batch} by the 1/B law")

@@ -182,9 +182,9 @@ class _Capture(TorchFunctionMode):
     """See every F.convNd call whose weight is listed; in backward, fold each call's (X, dY) into
     its conv's running sums and drop them."""
 
-    def __init__(self, weights: dict[int, str], mode: str, probe: str):
+    def __init__(self, weights: dict[int, str], mode: str, probe: str, bar=None):
         super().__init__()
-        self.weights, self.mode, self.probe = weights, mode, probe
+        self.weights, self.mode, self.probe, self.bar = weights, mode, probe, bar
         self.stats: dict[str, _ConvStats] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -232,6 +232,8 @@ class _Capture(TorchFunctionMode):
         terms = probe_variance_terms(x, dy, st.weight_shape, geo, self.mode, self.probe)
         st.terms = terms if st.terms is None else st.terms + terms
         st.done += 1
+        if self.bar is not None:
+            self.bar.update(1)
         if st.done == st.calls and st.per_sample is not None:  # the last call: reduce to scalars
             flat = st.per_sample.flatten(1)
             st.sq_sum = float(flat.pow(2).sum())
@@ -293,7 +295,8 @@ def _cache_key(model, inputs, names, batch, mode, probe, loss_fn) -> tuple:
 
 def calibrate_convs(model: nn.Module, calibration_inputs: Any, convs: Mapping[str, Any], *,
                     batch: int | None = None, loss_fn: Callable | None = None, mode: str = "spatial",
-                    probe: str = "gaussian", cache: bool = True) -> dict[str, ConvNoise]:
+                    probe: str = "gaussian", cache: bool = True,
+                    progress: bool | None = None) -> dict[str, ConvNoise]:
     """Measure, per conv, the SGD noise of dW and the closed-form probe noise, for batch ``batch``.
 
     ``calibration_inputs``: a small real batch (b >= 2 samples along dim 0). ``convs`` maps a name
@@ -301,6 +304,8 @@ def calibrate_convs(model: nn.Module, calibration_inputs: Any, convs: Mapping[st
     ``batch``: B, the training batch the figures are for (default b). ``loss_fn(output)`` gives the
     scalar loss (default :func:`fxsketch.measure.default_loss`). Results are cached per (model,
     weights version, calibration tensors, settings): sweeping budgets does not recalibrate.
+    ``progress``: a bar over the conv calls folded in backward: True always, False never, None
+    only when stderr is a terminal (tqdm's convention).
 
     The model is not modified: no ``.grad`` is written, buffers (BatchNorm running statistics)
     and train/eval flags are restored, torch's RNG streams are left alone.
@@ -331,8 +336,14 @@ def calibrate_convs(model: nn.Module, calibration_inputs: Any, convs: Mapping[st
         return dict(hit[1])
 
     names = list(weights)
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # pragma: no cover - tqdm is a dependency
+        tqdm = None
+    bar = tqdm(desc="calibrating convs", unit="call", leave=False,
+               disable=None if progress is None else not progress) if tqdm else None
     with preserved(model), torch.random.fork_rng(devices=[]), torch.enable_grad():
-        capture = _Capture(by_id, mode, probe)
+        capture = _Capture(by_id, mode, probe, bar)
         with capture:
             out = model(*inputs)
         loss = loss_fn(out)
@@ -341,6 +352,8 @@ def calibrate_convs(model: nn.Module, calibration_inputs: Any, convs: Mapping[st
         del out
         grads = torch.autograd.grad(loss, [weights[n] for n in names], allow_unused=True)
         del loss, grads
+    if bar is not None:
+        bar.close()
 
     result: dict[str, ConvNoise] = {}
     for name in names:

@@ -72,7 +72,7 @@ class Config:
     """Most samples calibration may use (it uses 8, 4 or 2, at most half the batch, the largest
     whose predicted peak fits under the budget or the lowest reachable peak)."""
     progress: bool | None = None
-    """Show a progress bar while calibrating: True always, False never, None (default) only
+    """Show a progress bar while calibrating (conv calls folded): True always, False never, None (default) only
     when stderr is a terminal (tqdm's convention), so logs and CI output stay clean."""
     time_nodes: bool = False
     """False (default): extra step time from a roofline estimate (FLOPs and bytes at this
