@@ -288,7 +288,11 @@ def _cache_key(model, inputs, names, batch, mode, probe, loss_fn) -> tuple:
     update of a parameter (an optimizer step) bumps its version and misses. Buffers are left
     out: calibration's own forward updates BatchNorm statistics and restores them."""
     state = [(id(t), t._version) for t in model.parameters()] + [model.training]
-    data = [(id(x), x._version, tuple(x.shape), x.dtype) for x in inputs]
+    # the calibration tensors by address, version and a content fingerprint (a freed batch's
+    # memory can be reused by another one at the same address)
+    data = [(x.data_ptr(), x._version, tuple(x.shape), x.dtype,
+             float(x.double().sum()) if x.is_floating_point() else 0.0,
+             float(x.double().abs().sum()) if x.is_floating_point() else 0.0) for x in inputs]
     return (id(model), type(model).__qualname__, tuple(state), tuple(data), tuple(names), batch, mode, probe,
             id(loss_fn))
 
