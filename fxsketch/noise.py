@@ -23,10 +23,12 @@ variance summed over dW's elements from X and dY of one conv call. Derivation:
 3. Sums over the elements (o in group g, c in g, k). With the per-position Grams
        alpha_g[n, m, q] = sum_{o in g, k} a_{n,o,k}[q] a_{m,o,k}[q],  xi_g[n, m, q] = sum_{c in g} X[n,c,q] X[m,c,q]
    D = sum_{g,n,m,q} alpha xi, F = sum_{g,n,m} (sum_q alpha)(sum_q xi) and F_B = sum_{g,n,m,b}
-   (sum_{q in b} alpha)(sum_{q in b} xi): one pass over pixel chunks (alpha from dY gathered
-   per tap, N*O*K values per pixel). T = sum_{n,m} <D_nm, D_mn> with the cross-sample weight
-   gradient D_nm = wgrad(x_n, dy_m): 2N batch-1 wgrads, each against all samples folded into
-   channels (rows D_{n,.} and columns D_{.,n}: 2N|W| at a time); the exact dW = sum_n D_nn.
+   (sum_{q in b} alpha)(sum_{q in b} xi): one pass over pixel chunks; alpha_g[q] sums over taps
+   the output-pixel Gram beta_g[n, m, p] = sum_{o in g} dY[n,o,p] dY[m,o,p] at p = p(q, k).
+   T = sum_{n,m} <D_nm, D_mn> with the cross-sample weight gradient D_nm = wgrad(x_n, dy_m); it is
+   symmetric in (n, m), so sample n takes two batch-1 wgrads against the samples m >= n folded
+   into channels (rows D_{n,m} and columns D_{m,n}: at most 2N|W| at a time, N^2 sample-wgrads in
+   all); the exact dW = sum_n D_nn.
    T_B = sum_b sum_{n,m} <D^b_nm, D^b_mn>, D^b the wgrad from block b's pixels only, per chunk of
    blocks either directly (N^2|W| per pixel) or through block Grams, whichever costs fewer
    flops: <D^b_nm, D^b_mn> = sum_{j,i in b} (sum_c x_n[c,j] x_m[c,i]) (sum_{o,k} a_m[o,k,j] a_n[o,k,i]).
@@ -242,13 +244,22 @@ def _pairs(u: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _pixel_plan(n, g, cg, og, k, p, channel_blocks: bool):
+    """(pixels per chunk, elements held) of :func:`_pixel_stats`: dY and X values, the fp64 Grams
+    (beta, alpha, xi and a product), tap-index temporaries and, for channel-mode blocks, the
+    per-channel alpha~ and xi (fp64, with their permuted copies)."""
+    per_pos = n * g * og + n * g * cg + 8 * g * n * n + 12 * k + (8 * g * cg * n * n if channel_blocks else 0)
+    step = max(1, _BUDGET // per_pos)
+    return step, min(step, p) * per_pos
+
+
 def _pixel_stats(xs, dys, sources, mode: str, ranks):
     """One pass over chunks of input pixels: D and F as (N, N) pair matrices and, per rank, the
     same-block F_B (orthogonal probes). xs (N, G, Cg, P), dys (N, G, Og, P_out)."""
     n, g, cg, p = xs.shape
     c = g * cg
-    per_pos = n * g * dys.shape[2] + n * c + 8 * g * n * n + (6 * c * n * n if mode == "channel" and ranks else 0)
-    step = max(1, _BUDGET // per_pos)
+    step, _ = _pixel_plan(n, g, cg, dys.shape[2], sources(xs.new_zeros(1, dtype=torch.int64))[0].shape[0],
+                          p, mode == "channel" and bool(ranks))
     f64 = dict(dtype=torch.float64, device=xs.device)
     d, atot, xtot = torch.zeros(n, n, **f64), torch.zeros(g, n, n, **f64), torch.zeros(g, n, n, **f64)
     if mode == "spatial":
@@ -263,13 +274,17 @@ def _pixel_stats(xs, dys, sources, mode: str, ranks):
         src, ok = sources(q)                                   # (K, L) output pixel of each tap
         hit = src[ok]
         p0, p1 = (int(hit.min()), int(hit.max()) + 1) if hit.numel() else (0, 1)
-        beta = _pairs(dys[..., p0:p1])                         # sum_o dY_n dY_m at those pixels
         al = torch.zeros(g, n, n, q.numel(), **f64)            # alpha_g[n, m, q]: beta summed over taps
-        for t in range(src.shape[0]):
-            al += beta[..., (src[t] - p0).clamp(0, p1 - p0 - 1)] * ok[t]
+        if p1 - p0 <= 2 * q.numel():
+            beta = _pairs(dys[..., p0:p1])                     # sum_o dY_n dY_m at those pixels
+            for t in range(src.shape[0]):
+                al += beta[..., (src[t] - p0).clamp(0, p1 - p0 - 1)] * ok[t]
+            del beta
+        else:  # taps reach far beyond the chunk (3d, small chunks): each tap's dY on its own
+            for t in range(src.shape[0]):
+                al += _pairs(dys[..., src[t]] * ok[t])
         xg = xs[..., lo:lo + q.numel()]
         xi = _pairs(xg)                                        # xi_g[n, m, q]
-        del beta
         d += (al * xi).sum((0, 3))
         atot += al.sum(-1)
         xtot += xi.sum(-1)
@@ -295,6 +310,21 @@ def _pixel_stats(xs, dys, sources, mode: str, ranks):
     return d, f, fb
 
 
+def _segment_plan(n, gs, cs, os_, k, l, n_seg):
+    """(gram, segments per chunk, samples per chunk, positions per sub-range, elements held) of
+    :func:`_segment_pairs`: the Gram route where it costs fewer flops and fits, else D^s itself."""
+    w = gs * os_ * cs * k                      # one segment's D_nm
+    per_pos = n * gs * (os_ * k + cs) + 12 * k  # gathered values and tap-index temporaries per position
+    gram_mem = 3 * gs * (n * l) ** 2 + per_pos * l
+    if l * (cs + os_ * k) < os_ * cs * k and gram_mem <= _BUDGET:
+        nb = max(1, min(n_seg, _BUDGET // gram_mem))
+        return True, nb, n, l, nb * gram_mem
+    nc = max(1, min(n, _BUDGET // (3 * n * w)))
+    nb = max(1, min(n_seg, _BUDGET // (3 * nc * n * w + per_pos * l)))
+    ls = max(1, min(l, _BUDGET // (per_pos * nb)))
+    return False, nb, nc, ls, nb * (3 * nc * n * w + per_pos * ls)
+
+
 def _segment_pairs(xs, dys, edges, sources):
     """sum over segments s = [edges[i], edges[i+1]) of input positions of sum_{n,m} <D^s_nm,
     D^s_mn> as an (N, N) matrix, D^s_nm the wgrad of x_n's positions in s against dy_m.
@@ -305,17 +335,7 @@ def _segment_pairs(xs, dys, edges, sources):
     e = torch.tensor(edges, dtype=torch.int64, device=xs.device)
     lens = e[1:] - e[:-1]
     l, n_seg = int(lens.max()), lens.numel()
-    k = sources(e[:1])[0].shape[0]
-    w = gs * os_ * cs * k                  # one segment's D_nm
-    per_pos = n * gs * (os_ * k + cs)      # gathered values per position
-    gram_mem = 3 * gs * (n * l) ** 2 + per_pos * l
-    gram = l * (cs + os_ * k) < os_ * cs * k and gram_mem <= _BUDGET
-    if gram:
-        nb, nc, ls = max(1, _BUDGET // gram_mem), n, l
-    else:
-        nc = max(1, min(n, _BUDGET // (3 * n * w)))
-        nb = max(1, min(n_seg, _BUDGET // (3 * nc * n * w + per_pos * l)))
-        ls = max(1, min(l, _BUDGET // (per_pos * nb)))
+    gram, nb, nc, ls, _ = _segment_plan(n, gs, cs, os_, sources(e[:1])[0].shape[0], l, n_seg)
     tmat = torch.zeros(n, n, dtype=torch.float64, device=xs.device)
     starts, j = e[:-1, None], torch.arange(l, device=xs.device)
     for s0 in range(0, n_seg, nb):
@@ -417,23 +437,25 @@ def probe_variance_terms(x: torch.Tensor, dy: torch.Tensor, weight_shape, geo: C
 
 
 def workspace_nbytes(x_shape, y_shape, weight_shape, mode: str = "spatial", probe: str = "gaussian",
-                     ranks: Iterable[int] = ()) -> int:
-    """Upper estimate of the bytes :func:`probe_variance_terms` allocates beside X and dY (fp32
-    inputs): working copies of X and dY and their channel-folded copies, the cross-sample phase's
-    rows and columns (2N|W| and their product), the chunk temporaries (about ``_BUDGET``
-    elements, twice over for einsum's copies) and the orthogonal block accumulators."""
+                     ranks: Iterable[int] = (), asymmetric: bool = True) -> int:
+    """Estimated peak bytes :func:`probe_variance_terms` allocates beside fp32 X and dY, phase by
+    phase from its own chunk plans: the cross-sample wgrads (rows, columns and their product,
+    3N|W|, beside the samples folded into channels and, for asymmetric padding, a padded copy),
+    the pixel pass with its block accumulators, and the orthogonal same-block pass.
+
+    >>> workspace_nbytes((8, 64, 56, 56), (8, 64, 56, 56), (64, 64, 3, 3)) // 2**20
+    27
+    """
     n, c, o = x_shape[0], x_shape[1], y_shape[1]
-    x_el, y_el, w_el = math.prod(x_shape), math.prod(y_shape), math.prod(weight_shape)
-    p = math.prod(x_shape[2:])
-    groups = c // weight_shape[1]
-    acc = 0
-    if probe == "orthogonal":
-        positions = p if mode == "spatial" else c * p
-        per_block = groups * n * n if mode == "spatial" else n * n
-        acc = sum(2 * 2 * -(-positions // int(r)) * per_block for r in ranks if int(r) < positions)
-    copies = 3 * x_el + 2 * y_el
-    chunk = _BUDGET
-    if probe != "orthogonal":  # the pixel pass holds one chunk of at most every position at once
-        taps = math.prod(weight_shape[2:])
-        chunk = min(_BUDGET, p * (n * o * taps + n * c + 8 * groups * n * n))
-    return 4 * (copies + max(3 * n * w_el + w_el, 6 * chunk) + acc)  # chunks in float64
+    g = c // weight_shape[1]
+    cg, og = c // g, o // g
+    p, k = math.prod(x_shape[2:]), math.prod(weight_shape[2:])
+    cross = 3 * n * math.prod(weight_shape) + math.prod(x_shape) * (2 if asymmetric else 1) + math.prod(y_shape)
+    orth = sorted(int(r) for r in ranks if int(r) < (p if mode == "spatial" else c * p)) if probe == "orthogonal" else []
+    acc = sum(4 * -(-(p if mode == "spatial" else c * p) // r) * (g if mode == "spatial" else 1) * n * n for r in orth)
+    pixel = _pixel_plan(n, g, cg, og, k, p, mode == "channel" and bool(orth))[1] + acc
+    seg = 0
+    for r in orth:  # channel mode: at most a group's channels share one segmentation
+        l, n_seg = (r, -(-p // r)) if mode == "spatial" else (min(r, p), -(-p // r) + 1)
+        seg = max(seg, _segment_plan(n, g if mode == "spatial" else 1, cg, og, k, l, n_seg)[4])
+    return 5 * max(cross, pixel, seg)  # 4 bytes, and a quarter for temporaries inside einsum

@@ -11,7 +11,8 @@ from hypothesis import example, given, settings, strategies as st
 
 import fxsketch.noise as noise
 from fxsketch.errors import InputError
-from fxsketch.noise import Split, accumulate, probe_variance_terms
+from fxsketch.measurement import LiveStorageTracker
+from fxsketch.noise import Split, accumulate, probe_variance_terms, workspace_nbytes
 from fxsketch.ops.probed import conv_geometry, dw_channel, dw_spatial, exact_weight_grad, sketch, tap_indices
 
 PROBES = ("gaussian", "rademacher", "orthogonal")
@@ -142,11 +143,12 @@ def _ranks(x, mode):
 # the closed form against Monte Carlo and exact references
 
 
-@settings(max_examples=12, deadline=None, derandomize=True)
+@settings(max_examples=9, deadline=None, derandomize=True)
 @given(case=conv_cases(top=(32, 7, 4), least=(20, 5, 4), samples=3, per_group=2, taps=2),
        mode=st.sampled_from(["spatial", "channel"]), probe=st.sampled_from(PROBES))
 @example(case=(1, 3, 4, 4, (6, 5), (2, 3), 1, "same", 1, 2), mode="channel", probe="gaussian")   # asymmetric
 @example(case=(2, 3, 2, 4, (24,), (2,), 1, "same", 3, 1), mode="spatial", probe="orthogonal")
+@example(case=(5, 4, 4, 4, (7, 7), (3, 3), 2, 1, 1, 2), mode="spatial", probe="rademacher")      # strided
 def test_matches_monte_carlo_of_the_real_op(case, mode, probe):
     """Within 15 %, 256 draws. Gaussian probes' squared errors are heavy-tailed (s^4 terms): 256
     draws leave a 5-10 % standard error on these convs, so they get 1024. The standard error is
@@ -157,7 +159,7 @@ def test_matches_monte_carlo_of_the_real_op(case, mode, probe):
     for r in ranks:
         draws = 1024 if probe == "gaussian" else 256
         closed, (mc, se) = terms.variance(r), _monte_carlo(x, dy, ws, geo, r, mode, probe, draws)
-        assert se <= 0.05 * closed, ("too few draws for this conv", r, closed, mc, se)
+        assert se <= 0.06 * closed, ("too few draws for this conv", r, closed, mc, se)
         assert abs(mc - closed) <= 0.15 * closed, (r, closed, mc, se)
 
 
@@ -272,3 +274,17 @@ def test_errors_say_what_to_pass():
         one.variance(4, batch=8)
     with pytest.raises(ValueError, match="different"):
         one + probe_variance_terms(x, dy, ws, geo)
+
+
+@pytest.mark.parametrize("mode,probe", [("spatial", "gaussian"), ("spatial", "orthogonal"), ("channel", "orthogonal")])
+@pytest.mark.parametrize("shape", [(4, 3, 8, 16, 3, 1), (4, 8, 8, 12, 3, 8), (8, 16, 32, 20, 3, 1), (2, 4, 4, 9, 4, 2)])
+def test_workspace_estimate_bounds_the_measured_peak(shape, mode, probe):
+    n, c, o, hw, k, g = shape
+    x, dy, ws, geo = _conv_case(0, n, c, o, (hw, hw), (k, k), 1, "same", 1, g, dtype=torch.float32)
+    u = hw * hw * (c if mode == "channel" else 1)
+    ranks = [max(1, u // 16), max(1, u // 4)] if probe == "orthogonal" else []
+    with LiveStorageTracker([x, dy]) as tracker:
+        probe_variance_terms(x, dy, ws, geo, mode, probe, ranks=ranks)
+    measured = tracker.peak_bytes - tracker.resident_bytes
+    estimate = workspace_nbytes(x.shape, dy.shape, ws, mode, probe, ranks, asymmetric=not geo.symmetric)
+    assert measured <= estimate <= 3 * measured
