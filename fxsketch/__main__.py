@@ -176,7 +176,7 @@ def _add_planning_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-rank", type=int, default=None, help="force this rank on every probed conv")
     p.add_argument("--seed", type=int, default=None, help="seed of a private generator for the probes")
     p.add_argument("--max-grad-noise", type=float, default=None,
-                   help="gradient noise allowed, in units of each layer's SGD noise (default 4, "
+                   help="gradient noise allowed, in units of each layer's SGD noise (default 8, "
                         "docs/training.md)")
 
 

@@ -169,7 +169,7 @@ def main(argv=None):
               f"probes {probes_text(head['decisions'])}; {dec_text(head['decisions'])}", file=sys.stderr)
         key = dec_text(head["decisions"], empty="exact") if setting is not None else "backprop"
         if key in by_plan:
-            results[name] = dict(results[by_plan[key]], same_as=by_plan[key])
+            results[name] = dict(runs=results[by_plan[key]]["runs"], same_as=by_plan[key])
             print(f"{name}: the plan of {by_plan[key]}, not trained again", file=sys.stderr)
             continue
         by_plan[key] = name
