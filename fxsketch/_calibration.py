@@ -23,7 +23,7 @@ import torch
 from .calibrate import calibrate_convs, hook_workspace_nbytes
 from .measurement import default_loss
 from .passes.cost import time_nodes
-from .passes.options.probe import probe_targets
+from .passes.options.probe import conv_ranks, probe_targets
 from .units import format_bytes
 
 __all__ = ["calibrate_for_plan", "sub_batch"]
@@ -51,7 +51,7 @@ def _padded_loss(loss_fn: Callable, b: int, batch: int) -> Callable:
     return lambda out: loss_fn(_pad(out, b, batch))
 
 
-def _predicted_peak(model, inputs, batch: int, b: int, loss, pad_to: int, targets) -> int:
+def _predicted_peak(model, inputs, batch: int, b: int, loss, pad_to: int, targets, config, ranks) -> int:
     from .pipeline import analyse  # the pipeline imports this module
     meta = tuple(torch.empty_like(x, device="meta") for x in sub_batch(inputs, batch, b))
     a = analyse(model, meta, loss_fn=_padded_loss(loss, b, pad_to))
@@ -66,7 +66,8 @@ def _predicted_peak(model, inputs, batch: int, b: int, loss, pad_to: int, target
             continue
         x = node.all_input_nodes[0].meta["fxsketch.tensor"][0].shape
         y = node.meta["fxsketch.tensor"][0].shape
-        hooks = max(hooks, hook_workspace_nbytes(x, y, tuple(w.shape), calls[id(w)]))
+        hooks = max(hooks, hook_workspace_nbytes(x, y, tuple(w.shape), calls[id(w)], config.mode,
+                                                 config.probe, ranks.get(name, ())))
     return a.timeline.peak_bytes + hooks
 
 
@@ -97,9 +98,11 @@ def calibrate_for_plan(model, analysis, config, limit: int | None, notes: list[s
                          f"probe noise from the stated prior")
         return None, None
     full = have if calibration_inputs is not None else batch
+    ranks = {name: [config.probe_rank] if config.probe_rank else conv_ranks(shape, config.ratios, config.mode)
+             for name, (_, shape) in targets.items()}
     chosen, predicted = None, 0
     for b in tries:
-        predicted = _predicted_peak(model, source, full, b, loss or default_loss, pad_to, targets)
+        predicted = _predicted_peak(model, source, full, b, loss or default_loss, pad_to, targets, config, ranks)
         if limit is None or predicted <= limit:
             chosen = b
             break
@@ -116,7 +119,8 @@ def calibrate_for_plan(model, analysis, config, limit: int | None, notes: list[s
             first.setdefault(id(w), name)
         by_weight = calibrate_convs(model, sub, {name: targets[name][0] for name in first.values()},
                                     batch=batch, loss_fn=_padded_loss(loss or default_loss, chosen, pad_to),
-                                    mode=config.mode, probe=config.probe, progress=config.progress)
+                                    mode=config.mode, probe=config.probe, progress=config.progress,
+                                    ranks={name: ranks[name] for name in first.values()})
         noise = {name: by_weight[first[id(w)]] for name, (w, _) in targets.items()}
         notes.append(f"probe noise calibrated on {chosen} of {batch} samples (predicted peak of calibration "
                      f"{format_bytes(predicted)}) and stated for batch {batch} by the 1/B law")

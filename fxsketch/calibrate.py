@@ -128,10 +128,10 @@ initialisation) lie at or below the prior at each storage ratio 1/4, 1/16, 1/64
 (docs/training.md, "the prior for uncalibrated plans")."""
 
 
-def probe_variance_terms(x, dy, weight_shape, geo, mode: str, probe: str):
+def probe_variance_terms(x, dy, weight_shape, geo, mode: str, probe: str, ranks=()):
     """The closed-form statistics of one conv call (:func:`fxsketch.noise.probe_variance_terms`)."""
     from .noise import probe_variance_terms as terms
-    return terms(x, dy, weight_shape, geo, mode, probe)
+    return terms(x, dy, weight_shape, geo, mode, probe, ranks=ranks)
 
 
 def variance_parts(terms, rank: int) -> tuple[float, float]:
@@ -184,9 +184,10 @@ class _Capture(TorchFunctionMode):
     """See every F.convNd call whose weight is listed; in backward, fold each call's (X, dY) into
     its conv's running sums and drop them."""
 
-    def __init__(self, weights: dict[int, str], mode: str, probe: str, bar=None):
+    def __init__(self, weights: dict[int, str], mode: str, probe: str, bar=None, ranks=None):
         super().__init__()
         self.weights, self.mode, self.probe, self.bar = weights, mode, probe, bar
+        self.ranks = ranks or {}
         self.stats: dict[str, _ConvStats] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -207,6 +208,7 @@ class _Capture(TorchFunctionMode):
         geo = conv_geometry(tuple(w.shape), bound.get("stride", 1), bound.get("padding", 0),
                             bound.get("dilation", 1), bound.get("groups", 1))
         st = self.stats.setdefault(name, _ConvStats(tuple(w.shape)))
+        st.ranks = tuple(self.ranks.get(name, ()))
         if st.calls and x.shape[0] != st.batch:
             raise ValueError(f"conv {name!r} ran on batches of different sizes; cannot pair its samples")
         st.calls += 1
@@ -231,7 +233,7 @@ class _Capture(TorchFunctionMode):
             g = _per_sample_grads(x, dy, geo, st.weight_shape)
             st.per_sample = g if st.per_sample is None else st.per_sample.add_(g)
             del g
-        terms = probe_variance_terms(x, dy, st.weight_shape, geo, self.mode, self.probe)
+        terms = probe_variance_terms(x, dy, st.weight_shape, geo, self.mode, self.probe, st.ranks)
         st.terms = terms if st.terms is None else st.terms + terms
         st.done += 1
         if self.bar is not None:
@@ -243,7 +245,8 @@ class _Capture(TorchFunctionMode):
             st.per_sample = None
 
 
-def hook_workspace_nbytes(x_shape, y_shape, weight_shape, calls: int = 1) -> int:
+def hook_workspace_nbytes(x_shape, y_shape, weight_shape, calls: int = 1, mode: str = "spatial",
+                          probe: str = "gaussian", ranks=()) -> int:
     """Upper estimate of what one calibration hook holds beside the step's own tensors: a
     sample's gradient and the running sum (fp32; a (b, *W) accumulator and its fold for a conv
     called several times), fp32 copies of one sample's X and dY, and the closed form's chunked
@@ -252,7 +255,7 @@ def hook_workspace_nbytes(x_shape, y_shape, weight_shape, calls: int = 1) -> int
     b, w = x_shape[0], math.prod(weight_shape)
     grads = 2 * w if calls == 1 else 2 * b * w
     sample = (math.prod(x_shape) + math.prod(y_shape)) // max(b, 1)
-    return 4 * (grads + sample) + workspace_nbytes(x_shape, y_shape, weight_shape)
+    return 4 * (grads + sample) + workspace_nbytes(x_shape, y_shape, weight_shape, mode, probe, ranks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -301,8 +304,8 @@ def _cache_key(model, inputs, names, batch, mode, probe, loss_fn) -> tuple:
 
 def calibrate_convs(model: nn.Module, calibration_inputs: Any, convs: Mapping[str, Any], *,
                     batch: int | None = None, loss_fn: Callable | None = None, mode: str = "spatial",
-                    probe: str = "gaussian", cache: bool = True,
-                    progress: bool | None = None) -> dict[str, ConvNoise]:
+                    probe: str = "gaussian", ranks: Mapping[str, Sequence[int]] | None = None,
+                    cache: bool = True, progress: bool | None = None) -> dict[str, ConvNoise]:
     """Measure, per conv, the SGD noise of dW and the closed-form probe noise, for batch ``batch``.
 
     ``calibration_inputs``: a small real batch (b >= 2 samples along dim 0). ``convs`` maps a name
@@ -310,7 +313,8 @@ def calibrate_convs(model: nn.Module, calibration_inputs: Any, convs: Mapping[st
     ``batch``: B, the training batch the figures are for (default b). ``loss_fn(output)`` gives the
     scalar loss (default :func:`fxsketch.measure.default_loss`). Results are cached per (model,
     weights version, calibration tensors, settings): sweeping budgets does not recalibrate.
-    ``progress``: a bar over the conv calls folded in backward: True always, False never, None
+    ``ranks``: name -> candidate ranks; needed for orthogonal probes only (their noise is computed
+    per rank; gaussian and rademacher serve every rank). ``progress``: a bar over the conv calls folded in backward: True always, False never, None
     only when stderr is a terminal (tqdm's convention).
 
     The model is not modified: no ``.grad`` is written, buffers (BatchNorm running statistics)
@@ -336,7 +340,8 @@ def calibrate_convs(model: nn.Module, calibration_inputs: Any, convs: Mapping[st
         by_id[id(w)] = name
     if not weights:
         return {}
-    key = _cache_key(model, inputs, sorted(weights), batch, mode, probe, loss_fn)
+    key = _cache_key(model, inputs, sorted(weights), batch, mode, probe, loss_fn) \
+        + (tuple(sorted((k, tuple(v)) for k, v in (ranks or {}).items())) if probe == "orthogonal" else (),)
     hit = _CACHE.get(key)
     if cache and hit is not None and hit[0]() is model:
         return dict(hit[1])
@@ -349,7 +354,7 @@ def calibrate_convs(model: nn.Module, calibration_inputs: Any, convs: Mapping[st
     bar = tqdm(desc="calibrating convs", unit="call", leave=False,
                disable=None if progress is None else not progress) if tqdm else None
     with preserved(model), torch.random.fork_rng(devices=[]), torch.enable_grad():
-        capture = _Capture(by_id, mode, probe, bar)
+        capture = _Capture(by_id, mode, probe, bar, ranks)
         with capture:
             out = model(*inputs)
         loss = loss_fn(out)

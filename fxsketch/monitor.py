@@ -87,6 +87,14 @@ def _exact_twin(gm: fx.GraphModule) -> tuple[fx.GraphModule, dict[str, tuple[str
     return fx.GraphModule(gm, graph), probed
 
 
+def _probe_kind(gm: fx.GraphModule) -> tuple[str, str]:
+    """(mode, probe) of the optimized module's probed convs (one Config made them all)."""
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target is ops.probed_conv:
+            return n.kwargs.get("mode", "spatial"), n.kwargs.get("probe", "gaussian")
+    return "spatial", "gaussian"
+
+
 def grad_noise(gm: fx.GraphModule, example_inputs: Any, *, loss_fn: Callable | None = None,
                samples: int | None = None) -> NoiseReport:
     """Re-measure the probe/SGD noise ratio of each probed conv of an optimized module.
@@ -118,8 +126,13 @@ def grad_noise(gm: fx.GraphModule, example_inputs: Any, *, loss_fn: Callable | N
             first.setdefault(id(w), name)
         with torch.no_grad():
             sub = tuple(x.detach() for x in sub_batch(inputs, batch, b))
+        ranks: dict[str, list[int]] = {}
+        for name, (_, rank) in probed.items():
+            ranks.setdefault(first[id(convs[name])], []).append(rank)
+        mode, probe = _probe_kind(gm)
         noise = calibrate_convs(twin, sub, {name: convs[name] for name in first.values()}, batch=batch,
-                                loss_fn=_padded_loss(loss_fn or default_loss, b, batch), cache=False)
+                                loss_fn=_padded_loss(loss_fn or default_loss, b, batch), cache=False,
+                                mode=mode, probe=probe, ranks=ranks)
         for name, (orig, rank) in probed.items():
             c = noise[first[id(convs[name])]]
             rows.append(NoiseRow(orig, rank, planned.get(orig, 0.0), c.ratio(rank), c.sgd_noise,

@@ -52,6 +52,7 @@ variance summed over dW's elements from X and dY of one conv call. Derivation:
 """
 from __future__ import annotations
 
+import contextvars
 import math
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
@@ -65,7 +66,14 @@ from .ops.probes import check_rank_mode_probe
 __all__ = ["Split", "ProbeVarianceTerms", "probe_variance_terms", "accumulate", "workspace_nbytes"]
 
 _VAR_S2 = {"gaussian": 2.0, "rademacher": 0.0, "orthogonal": 0.0}
-_BUDGET = CHUNK_ELEMS  # elements of one chunk's temporaries
+_BUDGET = CHUNK_ELEMS  # the most elements one chunk's temporaries may hold
+_budget = contextvars.ContextVar("fxsketch_noise_budget", default=_BUDGET)
+
+
+def chunk_budget(x_elems: int, y_elems: int) -> int:
+    """Elements one chunk may hold for a call on X and dY of these sizes: an eighth of them
+    (at least 2**16, at most ``_BUDGET``), so calibrating a small conv holds little beside it."""
+    return min(_BUDGET, max(1 << 16, (x_elems + y_elems) // 8))
 
 
 @dataclass(frozen=True)
@@ -249,7 +257,7 @@ def _pixel_plan(n, g, cg, og, k, p, channel_blocks: bool):
     (beta, alpha, xi and a product), tap-index temporaries and, for channel-mode blocks, the
     per-channel alpha~ and xi (fp64, with their permuted copies)."""
     per_pos = n * g * og + n * g * cg + 8 * g * n * n + 12 * k + (8 * g * cg * n * n if channel_blocks else 0)
-    step = max(1, _BUDGET // per_pos)
+    step = max(1, _budget.get() // per_pos)
     return step, min(step, p) * per_pos
 
 
@@ -316,12 +324,12 @@ def _segment_plan(n, gs, cs, os_, k, l, n_seg):
     w = gs * os_ * cs * k                      # one segment's D_nm
     per_pos = n * gs * (os_ * k + cs) + 12 * k  # gathered values and tap-index temporaries per position
     gram_mem = 3 * gs * (n * l) ** 2 + per_pos * l
-    if l * (cs + os_ * k) < os_ * cs * k and gram_mem <= _BUDGET:
-        nb = max(1, min(n_seg, _BUDGET // gram_mem))
+    if l * (cs + os_ * k) < os_ * cs * k and gram_mem <= _budget.get():
+        nb = max(1, min(n_seg, _budget.get() // gram_mem))
         return True, nb, n, l, nb * gram_mem
-    nc = max(1, min(n, _BUDGET // (3 * n * w)))
-    nb = max(1, min(n_seg, _BUDGET // (3 * nc * n * w + per_pos * l)))
-    ls = max(1, min(l, _BUDGET // (per_pos * nb)))
+    nc = max(1, min(n, _budget.get() // (3 * n * w)))
+    nb = max(1, min(n_seg, _budget.get() // (3 * nc * n * w + per_pos * l)))
+    ls = max(1, min(l, _budget.get() // (per_pos * nb)))
     return False, nb, nc, ls, nb * (3 * nc * n * w + per_pos * ls)
 
 
@@ -425,12 +433,16 @@ def probe_variance_terms(x: torch.Tensor, dy: torch.Tensor, weight_shape, geo: C
     positions = p if mode == "spatial" else c * p
     orth = [r for r in ranks if r < positions] if probe == "orthogonal" else []
     x4, dy4 = xs.reshape(n, g, c // g, p), dys.reshape(n, g, o // g, -1)
-    dmat, fmat, fb = _pixel_stats(x4, dy4, sources, mode, orth)
-    f, t = Split.of(fmat), Split.of(tmat)
-    blocks = {}
-    if probe == "orthogonal":  # one block holding every position: the estimate is exact
-        blocks = {r: (Split.of(fb[r]), Split.of(_same_block_t(x4, dy4, sources, mode, r))) if r in fb else (f, t)
-                  for r in ranks}
+    token = _budget.set(chunk_budget(x.numel(), dy.numel()))
+    try:
+        dmat, fmat, fb = _pixel_stats(x4, dy4, sources, mode, orth)
+        f, t = Split.of(fmat), Split.of(tmat)
+        blocks = {}
+        if probe == "orthogonal":  # one block holding every position: the estimate is exact
+            blocks = {r: (Split.of(fb[r]), Split.of(_same_block_t(x4, dy4, sources, mode, r))) if r in fb
+                      else (f, t) for r in ranks}
+    finally:
+        _budget.reset(token)
     return ProbeVarianceTerms(mode, probe, n, Split.of(dmat), f, t, blocks, grad_sq,
                               None if grad is None else grad.float())
 
@@ -445,6 +457,14 @@ def workspace_nbytes(x_shape, y_shape, weight_shape, mode: str = "spatial", prob
     >>> workspace_nbytes((8, 64, 56, 56), (8, 64, 56, 56), (64, 64, 3, 3)) // 2**20
     27
     """
+    token = _budget.set(chunk_budget(math.prod(x_shape), math.prod(y_shape)))
+    try:
+        return _workspace(x_shape, y_shape, weight_shape, mode, probe, ranks, asymmetric)
+    finally:
+        _budget.reset(token)
+
+
+def _workspace(x_shape, y_shape, weight_shape, mode, probe, ranks, asymmetric) -> int:
     n, c, o = x_shape[0], x_shape[1], y_shape[1]
     g = c // weight_shape[1]
     cg, og = c // g, o // g
@@ -457,4 +477,6 @@ def workspace_nbytes(x_shape, y_shape, weight_shape, mode: str = "spatial", prob
     for r in orth:  # channel mode: at most a group's channels share one segmentation
         l, n_seg = (r, -(-p // r)) if mode == "spatial" else (min(r, p), -(-p // r) + 1)
         seg = max(seg, _segment_plan(n, g if mode == "spatial" else 1, cg, og, k, l, n_seg)[4])
-    return 5 * max(cross, pixel, seg)  # 4 bytes, and a quarter for temporaries inside einsum
+    # 4 bytes, and a quarter for temporaries inside einsum; the orthogonal same-block pass's
+    # einsum copies are not planned chunk by chunk: another quarter for them
+    return (5 if not orth else 6) * max(cross, pixel, seg)

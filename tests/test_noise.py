@@ -287,4 +287,5 @@ def test_workspace_estimate_bounds_the_measured_peak(shape, mode, probe):
         probe_variance_terms(x, dy, ws, geo, mode, probe, ranks=ranks)
     measured = tracker.peak_bytes - tracker.resident_bytes
     estimate = workspace_nbytes(x.shape, dy.shape, ws, mode, probe, ranks, asymmetric=not geo.symmetric)
-    assert measured <= estimate <= 3 * measured
+    # an upper estimate; the orthogonal same-block pass carries a wider margin (fxsketch.noise)
+    assert measured <= estimate <= (3.5 if probe == "orthogonal" else 3) * measured
