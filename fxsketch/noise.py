@@ -216,27 +216,40 @@ def _gather(xs, dys, idx, sources):
 def _cross_pairs(x, dy, weight_shape, geo: ConvGeometry):
     """(tmat, grad_sq, grad): tmat[n, m] = <D_nm, D_mn> with D_nm = wgrad(x_n, dy_m), ||dW||^2 split
     over sample pairs, and dW = sum_n D_nn. tmat is symmetric, so sample i needs only m >= i: two
-    batch-1 wgrads against those samples folded into channels, N^2 sample-wgrads in all."""
+    batch-1 wgrads against those samples folded into channels, N^2 sample-wgrads in all. Output
+    channels go in chunks (each group's, alike) so rows and columns hold at most the chunk
+    budget: <D_nm, D_mn> is a sum over output channels."""
     n, c, o, g = x.shape[0], x.shape[1], dy.shape[1], geo.groups
     cg, og, kshape = c // g, o // g, tuple(weight_shape[2:])
-    dy_g = dy.reshape(n, g, og, *dy.shape[2:]).transpose(0, 1)   # (g, n, og, ...): groups outermost
+    per_channel = 2 * n * g * cg * math.prod(kshape)   # rows + columns of one output channel per group
+    step = max(1, min(og, _budget.get() // max(per_channel, 1)))
+    dy5 = dy.reshape(n, g, og, *dy.shape[2:])
     x_g = x.reshape(n, g, cg, *x.shape[2:]).transpose(0, 1)
     tmat = torch.zeros(n, n, dtype=torch.float64, device=x.device)
-    grad = torch.zeros(weight_shape, dtype=x.dtype, device=x.device)
+    grad = torch.zeros(g, og, cg, *kshape, dtype=x.dtype, device=x.device)
     cross = 0.0  # sum_{m < i} <g_m, g_i>
-    for i in range(n):
-        k = n - i
-        rows = exact_weight_grad(dy_g[:, i:].reshape(1, g * k * og, *dy.shape[2:]), x[i:i + 1],
-                                 (g * k * og, cg, *kshape), geo)
-        rows = rows.view(g, k, og, cg, -1).transpose(0, 1).reshape(k, -1)          # [m - i] = D_{i m}
-        cols = exact_weight_grad(dy[i:i + 1], x_g[:, i:].reshape(1, g * k * cg, *x.shape[2:]),
-                                 (o, k * cg, *kshape), geo)
-        cols = cols.view(g, og, k, cg, -1).permute(2, 0, 1, 3, 4).reshape(k, -1)   # [m - i] = D_{m i}
-        tm = (rows * cols).sum(1, dtype=torch.float64)
-        tmat[i, i:], tmat[i:, i] = tm, tm
-        cross += float(torch.dot(grad.view(-1).double(), rows[0].double()))
-        grad += rows[0].view(weight_shape)
-        del rows, cols
+    for o0 in range(0, og, step):
+        oc = min(og, o0 + step) - o0
+        dy_c = dy5[:, :, o0:o0 + oc]                                     # (n, g, oc, ...)
+        dy_g = dy_c.transpose(0, 1)                                      # (g, n, oc, ...)
+        for i in range(n):
+            k = n - i
+            rows = exact_weight_grad(dy_g[:, i:].reshape(1, g * k * oc, *dy.shape[2:]), x[i:i + 1],
+                                     (g * k * oc, cg, *kshape), geo)
+            rows = rows.view(g, k, oc, cg, -1).transpose(0, 1).reshape(k, -1)          # [m - i] = D_{i m}
+            cols = exact_weight_grad(dy_c[i:i + 1].reshape(1, g * oc, *dy.shape[2:]),
+                                     x_g[:, i:].reshape(1, g * k * cg, *x.shape[2:]),
+                                     (g * oc, k * cg, *kshape), geo)
+            cols = cols.view(g, oc, k, cg, -1).permute(2, 0, 1, 3, 4).reshape(k, -1)   # [m - i] = D_{m i}
+            tm = (rows * cols).sum(1, dtype=torch.float64)
+            tmat[i, i:] += tm
+            if k > 1:
+                tmat[i + 1:, i] += tm[1:]
+            own = grad[:, o0:o0 + oc]
+            cross += float(torch.dot(own.reshape(-1).double(), rows[0].double()))
+            own += rows[0].view(g, oc, cg, *kshape)
+            del rows, cols
+    grad = grad.reshape(weight_shape)
     diag = float(tmat.diagonal().sum())  # <D_nn, D_nn> = ||g_n||^2
     return tmat, Split(diag, 2 * cross), grad
 
