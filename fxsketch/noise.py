@@ -482,7 +482,9 @@ def _workspace(x_shape, y_shape, weight_shape, mode, probe, ranks, asymmetric) -
     g = c // weight_shape[1]
     cg, og = c // g, o // g
     p, k = math.prod(x_shape[2:]), math.prod(weight_shape[2:])
-    cross = 3 * n * math.prod(weight_shape) + math.prod(x_shape) * (2 if asymmetric else 1) + math.prod(y_shape)
+    w = math.prod(weight_shape)
+    rows_cols = min(2 * n * w, max(_budget.get(), 2 * n * g * cg * k))  # one output-channel chunk
+    cross = w + 3 * rows_cols // 2 + math.prod(x_shape) * (2 if asymmetric else 1) + math.prod(y_shape)
     orth = sorted(int(r) for r in ranks if int(r) < (p if mode == "spatial" else c * p)) if probe == "orthogonal" else []
     acc = sum(4 * -(-(p if mode == "spatial" else c * p) // r) * (g if mode == "spatial" else 1) * n * n for r in orth)
     pixel = _pixel_plan(n, g, cg, og, k, p, mode == "channel" and bool(orth))[1] + acc
