@@ -27,7 +27,8 @@ Two runtimes give bit-identical parameter gradients; they differ only in memory:
 Which values get ``B e``: every floating tensor that requires grad and is read by a later block
 (the items of a tuple such as ``chunk``'s cross one by one). A crossing value that later blocks
 read only through ops without a gradient (sizes, comparisons) still gets ``B e`` in MEM-DFA but
-none in plain DFA, the one case where the two differ.
+none in plain DFA, the one case where the two differ (besides rounding when one parameter is
+used in three or more blocks: its gradients are then summed in another order).
 
 Parameter gradients come back through autograd as usual (``loss.backward()``, ``autograd.grad``,
 optimizers: unchanged). Input gradients are not computed: an input that requires grad is refused.
