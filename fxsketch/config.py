@@ -85,9 +85,9 @@ class Config:
     """Branch-and-bound nodes HiGHS may explore in one search for a plan (a budget solve, or a
     lowest-peak solve's whole ladder of overhead caps); then the best plan found so far is used
     (always feasible). A work limit, not seconds, so that the same model, inputs and seed give
-    the same plan on any machine load. Most searches close the 2 % gap at their root node; the
-    default, 100, keeps ResNet-50's solves near 2-3 s and reaches the plans a longer search
-    finds on the models of docs/optimize.md (30 nodes left MobileNetV2 12 % higher). Raise it
+    the same plan on any machine load. Most searches close the 2 % gap at their root node; with
+    the default, 100, ResNet-50's lowest-peak solves take 2-4 CPU seconds, and 300 found no
+    better plan on the models of docs/optimize.md (30 left MobileNetV2 29 % higher). Raise it
     when more planning time for a possibly better plan is worth it."""
     plan_max_nodes: int | None = None
     """Nodes all solves of one ``optimize`` call may use together (the first solve, and the at

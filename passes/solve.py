@@ -115,15 +115,14 @@ class SolverOptions:
     a second budget MILP after it, each with as many); then the best plan found so far is used.
     A work limit, not a time limit: the plan does not depend on the machine's load. Each MILP's
     root node counts as one and always runs (HiGHS closes the 2 % gap there on most problems);
-    the limit bounds the tree search after it, which some problems need (ResNet-18 with a
-    budget: 93 nodes, MobileNetV2: 40). Nodes cost 3-25 ms each on the models of
-    docs/optimize.md."""
+    the limit bounds the tree search after it, which some problems need (MobileNetV2 at cap
+    0.2: 79 nodes, ResNet-50 near its lowest peak: 73; docs/optimize.md)."""
     safety_seconds: float = 120.0
     """Wall-clock safety net for one :meth:`Solver.solve` (its MILPs; the LPs always finish),
-    so that it never decides a plan unless something is badly wrong: 2.5x the slowest solve
-    measured (ResNet-50 on meta inputs at budget 0.35 of its peak, 47 s with the 2-core machine
-    at load 8 and a CPU burner on both cores; docs/optimize.md). A solve that hits it says so
-    in :attr:`Solution.hit_time_limit`."""
+    so that it never decides a plan unless something is badly wrong: 2x the slowest solve
+    measured (ResNet-50 on meta inputs at budget 0.35 of its peak, 57 s with the 2-core machine
+    at load 8 and a CPU burner on both cores, 15 s without the burner; docs/optimize.md). A
+    solve that hits it says so in :attr:`Solution.hit_time_limit`."""
     mip_rel_gap: float = 0.02
     """HiGHS stops once its plan is provably within this fraction of the optimum."""
     reduce_above: int = 200
@@ -133,8 +132,8 @@ class SolverOptions:
     also_full_below: int = 400
     """With fewer choices, the full MILP runs too and the better plan is kept: the reduction can
     leave out what the optimum needs (r3d_18 lost 3 % of its peak that way). With more, it never
-    runs (ResNet-50's root node alone takes 15 s): a budget the reduced MILP cannot meet goes to
-    the ladder of lowest-peak solves instead."""
+    runs (on ResNet-50 its root node alone outlasted the whole reduced search): a budget the
+    reduced MILP cannot meet goes to the ladder of lowest-peak solves instead."""
 
     def __post_init__(self):
         ladder = self.ladder
@@ -263,8 +262,8 @@ class Solver:
         ``start`` (choice indices) if given: over ``reduce_above`` choices reduced first (see
         :meth:`_reduced`), then in full below ``also_full_below`` choices (with the nodes the
         reduced MILP left, at least its root, from the reduced MILP's plan: a better incumbent
-        closes the full root sooner, UNet 1.5 -> 0.9 s). Returns (chosen or None, the
-        relaxation's support or None)."""
+        closes the full root sooner). Returns (chosen or None, the relaxation's support or
+        None)."""
         o, nc, effort = self.options, self.model.n_choices, self._effort
         given = np.zeros(nc, bool)
         given[list(start or [])] = True

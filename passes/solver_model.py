@@ -25,9 +25,9 @@ __all__ = ["Rows", "BaseModel", "Program", "Effort", "build_model"]
 
 Entries = Iterable[tuple[int, float]]  # (column, coefficient) of one row
 
-# HiGHS's MIP settings. Its RENS and RINS sub-MIP heuristics and its root restarts took half of
-# the root node's time on ResNet-50's problems and changed the plans by under 0.1 %
-# (docs/optimize.md): the solver's own LP-guided reduction already does what RINS does.
+# HiGHS's MIP settings. With its RENS and RINS sub-MIP heuristics and its root restarts on, the
+# problems of docs/optimize.md took 1.3-5x the CPU time for peaks within 0.7 % either way: the
+# solver's own LP-guided reduction already does what RINS does.
 _MIP_SETTINGS = {"mip_heuristic_run_rens": False, "mip_heuristic_run_rins": False,
                  "mip_allow_restart": False}
 
