@@ -23,13 +23,7 @@ CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 POLICIES = ("topk", "weighted", "uniform")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscription on shared CI cores (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _rel(a, b):

@@ -18,12 +18,7 @@ from fxsketch.ops.probed import conv_geometry, dw_channel, dw_spatial, exact_wei
 PROBES = ("gaussian", "rademacher", "orthogonal")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _conv_case(seed, n, c, o, spatial, kernel, stride, padding, dilation, groups, dtype=torch.float64):

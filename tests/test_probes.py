@@ -11,13 +11,7 @@ from fxsketch.ops.probes import (PROBES, mix32, probe_buckets_and_values, rank_f
                                  sketch_nbytes, sketch_shape, stream_key)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscription on shared CI cores (restored after)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _mix32_reference(x: int) -> int:
