@@ -91,6 +91,7 @@ def default_model_spec() -> str:
 def load_model(args: argparse.Namespace) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
     """Build the model from ``args.model`` and one input per ``--input`` (meta tensors when
     ``args.meta``, so planning a batch that does not fit here allocates nothing)."""
+    torch.manual_seed(0)  # the same command builds the same weights and inputs: the same plan
     model = _resolve(args.model)()
     if not isinstance(model, nn.Module):
         raise SystemExit(f"fxsketch: {args.model} returned a {type(model).__name__}, not an nn.Module")
