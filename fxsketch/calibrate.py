@@ -58,8 +58,20 @@ __all__ = ["ConvNoise", "PriorNoise", "calibrate_convs", "probe_noise_mc", "hook
 _ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
 
+class _Ratios:
+    """What both noise kinds share: the rank choice from ``ratio``."""
+
+    def ratio(self, rank: int) -> float:  # pragma: no cover - defined by each kind
+        raise NotImplementedError
+
+    def smallest_rank(self, max_grad_noise: float, ranks: Iterable[int]) -> int:
+        """The smallest of ``ranks`` with ratio(rank) <= max_grad_noise; the largest if none."""
+        ranks = sorted(ranks)
+        return next((r for r in ranks if self.ratio(r) <= max_grad_noise), ranks[-1])
+
+
 @dataclass(frozen=True, eq=False)
-class ConvNoise:
+class ConvNoise(_Ratios):
     """Gradient noise of one convolution's dW, stated for the training batch (module docstring)."""
 
     sgd_noise: float
@@ -94,14 +106,9 @@ class ConvNoise:
             return p / self.sgd_noise
         return 0.0 if p == 0 else math.inf
 
-    def smallest_rank(self, max_grad_noise: float, ranks: Iterable[int]) -> int:
-        """The smallest of ``ranks`` with ratio(rank) <= max_grad_noise; the largest if none."""
-        ranks = sorted(ranks)
-        return next((r for r in ranks if self.ratio(r) <= max_grad_noise), ranks[-1])
-
 
 @dataclass(frozen=True)
-class PriorNoise:
+class PriorNoise(_Ratios):
     """The noise a plan assumes for a conv it could not calibrate (meta inputs and no
     ``calibration_inputs``, a batch of one, or no calibration batch fitting in the budget).
 
@@ -116,10 +123,6 @@ class PriorNoise:
 
     def ratio(self, rank: int) -> float:
         return self.scale * math.sqrt(self.positions / max(int(rank), 1))
-
-    def smallest_rank(self, max_grad_noise: float, ranks: Iterable[int]) -> int:
-        ranks = sorted(ranks)
-        return next((r for r in ranks if self.ratio(r) <= max_grad_noise), ranks[-1])
 
 
 PRIOR_SCALE = 1.25
