@@ -24,6 +24,11 @@ __all__ = ["optimize", "plan"]
 
 
 def _optimize(model, example_inputs, config: Config, loss_fn, leaf_modules, calibration) -> fx.GraphModule:
+    with config.workspace_source():
+        return _optimize_here(model, example_inputs, config, loss_fn, leaf_modules, calibration)
+
+
+def _optimize_here(model, example_inputs, config: Config, loss_fn, leaf_modules, calibration) -> fx.GraphModule:
     analysis = pipeline.analyse(model, example_inputs, loss_fn=loss_fn, leaf_modules=leaf_modules)
     if dfa.selected(config):  # replaces backprop over the whole graph: no solver (fxsketch/dfa.py)
         return dfa.optimize_dfa(model, analysis, config)
@@ -98,5 +103,6 @@ def plan(model: nn.Module, example_inputs: Any, budget=None, *, optimized: bool 
         raise ConfigError(f"plan() got planning argument(s) {', '.join(given)} without optimized=True: "
                           f"pass optimized=True for the plan optimize() would carry out, or leave "
                           f"them out for the plan of the unmodified model")
-    analysis = pipeline.analyse(model, example_inputs, loss_fn=loss_fn, leaf_modules=leaf_modules)
+    with Config().workspace_source():
+        analysis = pipeline.analyse(model, example_inputs, loss_fn=loss_fn, leaf_modules=leaf_modules)
     return pipeline.make_plan(analysis, analysis.gm, analysis.schedule, analysis.timeline)

@@ -7,6 +7,7 @@ from typing import Any
 
 from .errors import ConfigError
 from .ops.aop import check_aop
+from .passes.workspace import SOURCES as WORKSPACE_SOURCES, use_source as use_workspace_source
 from .ops.probes import MODES, PROBES
 from .passes import options as _options
 from .passes.options import OptionSettings
@@ -57,6 +58,16 @@ class Config:
     aop_decay: float = 1.0
     """Mem-AOP-GD: the factor on the memory of left-out rows at each step, in [0, 1]; 0: no memory
     (plain AOP, sampling policies reweighted to be unbiased per step)."""
+    aop_layers: str = "auto"
+    """Mem-AOP-GD: "auto", the layers where the solver finds it pays (time saved against the
+    memory it holds and its noise); "all", every linear and conv layer whose weight trains, whatever
+    the cost model says and above ``max_grad_noise`` too (to study its accuracy, or where the cost
+    model is wrong): the plan still minimises the peak or meets the budget around them."""
+    workspace: str = "measure"
+    """Native kernels' workspace in the plan (convolutions: oneDNN's reorders on CPU, cuDNN's
+    workspace on CUDA; fxsketch.passes.workspace): "measure" runs each conv signature alone once
+    per process (at full batch, or the most samples a byte budget allows) and caches it;
+    "formula" uses a fitted rule instead (no runs); "off" plans tensor bytes only."""
     ratios: tuple[float, ...] = (1 / 4, 1 / 16, 1 / 64)
     """Sketch sizes the planner may choose from, as fractions of the conv input."""
     max_grad_noise: float = 8.0
@@ -129,6 +140,10 @@ class Config:
             check_aop(self.aop_k, self.aop_policy, self.aop_decay)
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        if self.workspace not in WORKSPACE_SOURCES:
+            raise ConfigError(f"workspace must be one of {WORKSPACE_SOURCES}, got {self.workspace!r}")
+        if self.aop_layers not in ("auto", "all"):
+            raise ConfigError(f"aop_layers must be 'auto' or 'all', got {self.aop_layers!r}")
         if not self.ratios or any(not (0 < r <= 1) for r in self.ratios):
             raise ConfigError(f"ratios must be fractions in (0, 1], got {self.ratios!r}")
         if isinstance(self.calibration_batch, bool) or not isinstance(self.calibration_batch, int) \
@@ -155,11 +170,18 @@ class Config:
             raise ConfigError(f"config must be a fxsketch.Config, got {type(config).__name__}")
         return replace(config, **options) if config is not None else cls(**options)
 
+    def workspace_source(self):
+        """The kernel-workspace source for this config's planning (a context manager): measured
+        calls run at full batch unless a byte budget is smaller than their tensors."""
+        limit = self.budget if not isinstance(self.budget, float) else None
+        return use_workspace_source(self.workspace, resolve_budget(limit, 0) if limit is not None else None)
+
     def option_settings(self, noise=None) -> OptionSettings:
         """What the option kinds read, with calibrated ``noise`` (node name -> ConvNoise) if any."""
         return OptionSettings(ratios=tuple(self.ratios), probe_rank=self.probe_rank, mode=self.mode,
                               probe=self.probe, max_grad_noise=self.max_grad_noise, noise=noise,
-                              aop_k=self.aop_k, aop_policy=self.aop_policy, aop_decay=self.aop_decay)
+                              aop_k=self.aop_k, aop_policy=self.aop_policy, aop_decay=self.aop_decay,
+                              aop_layers=self.aop_layers)
 
     def solver_options(self) -> SolverOptions:
         """The solver's knobs, with this config's node limit."""

@@ -20,7 +20,9 @@ peak 184 B on cpu (resident 92 B + 92 B during the step), 188 µs per step
 """
 from __future__ import annotations
 
+import os
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -33,6 +35,7 @@ from ._state import preserved
 from .errors import ConfigError, InputError
 from .ops.visible import call_visibly
 from .passes.trace import check_inputs
+from .passes.workspace import can_measure_process, process_peak, run_fresh
 from .units import format_bytes
 
 __all__ = ["measure", "Measurement", "default_loss", "LiveStorageTracker"]
@@ -218,12 +221,17 @@ class Measurement:
     """Where the step ran, e.g. ``'cpu'`` or ``'cuda:0'``."""
     resident_bytes: int
     """Parameters + buffers + inputs, each storage once: alive before the step begins."""
+    process_peak_bytes: int | None = None
+    """With ``level="process"``: resident bytes + how far the process's memory rose during the
+    step (CPU: peak RSS; CUDA: the allocator's peak, kernel workspace included). None otherwise."""
 
     def __str__(self) -> str:
+        process = ("" if self.process_peak_bytes is None
+                   else f"; process level {format_bytes(self.process_peak_bytes)}")
         return (
             f"peak {format_bytes(self.peak_bytes)} on {self.device} "
             f"(resident {format_bytes(self.resident_bytes)} + "
-            f"{format_bytes(self.peak_bytes - self.resident_bytes)} during the step), "
+            f"{format_bytes(self.peak_bytes - self.resident_bytes)} during the step{process}), "
             f"{_seconds_text(self.seconds)} per step"
         )
 
@@ -276,6 +284,7 @@ def measure(
     *,
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     repeat: int = 3,
+    level: str = "tensor",
 ) -> Measurement:
     """Run real training steps of ``model`` and report peak tensor memory and median step time.
 
@@ -283,6 +292,14 @@ def measure(
     ``out`` and ``loss`` held until backward has finished (what the planner simulates). One
     warm-up step runs first, then one step measures memory (tracked on CPU, allocator statistics
     on CUDA), then ``repeat`` untracked steps are timed.
+
+    ``level="process"`` also measures what the process uses, kernel workspace included, as
+    :attr:`Measurement.process_peak_bytes`. On CPU (Linux) the step runs in a fresh process
+    (model, inputs and loss_fn pickled to it) whose glibc returns freed buffers of 64 KiB and
+    more to the OS (``MALLOC_MMAP_THRESHOLD_=65536``): a warm-up step, the peak RSS reset
+    (``/proc/self/clear_refs``), the step; resident bytes + VmHWM - VmRSS before the step. (In a
+    process that already trained, freed heap chunks are reused without raising the RSS.) On CUDA
+    it is the allocator's peak (cuDNN workspace goes through it).
 
     The model is left as it was: parameter ``.grad``s, buffers (BatchNorm running statistics),
     train/eval flags and the CPU/CUDA random streams are restored. Inputs are detached first,
@@ -295,6 +312,9 @@ def measure(
     inputs = check_inputs(model, example_inputs)
     if not isinstance(repeat, int) or repeat < 1:
         raise ConfigError(f"repeat must be a positive int (number of timed steps), got {repeat!r}")
+    if level not in ("tensor", "process"):
+        raise ConfigError(f"level must be 'tensor' (live tensor bytes) or 'process' (what the process "
+                          f"uses, kernel workspace included), got {level!r}")
     loss_fn = default_loss if loss_fn is None else loss_fn
     # Fresh leaves sharing the caller's storage: input grads land on them, not on the caller's tensors.
     inputs = tuple(x.detach().requires_grad_(x.requires_grad and x.is_floating_point()) for x in inputs)
@@ -332,9 +352,42 @@ def measure(
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
             times.append(time.perf_counter() - start)
+        process = None
+        if level == "process":
+            _clear_grads(params, inputs)
+            process = int(peak) if device.type == "cuda" else _process_peak(model, inputs, loss_fn, resident_bytes)
     return Measurement(
         peak_bytes=int(peak),
         seconds=statistics.median(times),
         device=str(device),
         resident_bytes=int(resident_bytes),
+        process_peak_bytes=process,
     )
+
+
+def _process_peak(model, inputs, loss_fn, resident_bytes: int) -> int:
+    """Resident bytes + the rise of peak RSS during one step, in a fresh process (see :func:`measure`)."""
+    if not can_measure_process():
+        raise ConfigError("level='process' needs Linux (/proc) on CPU")
+    with tempfile.TemporaryDirectory(prefix="fxsketch-") as tmp:
+        path = os.path.join(tmp, "step.pt")
+        try:
+            torch.save((model, inputs, loss_fn), path)
+        except Exception as e:  # pickling: a lambda loss_fn, a module holding a lock...
+            raise ConfigError(f"level='process' runs the step in a fresh process, so the model, inputs and "
+                              f"loss_fn must pickle (a module-level loss function, not a lambda): "
+                              f"{type(e).__name__}: {e}") from None
+        out = run_fresh(["-m", __name__, path])
+    return resident_bytes + int(out.split()[-1])
+
+
+def _child(path: str) -> None:
+    """The process-level step: load (model, inputs, loss_fn), warm up, print the rise of peak RSS."""
+    model, inputs, loss_fn = torch.load(path, weights_only=False)
+    params = list(model.parameters())
+    print(process_peak(lambda: (_clear_grads(params, inputs), _step(model, inputs, loss_fn))))
+
+
+if __name__ == "__main__":
+    import sys
+    _child(sys.argv[1])

@@ -110,8 +110,9 @@ def analyse(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | None =
 
 
 def admissible(cands: Candidates, max_grad_noise: float) -> Candidates:
-    """The choices whose gradient noise is within ``max_grad_noise`` (the bound every plan keeps)."""
-    keep = [i for i, c in enumerate(cands.problem.choices) if c.noise <= max_grad_noise]
+    """The choices whose gradient noise is within ``max_grad_noise`` (the bound every plan keeps),
+    and the required ones (the user asked for those by name)."""
+    keep = [i for i, c in enumerate(cands.problem.choices) if c.noise <= max_grad_noise or c.required]
     if len(keep) == len(cands.candidates):
         return cands
     problem = replace(cands.problem, choices=[cands.problem.choices[i] for i in keep])
@@ -216,11 +217,13 @@ def _no_worse(v: Verified, model, analysis: Analysis, proposal: Proposal, config
     """``v``, or the unmodified step when ``v``'s verified peak is above it (the solver's model
     can miss a cost that only the rewritten graph's analysis shows, e.g. a lean op's workspace).
     A plan above it that meets ``budget`` and is estimated to save time (Mem-AOP-GD trades memory
-    for time) is kept."""
+    for time) is kept, and so is a plan with choices the user required."""
     if not v.solution.chosen or v.timeline.peak_bytes <= analysis.timeline.peak_bytes:
         return v
     if budget is not None and v.timeline.peak_bytes <= budget and v.solution.cost < 0:
         return v
+    if any(proposal.candidates.problem.choices[c].required for c in v.solution.chosen):
+        return v  # the user asked for those choices (e.g. aop_layers="all")
     notes.append(f"the solver's plan verified at {format_bytes(v.timeline.peak_bytes)}, above the "
                  f"unmodified step: the model is left as it is")
     none = Solution((), analysis.timeline.peak_bytes, tuple(analysis.timeline.live_bytes), 0.0)
@@ -410,6 +413,11 @@ def make_plan(analysis: Analysis, gm: fx.GraphModule, schedule: Schedule, timeli
                   for s in timeline.alive_at_peak)
     params = sum(i.nbytes for i in storages.values() if i.kind in (Kind.PARAM, Kind.BUFFER))
     inputs = sum(i.nbytes for i in storages.values() if i.kind is Kind.INPUT)
+    sources = gm.meta["fxsketch.step"].kernel_sources
+    if sources:
+        found = ", ".join(f"{n} {how}" for how, n in sorted(sources.items()))
+        notes = (*notes, f"kernel workspace (convolutions): {found}; tensor-level peak "
+                         f"{format_bytes(timeline.tensor_peak_bytes)}")
     return MemoryPlan(model=analysis.model_name, parameter_bytes=params, input_bytes=inputs,
                       baseline=_timeline_data(analysis.timeline), timeline=_timeline_data(timeline),
                       rows=_rows(gm, schedule, timeline), alive_at_peak=alive, decisions=tuple(decisions),

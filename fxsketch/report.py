@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .passes.liveness import tensor_peak
 from .units import format_bytes
 
 __all__ = ["Option", "Decision", "NodeRow", "TimelineData", "MemoryPlan"]
@@ -80,6 +81,11 @@ class TimelineData:
     peak_bytes: int
     peak_step: int
 
+    @property
+    def tensor_peak_bytes(self) -> int:
+        """The peak without kernel workspace: what a tensor-level tracker measures (CPU)."""
+        return tensor_peak(self.live_bytes, self.by_category)
+
 
 @dataclass(frozen=True)
 class MemoryPlan:
@@ -117,6 +123,11 @@ class MemoryPlan:
         return self.timeline.peak_bytes
 
     @property
+    def tensor_peak_bytes(self) -> int:
+        """The predicted peak without kernel workspace (``fxsketch.measure``'s tensor level)."""
+        return self.timeline.tensor_peak_bytes
+
+    @property
     def peak_step(self) -> int:
         return self.timeline.peak_step
 
@@ -138,6 +149,7 @@ class MemoryPlan:
         d["extra_time"] = self.extra_time
         d["baseline_peak_bytes"] = self.baseline_peak_bytes
         d["peak_bytes"] = self.peak_bytes
+        d["tensor_peak_bytes"] = self.tensor_peak_bytes
         d["peak_node"] = self.peak_node
         d["breakdown"] = self.breakdown
         return d

@@ -23,7 +23,8 @@ import torch.fx as fx
 from .saved import Kind, StorageInfo, StepRecord, require
 from .sweep import live_bytes
 
-__all__ = ["Step", "Schedule", "Timeline", "build_schedule", "simulate", "Category", "CATEGORIES", "category"]
+__all__ = ["Step", "Schedule", "Timeline", "build_schedule", "simulate", "Category", "CATEGORIES", "category",
+           "tensor_peak"]
 
 
 class Category(enum.Enum):
@@ -33,7 +34,8 @@ class Category(enum.Enum):
     INPUTS = "inputs"
     GRADIENTS = "gradients"     # parameter (and input) gradients, kept to the end of the step
     SAVED = "saved"             # activations and internals that some backward step reads
-    TRANSIENT = "transient"     # everything else: activation gradients, workspace, unsaved outputs
+    TRANSIENT = "transient"     # everything else: activation gradients, step temporaries, unsaved outputs
+    WORKSPACE = "workspace"     # native kernels' own memory within one op (passes.workspace)
 
 
 CATEGORIES = tuple(c.value for c in Category)
@@ -88,6 +90,17 @@ class Timeline:
     def peak_node(self) -> tuple[str, str]:
         return self.steps[self.peak_step]
 
+    @property
+    def tensor_peak_bytes(self) -> int:
+        """The peak without kernel workspace: what a tensor-level tracker measures (CPU)."""
+        return tensor_peak(self.live_bytes, self.by_category)
+
+
+def tensor_peak(live_bytes, by_category) -> int:
+    """Most live bytes at one step less that step's kernel workspace."""
+    ws = Category.WORKSPACE.value
+    return max((live - cats.get(ws, 0) for live, cats in zip(live_bytes, by_category)), default=0)
+
 
 def category(info: StorageInfo, read_in_backward: bool) -> Category:
     """The report category of a storage: activations (and internals) that backward reads count as
@@ -98,6 +111,8 @@ def category(info: StorageInfo, read_in_backward: bool) -> Category:
         return Category.INPUTS
     if info.kind is Kind.PARAM_GRAD:
         return Category.GRADIENTS
+    if info.kind is Kind.KERNEL:
+        return Category.WORKSPACE
     if info.kind in (Kind.ACTIVATION, Kind.INTERNAL) and read_in_backward:
         return Category.SAVED
     return Category.TRANSIENT
@@ -191,17 +206,25 @@ def build_schedule(gm: fx.GraphModule) -> Schedule:
         steps.append(Step("backward", name, allocs=tuple(made.get(key, ())),
                           reads=tuple(saved) + tuple(died.get(key, ()))))
     schedule = Schedule(steps, dict(storages), set(record.output_storages))
-    _add_workspace(schedule, record.step_peaks)
+    _add_workspace(schedule, record.step_peaks, record.kernel_peaks)
     return schedule
 
 
-def _add_workspace(schedule: Schedule, step_peaks: dict[tuple[str, str], int]) -> None:
-    """Give each step a workspace storage for what its ops held beyond the step's new storages."""
+def _add_workspace(schedule: Schedule, step_peaks: dict[tuple[str, str], int],
+                   kernel_peaks: dict[tuple[str, str], int]) -> None:
+    """Give each step a workspace storage for what its ops held beyond the step's new storages,
+    and a kernel-workspace storage for what its kernels held beyond that."""
     seen: set[int] = set()
     for i, step in enumerate(schedule.steps):
         new = [s for s in step.allocs if s not in seen]
         seen.update(step.allocs)
-        extra = step_peaks.get((step.phase, step.node), 0) - sum(schedule.storages[s].nbytes for s in new)
+        accounted = sum(schedule.storages[s].nbytes for s in new)
+        key = (step.phase, step.node)
+        extra = step_peaks.get(key, 0) - accounted
         if extra > 0:
             ws = schedule.new_storage(extra, Kind.WORKSPACE, step.node)
-            schedule.edit(i, allocs=step.allocs + (ws,))
+            schedule.edit(i, allocs=schedule.steps[i].allocs + (ws,))
+        kernel = kernel_peaks.get(key, 0) - max(accounted, step_peaks.get(key, 0))
+        if kernel > 0:
+            ks = schedule.new_storage(kernel, Kind.KERNEL, step.node)
+            schedule.edit(i, allocs=schedule.steps[i].allocs + (ks,))

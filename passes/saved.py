@@ -30,6 +30,7 @@ from torch.utils._pytree import tree_leaves
 from ..errors import InputError, TraceError
 from .reserve import correct_reserve
 from .trace import first_line
+from .workspace import current_source, kernel_call, workspace_bytes
 from ..ops.visible import call_visibly
 
 __all__ = ["Kind", "RESIDENT", "StorageInfo", "TensorMeta", "StepRecord", "profile_step", "require"]
@@ -43,6 +44,7 @@ class Kind(enum.Enum):
     INTERNAL = "internal"          # made inside a node only to be saved (BN statistics, pool indices)
     GRAD = "gradient"              # gradient of an activation (transient)
     WORKSPACE = "workspace"        # temporaries inside one step, freed within it
+    KERNEL = "kernel workspace"    # memory native kernels hold inside one step (passes.workspace)
     PARAM_GRAD = "param_gradient"  # gradient of a parameter or input leaf (kept)
 
 
@@ -77,6 +79,10 @@ class StepRecord:
     # per (phase, node): most bytes alive at once among storages created within that step;
     # what exceeds the step's accounted allocations is workspace (see liveness.build_schedule)
     step_peaks: dict[tuple[str, str], int] = field(default_factory=dict)
+    # per (phase, node): the most bytes alive at once within the step with a kernel's workspace
+    # (passes.workspace) during its call; and how each kernel's workspace was found
+    kernel_peaks: dict[tuple[str, str], int] = field(default_factory=dict)
+    kernel_sources: dict[str, int] = field(default_factory=dict)
     # backward as autograd ran it: step order, and each storage it created -> (made in, died in)
     backward_order: tuple[tuple[str, str], ...] = ()
     backward_created: dict[int, tuple[str, str]] = field(default_factory=dict)
@@ -142,6 +148,8 @@ class _StepTracker(TorchDispatchMode):
         self.step: tuple[str, str] = ("forward", "")
         self.order: list[tuple[str, str]] = []
         self.peak: dict[tuple[str, str], int] = {}
+        self.kernel_calls: list[tuple[tuple[str, str], int, Any]] = []  # (step, live then, kernel call)
+        self._kernels = current_source() != "off"
         self.created: dict[int, tuple[str, str]] = {}   # storage id -> backward step that made it
         self.died: dict[int, tuple[str, str]] = {}      # storage id -> backward step it died in
         self._local: dict[int, tuple[StorageWeakRef, int]] = {}
@@ -190,7 +198,21 @@ class _StepTracker(TorchDispatchMode):
         self._local = {k: v for k, v in self._local.items() if not v[0].expired()}
         live = sum(n for _, n in self._local.values())
         self.peak[self.step] = max(self.peak.get(self.step, 0), live)
+        if self._kernels and (call := kernel_call(func, args)) is not None:
+            self.kernel_calls.append((self.step, live, call))
         return out
+
+    def kernel_peaks(self) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
+        """Per step, the most bytes alive within it with a kernel's workspace during its call;
+        and how many calls' workspace each source gave."""
+        found = workspace_bytes(call for _, _, call in self.kernel_calls)
+        peaks: dict[tuple[str, str], int] = {}
+        sources: dict[str, int] = {}
+        for step, live, call in self.kernel_calls:
+            nbytes, how = found[call]
+            peaks[step] = max(peaks.get(step, 0), live + nbytes)
+            sources[how] = sources.get(how, 0) + 1
+        return peaks, sources
 
 
 def _tensors(x: Any) -> list[torch.Tensor]:
@@ -409,6 +431,7 @@ def profile_step(
         n.meta["fxsketch.grad"] = grads
     record.storages = dict(reg.infos)
     record.step_peaks = dict(workspace.peak)
+    record.kernel_peaks, record.kernel_sources = workspace.kernel_peaks()
     record.backward_order = tuple(k for k in workspace.order if k[0] == "backward")
     record.backward_created = dict(workspace.created)
     record.backward_died = dict(workspace.died)

@@ -58,6 +58,7 @@ class Choice:
     adds: tuple[Span, ...] = ()                 # new storages: sketch, mask, recomputed copies
     holds: tuple[tuple[int, int], ...] = ()     # (saved index, step): kept alive until step
     covers: tuple[str, ...] = ()                # other groups this choice excludes
+    required: bool = False                      # in every plan (the user asked for it, e.g. aop_layers="all")
 
 
 @dataclass
@@ -192,6 +193,9 @@ class Solver:
         self.problem = problem
         self.options = SolverOptions() if options is None else options
         self.unmodified = _solution(problem, [])
+        self.required = tuple(c for c, ch in enumerate(problem.choices) if ch.required)
+        self.baseline = _solution(problem, self.required)
+        """The plan of the required choices alone: where every search starts."""
         self.model: BaseModel = build_model(problem, scale=float(max(self.unmodified.peak_bytes, 1)))
         self._uncapped: np.ndarray | None = None
         self.nodes_used = 0
@@ -293,6 +297,7 @@ class Solver:
             return None, None
         upper = program.upper.copy()
         upper[:nc] = given if free is None else given | free
+        upper[list(self.required)] = 1  # never fixed to zero: their lower bound is 1
         wanted = None
         if relaxed is not None:
             wanted = relaxed[0][:nc] > 1e-6
@@ -320,7 +325,7 @@ class Solver:
         it, 573 MiB with it)."""
         o, effort = self.options, self._effort
         rungs = [f for f in o.ladder if f < cap] + [cap]
-        best = self.unmodified
+        best = self.baseline
         began = effort.nodes
         pool = np.zeros(self.model.n_choices, bool) if self._reduce else None
         for k, rung in enumerate(rungs):

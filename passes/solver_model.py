@@ -163,6 +163,7 @@ class BaseModel:
     most: np.ndarray           # the most each step could hold, every choice's bytes included
     cost: np.ndarray
     noise: np.ndarray
+    required: np.ndarray       # choices every plan takes (their column's lower bound is 1)
 
     @property
     def n_var(self) -> int:
@@ -186,6 +187,7 @@ class BaseModel:
         upper[self.live:self.n_var] = live_upper
         lower = np.zeros(nv)
         lower[self.live:self.n_var] = -np.inf
+        lower[:self.n_choices][self.required] = 1.0
         if nv > self.n_var:
             upper[-1] = np.inf
         rows = self.rows.widen(nv) if extra is None else extra.under(self.rows, nv)
@@ -267,6 +269,7 @@ def build_model(problem: Problem, scale: float) -> BaseModel:
     rows = Rows.of(or_rows + _group_rows(problem) + _running_sum_rows(spans, fixed, live, scale), live + T)
     cost = np.array([ch.cost for ch in problem.choices])
     noise = np.array([ch.noise for ch in problem.choices])
-    for a in (rows.lo, rows.hi, fixed, most, cost, noise):  # shared by every solve: nobody writes to them
+    required = np.array([ch.required for ch in problem.choices], dtype=bool)
+    for a in (rows.lo, rows.hi, fixed, most, cost, noise, required):  # shared by every solve: nobody writes to them
         a.flags.writeable = False
-    return BaseModel(rows, nc, T, live, scale, fixed, most, cost, noise)
+    return BaseModel(rows, nc, T, live, scale, fixed, most, cost, noise, required)

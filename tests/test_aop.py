@@ -248,8 +248,9 @@ def test_aop_combines_with_the_default_methods():
                           nn.MaxPool2d(4), nn.Flatten(), nn.Linear(16 * 8 * 8, 1024), nn.ReLU(),
                           nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
     x = torch.randn(64, 3, 32, 32)
+    # (tensor bytes only: the budget is sized to this model's tensors, kernel workspace aside)
     gm = fxsketch.optimize(model, (x,), budget=0.9, methods=fxsketch.Config().methods + ("aop",),
-                           time_nodes=False, calibrate=False)
+                           time_nodes=False, calibrate=False, workspace="off")
     plan = gm.memory_plan
     options = {d.option.value for d in plan.decisions}
     assert "aop" in options and len(options) > 1, plan.decisions_table()
@@ -277,3 +278,27 @@ def test_bad_settings_name_the_option(option, value):
 def test_aop_is_registered_but_not_a_default_method():
     assert "aop" in options.registered()
     assert "aop" not in fxsketch.Config().methods
+
+
+def test_aop_layers_all_rewrites_every_layer_even_where_it_does_not_pay():
+    # a small conv net: with "auto" the solver takes no AOP (not worth its memory, no time saved);
+    # with "all" every trainable conv and linear is an AOP layer, and the plan is verified as usual
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(8 * 8 * 8, 10))
+    x = torch.randn(4, 3, 8, 8)
+    assert not fxsketch.optimize(model, (x,), methods=("aop",), time_nodes=False).memory_plan.decisions
+    gm = fxsketch.optimize(model, (x,), methods=("aop",), aop_layers="all", aop_k=0.25, time_nodes=False, seed=0)
+    plan = gm.memory_plan
+    assert sorted(d.node for d in plan.decisions) == ["_0", "_2", "_5"], plan.decisions_table()
+    assert all(d.option is fxsketch.Option("aop") for d in plan.decisions)
+    torch.testing.assert_close(gm(x), model(x))
+    measured = fxsketch.measure(gm, (x,), repeat=1).peak_bytes
+    assert abs(plan.peak_bytes / measured - 1) < 0.02
+    # with the default methods too: the AOP layers stay, the other options plan around them
+    both = fxsketch.optimize(model, (x,), methods=fxsketch.Config().methods + ("aop",), aop_layers="all",
+                             time_nodes=False, calibrate=False).memory_plan
+    assert sum(d.option.value == "aop" for d in both.decisions) == 3
+    assert both.peak_bytes <= plan.peak_bytes
+    with pytest.raises(fxsketch.ConfigError, match="aop_layers must be 'auto' or 'all'"):
+        fxsketch.optimize(model, (x,), methods=("aop",), aop_layers="every")

@@ -17,7 +17,7 @@ from torch import nn
 
 import fxsketch
 from fxsketch.errors import BudgetError, ConfigError, UnsupportedError
-from fxsketch.ops.dfa import feedback_matrix
+from fxsketch.ops.dfa import FEEDBACK_DIM, feedback, feedback_matrix
 
 
 def mlp(depth=3, width=16, d_in=8, d_out=10, seed=0):
@@ -131,6 +131,31 @@ def test_mem_dfa_gradients_equal_plain_dfa_exactly(make, shape):
         assert ga[k].abs().sum() > 0, k
     for k in ba:  # BatchNorm statistics updated once per step, as eagerly (the replay restores them)
         assert torch.equal(ba[k], bb[k]) and torch.equal(ba[k], bref[k]), k
+
+
+def test_wide_output_error_is_count_sketched_into_a_fixed_matrix():
+    """An output error wider than FEEDBACK_DIM goes through B' S: feedback() equals the whole
+    matrix feedback_matrix() returns (rank <= FEEDBACK_DIM, entries of variance ~ 1/width), and a
+    dense-output model trains with MEM-DFA gradients equal to plain DFA's."""
+    width, rows = 3 * FEEDBACK_DIM + 5, 40
+    torch.manual_seed(0)
+    e = torch.randn(3, width, dtype=torch.float64)
+    B = feedback_matrix(5, 2, rows, width, dtype=torch.float64)
+    torch.testing.assert_close(feedback(e, 5, 2, (3, rows)), e @ B.T)
+    assert torch.linalg.matrix_rank(B) <= FEEDBACK_DIM
+    assert 0.8 < float(B.pow(2).mean() * width) < 1.25   # the scale of the dense matrix kept
+    assert torch.equal(feedback_matrix(5, 2, rows, width, dtype=torch.float64), B)  # fixed: a function of (seed, key)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(4, 1, 3, padding=1))
+    x, y = torch.randn(2, 1, 24, 24), torch.rand(2, 1, 24, 24)   # e: 576 elements per sample
+    grads = []
+    for method in ("dfa", "dfa-plain"):
+        gm = fxsketch.optimize(model, (x,), methods=(method,), seed=1)
+        model.zero_grad()
+        F.mse_loss(gm(x), y).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b) and a.abs().sum() > 0
 
 
 def test_mem_dfa_trains_with_autograd_grad_and_no_grad_inference():

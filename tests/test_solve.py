@@ -247,9 +247,9 @@ def test_optimize_plans_a_small_cnn_the_same_under_load():
     """The whole planner, twice on meta inputs (roofline costs: no timing on the batch), the
     second time beside a CPU burner: the same decisions (a budget that makes it re-plan)."""
     import fxsketch
-    first = fxsketch.optimize(*small_cnn(), 0.5, seed=0).memory_plan
+    first = fxsketch.optimize(*small_cnn(), 0.55, seed=0).memory_plan
     with cpu_burner():
-        second = fxsketch.optimize(*small_cnn(), 0.5, seed=0).memory_plan
+        second = fxsketch.optimize(*small_cnn(), 0.55, seed=0).memory_plan
     assert first.decisions and second.decisions == first.decisions
     assert second.peak_bytes == first.peak_bytes
     assert not any("safety limit" in n for n in first.notes)
@@ -259,3 +259,16 @@ def test_a_plan_notes_the_safety_limit():
     import fxsketch
     plan = fxsketch.optimize(*small_cnn(), solver=SolverOptions(safety_seconds=1e-9)).memory_plan
     assert any("safety limit" in n and "differ from run to run" in n for n in plan.notes), plan.notes
+
+
+def test_a_required_choice_is_in_every_plan():
+    # choice 1 costs and adds bytes, so no search would take it; required, every plan holds it
+    p = Problem(2, [1, 5], [Saved(10, 0, 0, (("a", 1),))],
+                [Choice("a", 0.1, drops=((0, "a"),)), Choice("b", 0.3, adds=(Span(2, 0, 1),), required=True)])
+    s = Solver(p)
+    assert s.solve(None, max_overhead=1.0).chosen == (0, 1)
+    assert s.solve(100).chosen == (1,)                 # a loose budget: the required one alone
+    assert s.solve(13).chosen == (0, 1)
+    with pytest.raises(Infeasible) as e:
+        s.solve(12)                                     # 11 without it: the required bytes count
+    assert e.value.lowest.chosen == (0, 1)

@@ -58,6 +58,25 @@ def add_output_args(ap, *, json_help: str | None = None):
     ap.add_argument("--json", default=None, help=json_help)
 
 
+# -- the gradient methods side by side (tools/train_methods.py, tools/train_unet3d.py --methods) ----
+
+METHODS = [
+    ("exact", None),             # backprop: the table compares every row with "exact"
+    ("probing (default plan)", {}),
+    ("DFA", {"methods": ("dfa-plain",)}),
+    ("MEM-DFA", {"methods": ("dfa",)}),
+    # every conv and linear layer (aop_layers="all"): the planner itself takes Mem-AOP-GD only where
+    # it saves time, which on these small layers is nowhere
+    ("Mem-AOP-GD K/D=1/2", {"methods": ("aop",), "aop_k": 0.5, "aop_layers": "all"}),
+    ("Mem-AOP-GD K/D=1/4", {"methods": ("aop",), "aop_k": 0.25, "aop_layers": "all"}),
+]
+
+
+def step_ms(rec) -> str:
+    """A record's training milliseconds per step (its "step_seconds")."""
+    return f"{1e3 * rec['step_seconds']:.0f}"
+
+
 # -- one setting: build, measure ----------------------------------------------------------------
 
 def seeded_model(make_model: Callable[[], nn.Module], seed: int) -> nn.Module:
@@ -126,7 +145,7 @@ def train(name, seed, gm, model, opt, data, loss, metric: Metric, *, epochs, bat
     that reads them). ``on_epoch(e)``, if given, is called before the first epoch (e = 0) and after
     each epoch e (a measurement during training; its time is left out of the record's seconds).
     Prints one progress line; returns the record (losses, metric per epoch, final metric,
-    training seconds)."""
+    training seconds, and those per step)."""
     xtr, ytr, xte, yte = data
     steps = len(xtr) // batch
     g = torch.Generator().manual_seed(1000 + seed)
@@ -152,7 +171,9 @@ def train(name, seed, gm, model, opt, data, loss, metric: Metric, *, epochs, bat
         values.append(metric.fn(model, xte, yte))
         if on_epoch is not None:
             t0 += _timed(on_epoch, epoch + 1)
-    rec = {"losses": losses, metric.per_epoch: values, metric.final: values[-1], "seconds": time.time() - t0}
+    seconds = time.time() - t0
+    rec = {"losses": losses, metric.per_epoch: values, metric.final: values[-1], "seconds": seconds,
+           "step_seconds": seconds / (epochs * steps)}
     print(f"{name} seed {seed}: {metric.short} {values[-1]:.{metric.places}f} loss {losses[-1]:.4f} "
           f"({rec['seconds']:.0f} s)", file=sys.stderr)
     return rec

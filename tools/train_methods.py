@@ -12,13 +12,16 @@ parameters. Settings (rows):
 
 - exact: backprop, the model itself;
 - probing: ``fxsketch.optimize(model, example)`` -- the default plan (probe, lean, recompute);
-- DFA: ``methods=("dfa-plain",)``; MEM-DFA: ``methods=("dfa",)`` (the same updates, less memory).
+- DFA: ``methods=("dfa-plain",)``; MEM-DFA: ``methods=("dfa",)`` (the same updates, less memory);
+- Mem-AOP-GD: ``methods=("aop",), aop_layers="all", aop_k=1/2`` and ``1/4`` (every conv and
+  linear layer; top-K policy, decay 1; the memory of dropped outer products is cleared with
+  ``fxsketch.reset_aop_memory`` before each seed).
 
 Columns: final test accuracy (mean ± std over seeds), the measured and predicted peak memory of
 one training step (``fxsketch.measure``, the plan's prediction), activation bytes and their
 reduction against exact (as in tools/train_digits.py), and the training wall time per step of
-seed 0 (the loop's time over its steps, per-epoch evaluation included). More settings (e.g.
-Mem-AOP-GD) are rows added to ``SETTINGS``.
+seed 0 (the loop's time over its steps, per-epoch evaluation included). More settings are rows
+added to ``SETTINGS``; tools/train_unet3d.py ``--methods`` trains the same rows on the 3D toy.
 """
 from __future__ import annotations
 
@@ -28,16 +31,13 @@ import sys
 import torch
 import torch.nn.functional as F
 
+import fxsketch
+
 import _harness as H
 from _harness import dec_text, mib
 from train_digits import BATCH, ACCURACY, load_digits_tensors, make_deep, make_small
 
-SETTINGS = [
-    ("exact", None),             # backprop: the harness compares every row with "exact"
-    ("probing (default plan)", {}),
-    ("DFA", {"methods": ("dfa-plain",)}),
-    ("MEM-DFA", {"methods": ("dfa",)}),
-]
+SETTINGS = H.METHODS
 
 
 def main(argv=None):
@@ -66,16 +66,16 @@ def main(argv=None):
         runs = []
         for seed in range(args.seeds):
             model.load_state_dict(H.seeded_model(make_model, seed).state_dict())  # gm shares model's tensors
+            fxsketch.reset_aop_memory(gm)  # each seed starts with an empty Mem-AOP-GD memory
             opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
             sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs * steps)
             rec = dict(seed=seed, **H.train(name, seed, gm, model, opt, data, F.cross_entropy, ACCURACY,
                                             epochs=args.epochs, batch=BATCH, sched=sched, target=cur_y))
-            rec["step_seconds"] = rec["seconds"] / (args.epochs * steps)
             if seed == 0:
                 rec.update(head)
             runs.append(rec)
         results[name] = dict(runs=runs)
-    columns = [("train ms/step (seed 0)", lambda s0: f"{1e3 * s0['step_seconds']:.0f}"),
+    columns = [("train ms/step (seed 0)", H.step_ms),
                ("plan", lambda s0: dec_text(s0["decisions"]))]
     H.report(results, args, ACCURACY, columns, f"methods_{args.model}_curves.png", "digits, methods")
     return results

@@ -9,6 +9,10 @@ step (fxsketch.measure, exact CPU live-storage tracker), predicted peak, and the
 (measured peak - 2 x parameter bytes - input bytes) relative to exact.
 
     .venv/bin/python tools/train_unet3d.py --epochs 6 --seeds 2 --out docs/img
+    .venv/bin/python tools/train_unet3d.py --methods --epochs 6 --seeds 3 --out docs/img
+
+``--methods`` trains the rows of tools/train_methods.py instead (exact backprop, the default plan,
+DFA, MEM-DFA, Mem-AOP-GD at K/D = 1/2 and 1/4) and adds the training time per step of seed 0.
 """
 from __future__ import annotations
 
@@ -72,7 +76,7 @@ SETTINGS = [
 
 
 DICE = H.Metric(dice_score, short="dice", places=4, column="test Dice", axis="test Dice", title="test Dice")
-COLUMNS = [("plan", lambda s0: s0["decisions"] or "-")]
+PLAN = ("plan", lambda s0: s0["decisions"] or "-")
 
 
 def main(argv=None):
@@ -81,14 +85,18 @@ def main(argv=None):
     ap.add_argument("--train", type=int, default=48)
     ap.add_argument("--test", type=int, default=16)
     H.add_training_args(ap, epochs=6, seeds=2, lr=0.01)
+    ap.add_argument("--methods", action="store_true",
+                    help="the gradient methods side by side (tools/train_methods.py's rows)")
     H.add_output_args(ap)
     args = ap.parse_args(argv)
+    settings = H.METHODS if args.methods else SETTINGS
+    columns = [("train ms/step (seed 0)", H.step_ms), PLAN] if args.methods else [PLAN]
     xtr, ytr = make_volumes(args.train, args.size, 0)
     xte, yte = make_volumes(args.test, args.size, 1)
     data = xtr, ytr, xte, yte
     example = (xtr[:BATCH].clone(),)
     results = {}
-    for name, setting in SETTINGS:
+    for name, setting in settings:
         runs = []
         for seed in range(args.seeds):
             model = H.seeded_model(make_model, seed)
@@ -110,7 +118,8 @@ def main(argv=None):
             runs.append(rec)
         if runs is not None:
             results[name] = dict(runs=runs)
-    H.report(results, args, DICE, COLUMNS, "unet3d_curves.png", "3D UNet toy")
+    figure = "unet3d_methods_curves.png" if args.methods else "unet3d_curves.png"
+    H.report(results, args, DICE, columns, figure, "3D UNet toy" + (", methods" if args.methods else ""))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,13 @@ Backpropagation hands block l the gradient of block l+1's input; DFA hands it ``
 ``(B_l e)[n] = B_l @ e[n].flatten()``), and the block backpropagates that locally into
 its own parameters only. The last block gets ``e`` itself (``B = I`` there).
 ``B_l`` has uniform entries of mean 0 and variance 1/width(e) (so ``B e`` is about as large per
-element as ``e``), one matrix per floating tensor that crosses into a later block.
+element as ``e``), one matrix per floating tensor that crosses into a later block. Where e is
+wider than :data:`FEEDBACK_DIM` per sample (dense outputs: segmentation maps, images), it is
+first count-sketched to that width by one fixed random matrix ``S`` (each element of e added with
+a random sign into one of FEEDBACK_DIM hashed buckets; ``E||S e||^2 = ||e||^2``) and
+``B_l = B'_l S`` with ``B'_l`` as above: still a fixed random feedback matrix per block, of rank at
+most FEEDBACK_DIM, at a cost of rows x FEEDBACK_DIM per sample instead of rows x width(e) (a
+24^3 segmentation map would otherwise need 10^9 entries of B per block and step).
 
 ``B_l`` is never stored: :func:`feedback` regenerates it from ``(seed, key)`` in row chunks of at
 most :data:`CHUNK` elements with the same counter-based hash as the probes
@@ -48,27 +54,47 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from ..errors import UnsupportedError
 from .probes import hash_positions
 
-__all__ = ["CHUNK", "MIN_CHUNK", "Block", "DFA", "feedback", "feedback_matrix", "dfa_state", "dfa_cut", "dfa_tap"]
+__all__ = ["CHUNK", "MIN_CHUNK", "FEEDBACK_DIM", "Block", "DFA", "feedback", "feedback_matrix", "dfa_state", "dfa_cut", "dfa_tap"]
 
 CHUNK = 1 << 16
 """Most elements of ``B`` generated at once (int64 hash temporaries, 40 B per entry at their
 peak); fewer when ``B e`` is small, so that they stay within a quarter of its bytes, but not
 fewer than ``MIN_CHUNK``."""
 MIN_CHUNK = 1 << 14
+FEEDBACK_DIM = 256
+"""Widest output error (elements per sample) sent through a dense feedback matrix; a wider one is
+count-sketched to this width first (module docstring)."""
+_SKETCH_STREAM = (1 << 31) + 1  # hash stream of S: no feedback key (small ints in block order) takes it
 _M32 = (1 << 32) - 1
 
 
-def _rows(seed: int, key: int, start: int, stop: int, width: int, device, dtype) -> torch.Tensor:
-    """Rows ``start:stop`` of feedback matrix ``key``: uniform entries of mean 0 and variance
-    1/width (one 32-bit hash each), so that ``B e`` is about as large per element as ``e``."""
-    if stop * width > _M32:
-        raise UnsupportedError(f"DFA feedback matrix {key} has {stop * width} entries, more than the "
-                               f"hash's 2**32 positions: the output error or the block output is too "
-                               f"large per sample for DFA")
-    q = torch.arange(start * width, stop * width, dtype=torch.int64, device=device)
+def _rows(seed: int, key: int, start: int, stop: int, cols: int, width: int, device, dtype) -> torch.Tensor:
+    """Rows ``start:stop`` of the ``cols`` columns of feedback matrix ``key``: uniform entries of
+    mean 0 and variance 1/width (one 32-bit hash each), so that ``B e`` is about as large per
+    element as an e of ``width`` elements."""
+    if stop * cols > _M32:
+        raise UnsupportedError(f"DFA feedback matrix {key} has {stop * cols} entries, more than the "
+                               f"hash's 2**32 positions: a block output is too large per sample for DFA")
+    q = torch.arange(start * cols, stop * cols, dtype=torch.int64, device=device)
     u = hash_positions(seed, key, q).to(torch.float32)
     del q
-    return ((u * 2.0 ** -32 - 0.5) * math.sqrt(12.0 / width)).to(dtype).view(stop - start, width)
+    return ((u * 2.0 ** -32 - 0.5) * math.sqrt(12.0 / width)).to(dtype).view(stop - start, cols)
+
+
+def _buckets_and_signs(seed: int, width: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """S's bucket (low bits of the hash) and sign (its top bit) of each of e's ``width`` elements."""
+    u = hash_positions(seed, _SKETCH_STREAM, torch.arange(width, dtype=torch.int64, device=device))
+    return u % FEEDBACK_DIM, (u >> 31).to(torch.float32) * -2.0 + 1.0
+
+
+def _sketched(e2: torch.Tensor, seed: int) -> torch.Tensor:
+    """``e2`` (n, width) as (n, min(width, FEEDBACK_DIM)): itself, or its count sketch ``S e``."""
+    width = e2.shape[1]
+    if width <= FEEDBACK_DIM:
+        return e2
+    bucket, sign = _buckets_and_signs(seed, width, e2.device)
+    out = e2.new_zeros(e2.shape[0], FEEDBACK_DIM)
+    return out.index_add_(1, bucket, e2 * sign.to(e2.dtype))
 
 
 def _per_sample(e: torch.Tensor, shape: tuple[int, ...]) -> bool:
@@ -84,7 +110,14 @@ def feedback_matrix(seed: int, key: int, rows: int, width: int, device=None,
     >>> feedback_matrix(0, 1, 3, 2).shape
     torch.Size([3, 2])
     """
-    return _rows(seed, key, 0, rows, width, device, dtype)
+    cols = min(width, FEEDBACK_DIM)
+    b = _rows(seed, key, 0, rows, cols, width, device, dtype)
+    if cols == width:
+        return b
+    bucket, sign = _buckets_and_signs(seed, width, device)
+    s = torch.zeros(cols, width, dtype=dtype, device=device)
+    s[bucket, torch.arange(width, device=device)] = sign.to(dtype)
+    return b @ s
 
 
 def feedback(e: torch.Tensor, seed: int, key: int, shape, dtype=None) -> torch.Tensor:
@@ -96,13 +129,15 @@ def feedback(e: torch.Tensor, seed: int, key: int, shape, dtype=None) -> torch.T
     e2 = e.reshape(e.shape[0], -1) if per_sample else e.reshape(1, -1)
     rows = math.prod(shape[1:]) if per_sample else math.prod(shape)
     width = e2.shape[1]
+    e2 = _sketched(e2, seed)
+    cols = e2.shape[1]
     out = torch.empty(e2.shape[0], rows, dtype=e.dtype, device=e.device)
     # a chunk's hash temporaries (40 B per entry at their peak) stay within a quarter of the
     # result's bytes, or MIN_CHUNK entries (smaller chunks cost more in per-op overhead than they save)
-    step = max(1, min(CHUNK, max(e2.shape[0] * rows // 40, MIN_CHUNK)) // max(width, 1))
+    step = max(1, min(CHUNK, max(e2.shape[0] * rows // 40, MIN_CHUNK)) // max(cols, 1))
     for a in range(0, rows, step):
         b = min(rows, a + step)
-        out[:, a:b] = e2 @ _rows(seed, key, a, b, width, e.device, e.dtype).t()
+        out[:, a:b] = e2 @ _rows(seed, key, a, b, cols, width, e.device, e.dtype).t()
     return out.view(shape).to(dtype or e.dtype)
 
 

@@ -266,10 +266,15 @@ def _input_and_bias_grad(dy, x_shape, weight, has_bias, need_dx, need_db, geo):
         # Asymmetric 'same': gradient of a padding-free conv on the padded input, then crop.
         shape = shape[:2] + [s + l + r for s, l, r in zip(shape[2:], geo.pad_left, geo.pad_right)]
         padding = [0] * d
-    x_stub = dy.new_empty(1).expand(shape)
-    dx, _, db = torch.ops.aten.convolution_backward(
-        dy, x_stub, weight, [weight.shape[0]] if has_bias else None, list(geo.stride), padding,
-        list(geo.dilation), False, [0] * d, geo.groups, [need_dx, False, need_db])
+    dx = db = None
+    if need_dx:  # the transposed conv of dY: convolution_backward would copy an input-sized stub (oneDNN)
+        k = weight.shape[2:]
+        extra = [shape[2 + a] - ((dy.shape[2 + a] - 1) * geo.stride[a] - 2 * padding[a]
+                                 + geo.dilation[a] * (k[a] - 1) + 1) for a in range(d)]
+        dx = torch.ops.aten.convolution(dy, weight, None, list(geo.stride), padding, list(geo.dilation), True,
+                                        extra, geo.groups)
+    if need_db and has_bias:
+        db = dy.sum(dim=[0, *range(2, dy.dim())])
     if need_dx and not geo.symmetric:
         dx = dx[(slice(None), slice(None)) + tuple(slice(l, l + s) for l, s in zip(geo.pad_left, x_shape[2:]))]
     return dx, db

@@ -55,6 +55,7 @@ class OptionSettings:
     aop_k: float = 0.5                       # Mem-AOP-GD: fraction of outer products kept
     aop_policy: str = "topk"                 # Mem-AOP-GD: "topk", "weighted" or "uniform"
     aop_decay: float = 1.0                   # Mem-AOP-GD: memory decay per step (0: no memory)
+    aop_layers: str = "auto"                 # Mem-AOP-GD: "auto" (where the solver wants it) or "all"
 
 
 @dataclass

@@ -8,7 +8,8 @@ where the GEMM it cuts (1 - K / D of the exact dW's) outweighs the passes it add
 gathering the K rows, folding the leftovers into the memory). So the solver takes it where a
 byte budget leaves room for the memory and the estimate says it saves time; with no budget
 (lowest peak) it is never worth its memory. ``settings.aop_k``, ``aop_policy`` and ``aop_decay``
-choose K / D, the policy and the memory's decay (0: no memory, no buffer).
+choose K / D, the policy and the memory's decay (0: no memory, no buffer); ``aop_layers="all"``
+makes every such layer's choice required (the solver plans the rest around them).
 
 Noise, in units of the layer's SGD noise: sqrt(D / K - 1). When the D rows are independent
 samples (a linear layer's batch rows), a uniform K-of-D subsample of their gradient has variance
@@ -125,7 +126,8 @@ class Aop(OptionKind):
         adds = (Span(mem_bytes, 0, len(ctx.schedule.steps) - 1),) if mem_bytes else ()
         memory = f"memory {r} rows" if r else "no memory"
         detail = f"K/D = {k}/{d} ({st.aop_policy}, decay {st.aop_decay:g}, {memory})"
-        yield (Choice(n.name, ctx.cost.fraction(extra), math.sqrt(d / k - 1), adds=adds),
+        yield (Choice(n.name, ctx.cost.fraction(extra), math.sqrt(d / k - 1), adds=adds,
+                      required=st.aop_layers == "all"),
                Candidate(self.name, (n.name,), dict(spec, k=st.aop_k, kept=k, d=d, rows=r, groups=geo["groups"],
                                                     a=geo["a"], b=geo["b"], policy=st.aop_policy,
                                                     decay=st.aop_decay, mem_dtype=mem_dtype), detail))
