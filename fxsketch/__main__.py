@@ -131,6 +131,7 @@ def _planning_options(args: argparse.Namespace) -> dict | None:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     import fxsketch
+    from fxsketch.passes.workspace import can_measure_process
     from fxsketch.units import format_bytes
 
     check_report_arguments(args)
@@ -155,14 +156,22 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if args.measure:
         if any(x.device.type == "meta" for x in inputs):
             raise SystemExit("fxsketch: --measure needs real inputs; leave out --meta")
-        base = fxsketch.measure(model, inputs)
-        print(f"\nunmodified model: predicted peak {format_bytes(p.baseline_peak_bytes)}, measured "
-              f"{format_bytes(base.peak_bytes)} ({100 * (p.baseline_peak_bytes / base.peak_bytes - 1):+.2f}%); {base}")
+        # process level where it can be read (kernel workspace is in the plan); else live tensors
+        cuda = any(x.device.type == "cuda" for x in inputs)
+        level = "process" if cuda or can_measure_process() else "tensor"
+
+        def compare(what, m, predicted, tensor_predicted) -> int:
+            got = m.process_peak_bytes if level == "process" else m.peak_bytes
+            want = predicted if level == "process" else tensor_predicted
+            print(f"{what}: predicted peak {format_bytes(want)}, measured {format_bytes(got)} "
+                  f"({100 * (want / got - 1):+.2f}%, {level} level); {m}")
+            return got
+        base = fxsketch.measure(model, inputs, level=level)
+        first = compare("\nunmodified model", base, p.baseline_peak_bytes, p.baseline.tensor_peak_bytes)
         if gm is not None:
-            m = fxsketch.measure(gm, inputs)
-            print(f"optimized module: predicted peak {format_bytes(p.peak_bytes)}, measured "
-                  f"{format_bytes(m.peak_bytes)} ({100 * (p.peak_bytes / m.peak_bytes - 1):+.2f}%); {m}")
-            print(f"measured peak {base.peak_bytes / m.peak_bytes:.2f}x lower, step time "
+            m = fxsketch.measure(gm, inputs, level=level)
+            last = compare("optimized module", m, p.peak_bytes, p.tensor_peak_bytes)
+            print(f"measured peak {first / last:.2f}x lower, step time "
                   f"{100 * (m.seconds / base.seconds - 1):+.1f}% (CPU, this machine)")
     return 0
 

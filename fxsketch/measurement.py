@@ -385,7 +385,7 @@ def _child(path: str) -> None:
     """The process-level step: load (model, inputs, loss_fn), warm up, print the rise of peak RSS."""
     model, inputs, loss_fn = torch.load(path, weights_only=False)
     params = list(model.parameters())
-    print(process_peak(lambda: (_clear_grads(params, inputs), _step(model, inputs, loss_fn))))
+    print(process_peak(lambda: _step(model, inputs, loss_fn), setup=lambda: _clear_grads(params, inputs)))
 
 
 if __name__ == "__main__":

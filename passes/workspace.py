@@ -19,10 +19,11 @@ docs/workspace.md). How much, per call signature (op, shapes, dtype, device, arg
   fresh process (:func:`run_fresh`) that returns freed buffers to the OS and reads the peak RSS
   (VmHWM after ``/proc/self/clear_refs``) minus the RSS before the call and the outputs' bytes,
   to the nearest eighth of the call's largest tensor (so page-level noise never changes a plan);
-  on CUDA it reads the allocator's peak in this process. Cached in the process and on disk
-  (``$FXSKETCH_CACHE/workspace.json``), per CPU, thread count and torch version.
-  Cached per process: each signature is measured once.
-* ``"formula"``: where measuring cannot run (no /proc or glibc, no device), a rule fitted to
+  on CUDA it reads the allocator's peak in this process. Each signature is measured once:
+  cached in the process and on disk (``$FXSKETCH_CACHE/workspace.json``, per CPU, thread count
+  and torch version).
+* ``"formula"``: also where measuring cannot run (no Linux /proc, the measuring process failed),
+  a rule fitted to
   oneDNN's CPU measurements: forward ``max(input, output)`` bytes, backward ``input + grad_output``
   bytes (``input`` counted only when dX is asked for: the reorders of what it reads and writes).
 * ``"off"``: none (the plan then predicts the tensor-level peak only).
@@ -31,13 +32,13 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
 import json
+import math
 import os
 import subprocess
 import sys
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable
 
 import torch
@@ -118,7 +119,7 @@ def _conv_backend(x, w, stride, padding, dilation, transposed, output_padding, g
 def kernel_call(func, args) -> Call | None:
     """The signature of a call to one of :data:`KERNEL_OPS`, or None for any other op."""
     op = KERNEL_OPS.get(func)
-    if op is None:
+    if op is None or len(args) != (9 if op == "convolution" else 11):  # aten calls them positionally
         return None
     if op == "convolution":
         x, w, b, *rest = args
@@ -212,12 +213,17 @@ def _rss() -> tuple[int, int]:
     return got["VmRSS"], got["VmHWM"]
 
 
-def process_peak(fn, warm_up: bool = True) -> int:
+def process_peak(fn, warm_up: bool = True, setup=None) -> int:
     """Bytes the process's peak RSS rose above its RSS while ``fn()`` ran (after one warm-up call
-    if ``warm_up``). Meaningful in a process started by :func:`run_fresh` (freed buffers returned
-    to the OS, no other step's freed chunks in the heap)."""
+    if ``warm_up``; ``setup()`` before each call, outside the measured window: what the previous
+    call left, e.g. parameter gradients, must be freed before the RSS is read). Meaningful in a
+    process started by :func:`run_fresh` (freed buffers returned to the OS, no other step's freed
+    chunks in the heap)."""
+    setup = setup or (lambda: None)
     if warm_up:
+        setup()
         fn()
+    setup()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
     before, _ = _rss()

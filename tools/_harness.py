@@ -114,13 +114,14 @@ def dec_text(dec, empty: str = "-") -> str:
 
 
 def measure_step(gm, model, example, loss_fn) -> dict:
-    """One training step of gm: measured peak (fxsketch.measure), predicted peak (gm's plan, or
-    fxsketch.plan of the unmodified model), parameter and input bytes."""
+    """One training step of gm: measured peak (fxsketch.measure's live tensors), predicted peak at
+    the same level (the tensor-level peak of gm's plan, or of fxsketch.plan of the unmodified
+    model: kernel workspace left out, which the tracker cannot see), parameter and input bytes."""
     measured = fxsketch.measure(gm, example, loss_fn=loss_fn, repeat=1).peak_bytes
     plan = getattr(gm, "memory_plan", None)
     if plan is None:
         plan = fxsketch.plan(model, example, loss_fn=loss_fn)
-    return dict(measured_peak=measured, predicted_peak=plan.timeline.peak_bytes,
+    return dict(measured_peak=measured, predicted_peak=plan.tensor_peak_bytes,
                 param_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
                 input_bytes=example[0].numel() * example[0].element_size())
 

@@ -6,8 +6,10 @@ For each model: the plan of the unmodified step and of ``fxsketch.optimize(model
 default plan, budget=None), each predicted with kernel workspace (``workspace="measure"``, the
 default) and without it (the plan's tensor-level peak), against ``fxsketch.measure(...,
 level="process")``: the live-tensor peak (exact tracker) and the process-level peak (resident
-bytes + the rise of peak RSS during the step in a forked one-thread child that returns freed
-buffers to the OS). Errors are predicted / process-level - 1. ``--only`` picks models by name.
+bytes + the rise of peak RSS during the step in a fresh process that returns freed buffers to
+the OS). Errors are predicted / process-level - 1. ``--only`` picks models by name;
+``--also-off`` adds the default plan made with ``workspace="off"`` (tensor bytes only), to see
+whether knowing the workspace changes what the plan costs in process memory.
 """
 from __future__ import annotations
 
@@ -60,6 +62,8 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--only", nargs="*", default=None, help="model names (substrings) to run")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--also-off", action="store_true",
+                    help="add the default plan made without kernel workspace (workspace='off'), measured the same way")
     args = ap.parse_args(argv)
     rows = []
     for name, model, x in models(args.only):
@@ -67,7 +71,11 @@ def main(argv=None):
         base = fxsketch.plan(model, (x,))
         gm = fxsketch.optimize(model, (x,), progress=False, seed=0)
         planned = time.time() - t
-        for which, module, plan in (("eager", model, base), ("optimized", gm, gm.memory_plan)):
+        steps = [("eager", model, base), ("optimized", gm, gm.memory_plan)]
+        if args.also_off:
+            off = fxsketch.optimize(model, (x,), progress=False, seed=0, workspace="off")
+            steps.append(("optimized, planned without workspace", off, off.memory_plan))
+        for which, module, plan in steps:
             m = fxsketch.measure(module, (x,), repeat=1, level="process")
             rows.append(dict(row(name, which, plan, m), plan_seconds=planned))
             r = rows[-1]

@@ -8,7 +8,8 @@ returns freed buffers of 64 KiB and more to the OS) under a dispatch mode that r
 RSS before every op and reads it after: the op's gap is peak RSS - RSS before - the bytes of the
 new storages it returns. Printed: each op whose largest gap exceeds ``--min`` (default 1 %) of
 the step's process-level peak, with its largest gap and how many calls, and whether the plan
-counts it (``fxsketch.passes.workspace.KERNEL_OPS``).
+counts it: as kernel workspace (``fxsketch.passes.workspace.KERNEL_OPS``), or, for fxsketch's own
+ops, as the tensors the fake step sees inside them (their gap here is those inner tensors).
 """
 from __future__ import annotations
 
@@ -45,10 +46,20 @@ class _Gaps(TorchDispatchMode):
         return out
 
 
+def _in_plan(op: str, counted: set[str]) -> str:
+    """Whether the plan counts an op's hidden memory: kernel workspace (KERNEL_OPS), or fxsketch's
+    own ops, whose temporaries are tensors the fake step sees inside them (``call_visibly``)."""
+    if op in counted:
+        return "yes (kernel workspace)"
+    return "yes (inner tensors)" if op.startswith("fxsketch.") else "no"
+
+
 def _child(path: str) -> None:
     from fxsketch.measurement import _step, default_loss
     model, inputs = torch.load(path, weights_only=False)
     _step(model, inputs, default_loss)  # warm-up
+    for p in model.parameters():
+        p.grad = None
     mode = _Gaps()
     with mode:
         _step(model, inputs, default_loss)
@@ -77,7 +88,7 @@ def main(argv=None):
             for op, gap, calls in sorted(rows, key=lambda r: -int(r[1])):
                 if int(gap) > args.min * peak:
                     print(f"| {name} | {which} | {op} | {int(gap) / 2**20:.1f} | {100 * int(gap) / peak:.1f} | "
-                          f"{calls} | {'yes' if op in counted else 'no'} |", flush=True)
+                          f"{calls} | {_in_plan(op, counted)} |", flush=True)
 
 
 if __name__ == "__main__":
