@@ -145,8 +145,17 @@ def _layout(t) -> str:
         return "expanded"
     if t.is_contiguous():
         return "contiguous"
-    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+    fmt = _channels_last(t.dim())
     return "channels_last" if fmt is not None and t.is_contiguous(memory_format=fmt) else "strided"
+
+
+def _element_size(call: Call) -> int:
+    return torch.empty((), dtype=getattr(torch, call.dtype)).element_size()
+
+
+def _channels_last(ndim: int):
+    """The channels-last memory format of a 4-d or 5-d tensor (None for other ranks)."""
+    return {4: torch.channels_last, 5: torch.channels_last_3d}.get(ndim)
 
 
 def _nbytes(shape, elem: int) -> int:
@@ -161,7 +170,7 @@ def _out_shapes(call: Call) -> list[tuple[int, ...]]:
 
 def formula_bytes(call: Call) -> int:
     """The documented rule (module docstring) for a call that cannot be measured."""
-    elem = torch.empty((), dtype=getattr(torch, call.dtype)).element_size()
+    elem = _element_size(call)
     if call.op == "convolution":
         (y,) = _out_shapes(call)
         return max(_nbytes(call.shapes[0], elem), _nbytes(y, elem))
@@ -184,7 +193,7 @@ def _tensors_for(call: Call, device: str, generator=None) -> list:
             out.append(torch.randn(1, dtype=dtype, device=device, generator=generator).expand(shape))
         else:
             t = torch.randn(shape, dtype=dtype, device=device, generator=generator)
-            fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(len(shape))
+            fmt = _channels_last(len(shape))
             out.append(t.contiguous(memory_format=fmt) if layout == "channels_last" and fmt else t)
     return out
 
@@ -251,7 +260,7 @@ def _measure_here(call: Call) -> int:
 
 def call_bytes(call: Call) -> int:
     """Bytes of a call's arguments and results: what running it alone allocates besides workspace."""
-    elem = torch.empty((), dtype=getattr(torch, call.dtype)).element_size()
+    elem = _element_size(call)
     return sum(_nbytes(s, elem) for s in call.shapes) + sum(_nbytes(s, elem) for s in _out_shapes(call))
 
 
@@ -310,7 +319,7 @@ def _snapped(call: Call, nbytes: float) -> int:
     """A measured workspace to the nearest multiple of an eighth of the call's largest tensor (at
     least 1 MiB): oneDNN's temporaries are copies of its operands, and the page-level noise of
     RSS (~0.1 MiB) must not make two runs plan differently."""
-    elem = torch.empty((), dtype=getattr(torch, call.dtype)).element_size()
+    elem = _element_size(call)
     largest = max(_nbytes(s, elem) for s in [*call.shapes, *_out_shapes(call)])
     quantum = max(largest / 8, 1 << 20)
     return int(round(nbytes / quantum) * quantum)
