@@ -248,7 +248,9 @@ def fit(model: nn.Module, analysis: Analysis, proposal: Proposal, config: Config
     target is lowered by the excess and it solves again (at most three times, all solves within
     ``config.total_plan_nodes`` branch-and-bound nodes: work, not seconds, so the plan is the
     same on any load). If no plan meets the budget, the lowest-peak plan decides: met, or
-    :class:`BudgetError` with its verified peak.
+    :class:`BudgetError` with its verified peak. Where the step has kernel workspace, all of this
+    runs twice, with and without the unmodified step's workspace in the solver's model (each run
+    with its own node limit), and the better verified plan is kept (see the comment below).
     """
     budget = resolve_budget(config.budget, analysis.timeline.peak_bytes)
     problem = proposal.candidates.problem
