@@ -88,19 +88,35 @@ def default_model_spec() -> str:
     return DEFAULT_MODEL
 
 
-def load_model(args: argparse.Namespace) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
-    """Build the model from ``args.model`` and one input per ``--input`` (meta tensors when
-    ``args.meta``, so planning a batch that does not fit here allocates nothing)."""
+CALIBRATION_SAMPLES = 2
+"""Real samples the CLI gives planning (``calibration_inputs``): probe noise and node times
+come from them while the plan itself is made on meta tensors, so planning allocates nothing at
+the batch size and takes seconds, not minutes."""
+
+
+def load_model(args: argparse.Namespace, *, real: bool | None = None) -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
+    """Build the model from ``args.model`` and one input per ``--input``: meta tensors (shapes
+    only) unless ``real`` (default: not ``args.meta``)."""
     torch.manual_seed(0)  # the same command builds the same weights and inputs: the same plan
     model = _resolve(args.model)()
     if not isinstance(model, nn.Module):
         raise SystemExit(f"fxsketch: {args.model} returned a {type(model).__name__}, not an nn.Module")
-    device = "meta" if getattr(args, "meta", False) else "cpu"
-    shapes = args.input or [parse_shape(DEFAULT_INPUT)]
-    # integer dtypes (token ids) would need real values: only floating inputs are made up here
-    inputs = tuple(torch.randn(s, dtype=args.dtype, device=device) for s in shapes)
+    real = not getattr(args, "meta", False) if real is None else real
+    inputs = tuple(_random(s, args.dtype, "cpu" if real else "meta") for s in args.input or [parse_shape(DEFAULT_INPUT)])
     model = model.to(dtype=args.dtype) if args.dtype.is_floating_point else model
     return model, inputs
+
+
+def _random(shape, dtype, device) -> torch.Tensor:
+    # integer dtypes (token ids) would need real values: only floating inputs are made up here
+    return torch.randn(shape, dtype=dtype, device=device)
+
+
+def calibration_batch(args: argparse.Namespace, inputs) -> tuple[torch.Tensor, ...]:
+    """:data:`CALIBRATION_SAMPLES` real random samples shaped like the inputs."""
+    gen = torch.Generator().manual_seed(1)
+    return tuple(torch.randn((min(CALIBRATION_SAMPLES, x.shape[0]), *x.shape[1:]), generator=gen,
+                             dtype=args.dtype) for x in inputs)
 
 
 # --------------------------------------------------------------------------------------------
@@ -135,14 +151,17 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from fxsketch.units import format_bytes
 
     check_report_arguments(args)
-    model, inputs = load_model(args)
+    if args.measure and args.meta:
+        raise SystemExit("fxsketch: --measure needs real inputs; leave out --meta")
+    model, inputs = load_model(args, real=False)  # planning: meta inputs + a small real batch
     opts = _planning_options(args)
     gm = None
     if opts is None:
         p = fxsketch.plan(model, inputs)
     else:
         try:
-            gm = fxsketch.optimize(model, inputs, **opts)
+            calibration = None if args.meta else calibration_batch(args, inputs)
+            gm = fxsketch.optimize(model, inputs, calibration_inputs=calibration, **opts)
         except fxsketch.FxsketchError as e:
             raise SystemExit(f"fxsketch: {e}")
         p = gm.memory_plan
@@ -154,8 +173,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
         p.save(args.plot)
         print(f"wrote {args.plot}")
     if args.measure:
-        if any(x.device.type == "meta" for x in inputs):
-            raise SystemExit("fxsketch: --measure needs real inputs; leave out --meta")
+        _, inputs = load_model(args, real=True)
         # process level where it can be read (kernel workspace is in the plan); else live tensors
         cuda = any(x.device.type == "cuda" for x in inputs)
         level = "process" if cuda or can_measure_process() else "tensor"
@@ -177,17 +195,20 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def _add_planning_arguments(p: argparse.ArgumentParser) -> None:
+    from .config import Config, METHODS
     p.add_argument("--budget", type=parse_budget, default=None,
-                   help="plan to fit this peak: a fraction of the unmodified peak (0.3) or bytes ('3.5GiB')")
+                   help="plan to fit this peak: a fraction of the unmodified peak (0.3) or bytes ('3.5GiB'); "
+                        "none: the plan of the model as it is, unless --optimize or --methods")
     p.add_argument("--optimize", action="store_true",
                    help="plan the lowest peak within --max-overhead (what --budget does without a budget)")
-    p.add_argument("--methods", default=None, help="comma-separated subset of probe,lean,recompute")
-    p.add_argument("--max-overhead", type=float, default=0.2, help="estimated extra step time allowed (0.2)")
+    p.add_argument("--methods", default=None,
+                   help=f"comma-separated option kinds the planner may use (none given: {','.join(METHODS)})")
+    p.add_argument("--max-overhead", type=float, default=Config.max_overhead,
+                   help="estimated extra step time allowed, as a fraction of the step")
     p.add_argument("--probe-rank", type=int, default=None, help="force this rank on every probed conv")
     p.add_argument("--seed", type=int, default=None, help="seed of a private generator for the probes")
-    p.add_argument("--max-grad-noise", type=float, default=None,
-                   help="gradient noise allowed, in units of each layer's SGD noise (default 8, "
-                        "docs/training.md)")
+    p.add_argument("--max-grad-noise", type=float, default=Config.max_grad_noise,
+                   help="gradient noise allowed, in units of each layer's SGD noise (docs/training.md)")
 
 
 def _add_model_arguments(p: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -195,17 +216,17 @@ def _add_model_arguments(p: argparse.ArgumentParser, *, required: bool = True) -
     p.add_argument("model", nargs=None if required else "?", default=None,
                    help="MODULE:CALLABLE that builds the model, e.g. torchvision.models:resnet50")
     p.add_argument("--input", action="append", type=parse_shape, metavar="SHAPE",
-                   help=f"shape of one example input, e.g. {DEFAULT_INPUT}; repeat for several "
-                        f"inputs (default {DEFAULT_INPUT})")
+                   help=f"shape of one example input; repeat for several inputs (none given: {DEFAULT_INPUT})")
     p.add_argument("--dtype", type=parse_dtype, default=torch.float32,
-                   help="dtype of the inputs and the model (default float32)")
+                   help="dtype of the inputs and the model")
     p.add_argument("--meta", action="store_true",
-                   help="plan on meta inputs: shapes only, nothing allocated (not with --measure)")
+                   help="no real calibration batch either: probe noise from the stated prior (not with --measure)")
 
 
 def _add_report_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH", help="also write the plan as JSON")
-    p.add_argument("--plot", metavar="PATH", help="also draw the timeline (.png, .svg, .pdf, .html)")
+    p.add_argument("--plot", metavar="PATH", help="also draw the timeline (.png, .svg, .pdf, .html) or write it as a memory_viz "
+                        "snapshot (.pickle: open at https://pytorch.org/memory_viz)")
     p.add_argument("--measure", action="store_true",
                    help="also run real training steps and print predicted vs measured peak")
     p.add_argument("--nodes", action="store_true",
@@ -230,10 +251,15 @@ def check_report_arguments(args: argparse.Namespace) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fxsketch", description="Predict (and cut) the memory of one training step of a PyTorch model.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         epilog="With no arguments: optimize a default model and measure it against the original "
                f"({DEFAULT_MODEL} at {DEFAULT_INPUT}).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser("plan", help="print the memory plan of one training step")
+    p = sub.add_parser("plan", help="print the memory plan of one training step",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                       description="Plan on meta tensors (shapes only) plus a small real batch of "
+                                   f"{CALIBRATION_SAMPLES} random samples for probe noise and node times; "
+                                   "--measure also runs real training steps at the full batch.")
     _add_model_arguments(p)
     _add_planning_arguments(p)
     _add_report_arguments(p)

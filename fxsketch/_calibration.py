@@ -16,17 +16,20 @@ scale, which cancels in every noise ratio).
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import torch
 
 from .calibrate import calibrate_convs, hook_workspace_nbytes
 from .measurement import default_loss
-from .passes.cost import time_nodes
+from .passes.timing import StepTimes, time_step
 from .passes.options.probe import conv_ranks, probe_targets
 from .units import format_bytes
 
 __all__ = ["calibrate_for_plan", "sub_batch"]
+
+log = logging.getLogger("fxsketch.calibrate")  # one logger for calibration (this module and calibrate.py)
 
 
 def sub_batch(inputs: tuple[torch.Tensor, ...], batch: int, b: int) -> tuple[torch.Tensor, ...]:
@@ -73,36 +76,41 @@ def _predicted_peak(model, inputs, batch: int, b: int, loss, pad_to: int, target
 
 def calibrate_for_plan(model, analysis, config, limit: int | None, notes: list[str], *,
                        calibration_inputs=None, calibration_loss_fn: Callable | None = None):
-    """(noise by conv node or None, node timings at the full batch or None)."""
+    """(noise by conv node or None, :class:`~fxsketch.passes.timing.StepTimes` or None)."""
     batch = analysis.inputs[0].shape[0] if analysis.inputs and analysis.inputs[0].dim() else 1
+    real = calibration_inputs is not None or not analysis.meta_inputs
     if calibration_inputs is not None:
         source = tuple(calibration_inputs) if isinstance(calibration_inputs, (tuple, list)) else (calibration_inputs,)
         have = source[0].shape[0] if source and source[0].dim() else 0
         # the training loss_fn fits the training batch: outputs are padded to it; a
         # calibration_loss_fn fits the calibration inputs
         loss, pad_to = (calibration_loss_fn, have) if calibration_loss_fn else (analysis.loss_fn, batch)
-    elif analysis.meta_inputs:
+        full = have
+    else:  # meta inputs give shapes only: node times are taken on synthetic inputs anyway
+        source, have, full = analysis.inputs, batch // 2, batch
+        loss, pad_to = calibration_loss_fn or analysis.loss_fn, batch
+    wanted = "probe" in config.methods and config.probe_rank is None and config.calibrate and real
+    targets = probe_targets(analysis.gm) if wanted else {}
+    if not real and "probe" in config.methods and config.probe_rank is None and config.calibrate:
         notes.append("uncalibrated (meta inputs, no calibration_inputs): probe noise from the stated prior "
                      "(fxsketch.calibrate.PriorNoise); pass calibration_inputs= a few real samples to measure it")
-        return None, None
-    else:
-        source, have = analysis.inputs, batch // 2
-        loss, pad_to = calibration_loss_fn or analysis.loss_fn, batch
-    wanted = "probe" in config.methods and config.probe_rank is None and config.calibrate
-    targets = probe_targets(analysis.gm) if wanted else {}
+    times = _step_times(analysis, config, batch, notes)
+    if not targets:
+        return None, times
     tries = [b for b in (8, 4, 2) if b <= min(config.calibration_batch, have)]
     if not tries:
         why = f"a batch of {batch}" if calibration_inputs is None else f"calibration_inputs of {have} sample(s)"
         if targets:
             notes.append(f"uncalibrated ({why} gives no sub-batch of at least 2 samples below the full step): "
                          f"probe noise from the stated prior")
-        return None, None
-    full = have if calibration_inputs is not None else batch
+        return None, times
     ranks = {name: [config.probe_rank] if config.probe_rank else conv_ranks(shape, config.ratios, config.mode)
              for name, (_, shape) in targets.items()}
     chosen, predicted = None, 0
     for b in tries:
         predicted = _predicted_peak(model, source, full, b, loss or default_loss, pad_to, targets, config, ranks)
+        log.debug("calibration batch %d: predicted peak %s (limit %s)", b, format_bytes(predicted),
+                  format_bytes(limit) if limit is not None else "none")
         if limit is None or predicted <= limit:
             chosen = b
             break
@@ -110,10 +118,10 @@ def calibrate_for_plan(model, analysis, config, limit: int | None, notes: list[s
         notes.append(f"uncalibrated: even a 2-sample calibration batch is predicted at "
                      f"{format_bytes(predicted)}, above the {format_bytes(limit)} the plan may use; probe "
                      f"noise from the stated prior")
-        return None, None
-    sub = tuple(x.detach() for x in sub_batch(source, full, chosen))
+        return None, times
     noise = None
     if targets:
+        sub = tuple(x.detach() for x in sub_batch(source, full, chosen))
         first: dict[int, str] = {}  # a conv module called twice is two nodes with one weight
         for name, (w, _) in targets.items():
             first.setdefault(id(w), name)
@@ -124,15 +132,26 @@ def calibrate_for_plan(model, analysis, config, limit: int | None, notes: list[s
         noise = {name: by_weight[first[id(w)]] for name, (w, _) in targets.items()}
         notes.append(f"probe noise calibrated on {chosen} of {batch} samples (predicted peak of calibration "
                      f"{format_bytes(predicted)}) and stated for batch {batch} by the 1/B law")
-    timings = None
-    if config.time_nodes:
-        try:
-            measured = time_nodes(analysis.gm, sub)
-        except Exception as e:  # a graph specialised to its batch: the roofline stands
-            notes.append(f"node times not measured ({type(e).__name__} at batch {chosen}): roofline estimate")
-        else:
-            scale = batch / chosen
-            timings = {k: v * scale for k, v in measured.items()}
-            notes.append(f"extra time estimated from node times measured on {chosen} samples, scaled to "
-                         f"{batch} (backward = 2 x forward; probes: roofline)")
-    return noise, timings
+    return noise, times
+
+
+def _step_times(analysis, config, batch: int, notes: list[str]) -> StepTimes | None:
+    """Node times on at most ``calibration_batch`` synthetic samples: one node's forward and
+    backward at a time beside a no-grad forward (what every plan's own step holds at that node),
+    not the step; per-node times at 1-2 samples misjudge a batch of 8, so up to 8 are used."""
+    if not config.time_nodes:
+        return None
+    if any(p.device.type == "meta" for p in analysis.gm.parameters()):
+        notes.append("node times not measured (parameters on the meta device): roofline estimate")
+        return None
+    chosen = max(1, min(config.calibration_batch, batch))
+    shapes = [((chosen, *x.shape[1:]) if x.dim() and x.shape[0] == batch else tuple(x.shape), x.dtype)
+              for x in analysis.inputs]
+    try:
+        times = time_step(analysis.gm, shapes, batch, chosen)
+    except Exception as e:  # a graph specialised to its batch: the roofline stands
+        notes.append(f"node times not measured ({type(e).__name__} at batch {chosen}): roofline estimate")
+        return None
+    notes.append(f"extra time from node times (forward and backward, each node alone) measured on "
+                 f"{chosen} synthetic samples, scaled to {batch}; cached per machine")
+    return times

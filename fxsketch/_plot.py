@@ -27,8 +27,11 @@ def _pyplot():
 def check_plot_path(path) -> None:
     """Raise before any planning if ``path`` cannot be drawn to (format, matplotlib)."""
     suffix = Path(path).suffix.lower()
+    if suffix in (".pickle", ".pkl"):
+        return  # a memory_viz snapshot (fxsketch.memory_viz): no matplotlib needed
     if suffix not in _FORMATS:
-        raise ConfigError(f"cannot save a plan as {suffix or 'a file without suffix'}: use .png, .svg, .pdf or .html")
+        raise ConfigError(f"cannot save a plan as {suffix or 'a file without suffix'}: use .png, .svg, .pdf, "
+                          f".html, or .pickle (a memory_viz snapshot)")
     _pyplot()
 
 

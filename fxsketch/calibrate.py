@@ -35,6 +35,7 @@ per-sample-gradient estimates.
 """
 from __future__ import annotations
 
+import logging
 import math
 import weakref
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ._state import preserved
+from .passes.precision import forward_context
 from .errors import InputError
 from .measurement import default_loss
 from .ops.probed import conv_geometry, dw_channel, dw_spatial, exact_weight_grad, sketch
@@ -54,6 +56,8 @@ from .passes.trace import check_inputs
 
 __all__ = ["ConvNoise", "PriorNoise", "calibrate_convs", "probe_noise_mc", "hook_workspace_nbytes",
            "clear_cache"]
+
+log = logging.getLogger(__name__)  # "fxsketch.calibrate": what was measured, at DEBUG
 
 _ARG_NAMES = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 
@@ -347,6 +351,7 @@ def calibrate_convs(model: nn.Module, calibration_inputs: Any, convs: Mapping[st
         + (tuple(sorted((k, tuple(v)) for k, v in (ranks or {}).items())) if probe == "orthogonal" else (),)
     hit = _CACHE.get(key)
     if cache and hit is not None and hit[0]() is model:
+        log.debug("calibration of %d conv(s) on %d samples: cached", len(weights), b)
         return dict(hit[1])
 
     names = list(weights)
@@ -358,9 +363,9 @@ def calibrate_convs(model: nn.Module, calibration_inputs: Any, convs: Mapping[st
                disable=None if progress is None else not progress) if tqdm else None
     with preserved(model), torch.random.fork_rng(devices=[]), torch.enable_grad():
         capture = _Capture(by_id, mode, probe, bar, ranks)
-        with capture:
+        with capture, forward_context(inputs[0].device.type if inputs else "cpu"):
             out = model(*inputs)
-        loss = loss_fn(out)
+            loss = loss_fn(out)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise InputError("loss_fn must return a scalar tensor")
         del out
@@ -386,6 +391,7 @@ def calibrate_convs(model: nn.Module, calibration_inputs: Any, convs: Mapping[st
                                  calls=st.calls, shape=st.shape)
     if cache:
         _CACHE[key] = (weakref.ref(model, lambda _, k=key: _CACHE.pop(k, None)), dict(result))
+    log.debug("calibrated %d conv(s) on %d samples for batch %d", len(result), b, batch)
     return result
 
 

@@ -1,12 +1,14 @@
 """Options of :func:`fxsketch.optimize`, validated in one place."""
 from __future__ import annotations
 
+import contextlib
 import difflib
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from .errors import ConfigError
 from .ops.aop import check_aop
+from .passes.precision import check_dtype, use_autocast
 from .passes.workspace import SOURCES as WORKSPACE_SOURCES, use_source as use_workspace_source
 from .ops.probes import MODES, PROBES
 from .passes import options as _options
@@ -63,6 +65,13 @@ class Config:
     memory it holds and its noise); "all", every linear and conv layer whose weight trains, whatever
     the cost model says and above ``max_grad_noise`` too (to study its accuracy, or where the cost
     model is wrong): the plan still minimises the peak or meets the budget around them."""
+    autocast: Any = None
+    """None (default): plan an fp32 step. torch.bfloat16 or torch.float16: plan the step as it runs
+    under ``torch.autocast`` (activations, sketches and masks in the low dtype where autocast puts
+    them; master weights and gradients fp32): profiling, calibration, node times and kernel
+    workspace all run their forwards under that autocast. The returned module does not enter
+    autocast itself: run its forward (and loss) under ``torch.autocast(device, dtype)`` as the plan
+    assumes."""
     workspace: str = "measure"
     """Native kernels' workspace in the plan (convolutions: oneDNN's reorders on CPU, cuDNN's
     workspace on CUDA; fxsketch.passes.workspace): "measure" runs each conv signature alone once
@@ -86,12 +95,13 @@ class Config:
     progress: bool | None = None
     """Show a progress bar while calibrating (conv calls folded): True always, False never, None (default) only
     when stderr is a terminal (tqdm's convention), so logs and CI output stay clean."""
-    time_nodes: bool = False
-    """False (default): extra step time from a roofline estimate (FLOPs and bytes at this
-    machine's matmul and copy rates, measured once and cached), the same rule for real and meta
-    inputs, so a plan does not depend on the machine's load. True: time every node's forward on
-    the calibration sub-batch (scaled to the batch) instead: closer on some models, but a plan
-    that can change with load."""
+    time_nodes: bool = True
+    """True (default): extra step time from this machine's own timings: every node's forward and
+    backward, each node timed alone on synthetic inputs of at most ``calibration_batch`` samples
+    (the same for real and meta inputs), and each lean op and probed conv against the op it replaces
+    (fxsketch.passes.timing). Measured once per machine and graph and kept on disk, so a plan
+    does not change with load. False: a roofline estimate (FLOPs and bytes at this machine's
+    matmul and copy rates), no runs; it misprices memory-bound ops (BatchNorm, max-pool) on CPU."""
     solver_max_nodes: int = SolverOptions.max_nodes
     """Branch-and-bound nodes HiGHS may explore in one search for a plan (a budget solve, or a
     lowest-peak solve's whole ladder of overhead caps); then the best plan found so far is used
@@ -109,6 +119,7 @@ class Config:
     wall-clock safety net ``safety_seconds``); ``solver_max_nodes`` overrides its node limit."""
 
     def __post_init__(self):
+        check_dtype(self.autocast)
         methods = (self.methods,) if isinstance(self.methods, str) else tuple(self.methods)
         object.__setattr__(self, "methods", methods)
         known = tuple(_options.registered())
@@ -169,6 +180,14 @@ class Config:
         if config is not None and not isinstance(config, Config):
             raise ConfigError(f"config must be a fxsketch.Config, got {type(config).__name__}")
         return replace(config, **options) if config is not None else cls(**options)
+
+    def planning_context(self):
+        """What planning with this config runs under (a context manager): its kernel-workspace
+        source (:meth:`workspace_source`) and its autocast dtype (fxsketch.passes.precision)."""
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.workspace_source())
+        stack.enter_context(use_autocast(self.autocast))
+        return stack
 
     def workspace_source(self):
         """The kernel-workspace source for this config's planning (a context manager): measured

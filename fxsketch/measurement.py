@@ -20,6 +20,7 @@ peak 184 B on cpu (resident 92 B + 92 B during the step), 188 µs per step
 """
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 import tempfile
@@ -34,11 +35,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from ._state import preserved
 from .errors import ConfigError, InputError
 from .ops.visible import call_visibly
+from .passes.precision import forward_context, use_autocast
 from .passes.trace import check_inputs
 from .passes.workspace import can_measure_process, process_peak, run_fresh
 from .units import format_bytes
 
 __all__ = ["measure", "Measurement", "default_loss", "LiveStorageTracker"]
+
+log = logging.getLogger(__name__)  # "fxsketch.measurement": each measure() at INFO; it never prints
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,8 +260,9 @@ def _storage_bytes(tensors: Iterable[torch.Tensor]) -> int:
 def _step(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...], loss_fn: Callable) -> None:
     """One training step; `out` and `loss` stay referenced until backward returns (the planner's model)."""
     with torch.enable_grad():  # a caller's no_grad() must not turn the step into inference
-        out = model(*inputs)
-        loss = loss_fn(out)
+        with forward_context(_device_of(model, inputs).type):  # measure(autocast=...): as trained
+            out = model(*inputs)
+            loss = loss_fn(out)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise InputError(
                 f"loss_fn must return a scalar tensor, got "
@@ -285,6 +290,7 @@ def measure(
     loss_fn: Callable[[Any], torch.Tensor] | None = None,
     repeat: int = 3,
     level: str = "tensor",
+    autocast: torch.dtype | None = None,
 ) -> Measurement:
     """Run real training steps of ``model`` and report peak tensor memory and median step time.
 
@@ -301,6 +307,9 @@ def measure(
     process that already trained, freed heap chunks are reused without raising the RSS.) On CUDA
     it is the allocator's peak (cuDNN workspace goes through it).
 
+    ``autocast=torch.bfloat16`` (or float16) runs the forward and the loss under
+    ``torch.autocast``, as a mixed-precision training step does.
+
     The model is left as it was: parameter ``.grad``s, buffers (BatchNorm running statistics),
     train/eval flags and the CPU/CUDA random streams are restored. Inputs are detached first,
     so backward never reaches into the caller's graph.
@@ -309,6 +318,11 @@ def measure(
     >>> print(measure(torchvision.models.resnet18(), torch.randn(8, 3, 64, 64)))  # doctest: +SKIP
     peak 100.03 MiB on cpu (resident 45.00 MiB + 55.02 MiB during the step), 280.70 ms per step
     """
+    with use_autocast(autocast):
+        return _measure(model, example_inputs, loss_fn, repeat, level, autocast)
+
+
+def _measure(model, example_inputs, loss_fn, repeat: int, level: str, autocast) -> Measurement:
     inputs = check_inputs(model, example_inputs)
     if not isinstance(repeat, int) or repeat < 1:
         raise ConfigError(f"repeat must be a positive int (number of timed steps), got {repeat!r}")
@@ -355,24 +369,27 @@ def measure(
         process = None
         if level == "process":
             _clear_grads(params, inputs)
-            process = int(peak) if device.type == "cuda" else _process_peak(model, inputs, loss_fn, resident_bytes)
-    return Measurement(
+            process = int(peak) if device.type == "cuda" else _process_peak(model, inputs, loss_fn, resident_bytes,
+                                                                              autocast)
+    m = Measurement(
         peak_bytes=int(peak),
         seconds=statistics.median(times),
         device=str(device),
         resident_bytes=int(resident_bytes),
         process_peak_bytes=process,
     )
+    log.info("measure %s: %s", type(model).__name__, m)
+    return m
 
 
-def _process_peak(model, inputs, loss_fn, resident_bytes: int) -> int:
+def _process_peak(model, inputs, loss_fn, resident_bytes: int, autocast=None) -> int:
     """Resident bytes + the rise of peak RSS during one step, in a fresh process (see :func:`measure`)."""
     if not can_measure_process():
         raise ConfigError("level='process' needs Linux (/proc) on CPU")
     with tempfile.TemporaryDirectory(prefix="fxsketch-") as tmp:
         path = os.path.join(tmp, "step.pt")
         try:
-            torch.save((model, inputs, loss_fn), path)
+            torch.save((model, inputs, loss_fn, autocast), path)
         except Exception as e:  # pickling: a lambda loss_fn, a module holding a lock...
             raise ConfigError(f"level='process' runs the step in a fresh process, so the model, inputs and "
                               f"loss_fn must pickle (a module-level loss function, not a lambda): "
@@ -383,9 +400,10 @@ def _process_peak(model, inputs, loss_fn, resident_bytes: int) -> int:
 
 def _child(path: str) -> None:
     """The process-level step: load (model, inputs, loss_fn), warm up, print the rise of peak RSS."""
-    model, inputs, loss_fn = torch.load(path, weights_only=False)
+    model, inputs, loss_fn, autocast = torch.load(path, weights_only=False)
     params = list(model.parameters())
-    print(process_peak(lambda: _step(model, inputs, loss_fn), setup=lambda: _clear_grads(params, inputs)))
+    with use_autocast(autocast):
+        print(process_peak(lambda: _step(model, inputs, loss_fn), setup=lambda: _clear_grads(params, inputs)))
 
 
 if __name__ == "__main__":

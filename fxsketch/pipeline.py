@@ -12,6 +12,7 @@ solver already found.
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
@@ -34,11 +35,13 @@ from .passes.saved import RESIDENT, Kind, profile_step
 from .passes.solve import Infeasible, Solution, Solver
 from .passes.sweep import live_bytes
 from .passes.trace import check_inputs, trace
-from .report import Decision, MemoryPlan, NodeRow, Option, TimelineData
+from .report import Decision, MemoryPlan, NodeRow, Option, StorageSpan, TimelineData
 from .units import format_bytes
 
 __all__ = ["Analysis", "Proposal", "Verified", "Fit", "analyse", "propose", "apply", "verify", "fit",
            "report"]
+
+log = logging.getLogger(__name__)  # the stages at DEBUG; api.py logs the finished plan
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,7 @@ class Analysis:
     loss_fn: Callable[[Any], torch.Tensor]
     schedule: Schedule
     timeline: Timeline
+    notes: tuple[str, ...] = ()  # how the model was captured, where not by torch.fx (passes.export)
 
     @property
     def meta_inputs(self) -> bool:
@@ -107,7 +111,12 @@ def analyse(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | None =
     gm = trace(model, inputs, leaf_modules=leaf_modules)
     loss_fn = loss_fn or default_loss
     schedule, timeline = verify(gm, inputs, loss_fn)
-    return Analysis(type(model).__name__, gm, inputs, loss_fn, schedule, timeline)
+    log.debug("analysed %s: %d steps, %d storages, predicted peak %s at %s", type(model).__name__,
+              len(timeline.steps), len(schedule.storages), format_bytes(timeline.peak_bytes),
+              " ".join(timeline.peak_node))
+    captured = gm.meta.get("fxsketch.capture")  # set by passes.export where fx could not trace
+    return Analysis(type(model).__name__, gm, inputs, loss_fn, schedule, timeline,
+                    (captured,) if captured else ())
 
 
 def admissible(cands: Candidates, max_grad_noise: float) -> Candidates:
@@ -129,7 +138,8 @@ def propose(model: nn.Module, analysis: Analysis, config: Config, *, calibration
     device = Device.for_tensor(next(iter(analysis.gm.parameters()), analysis.inputs[0]))
 
     def build(noise=None, timings=None) -> Candidates:
-        return build_problem(analysis.gm, analysis.schedule, analysis.timeline, methods=config.methods,
+        with _fork_rng():  # option kinds time their ops on random tensors
+            return build_problem(analysis.gm, analysis.schedule, analysis.timeline, methods=config.methods,
                              settings=config.option_settings(noise), device=device, timings=timings)
     limit = resolve_budget(config.budget, analysis.timeline.peak_bytes)
     if limit is None and (not analysis.meta_inputs or calibration_inputs is not None):
@@ -152,6 +162,8 @@ def propose(model: nn.Module, analysis: Analysis, config: Config, *, calibration
                      f"probing: {len(probed)} conv(s), every one has a sketch size within "
                      f"{config.max_grad_noise:g}x SGD noise ({source})")
     samples = next((c.calibration_batch for c in (noise or {}).values()), 0)
+    log.debug("proposed %d choices (%d within max_grad_noise=%g), calibrated on %d samples",
+              len(every.candidates), len(cands.candidates), config.max_grad_noise, samples)
     return Proposal(cands, tuple(notes), refused, every, samples)
 
 
@@ -274,6 +286,8 @@ def fit(model: nn.Module, analysis: Analysis, proposal: Proposal, config: Config
     def better(f: Fit):  # lower verified peak; with a budget, the cheaper plan that meets it
         peak, cost = f.verified.timeline.peak_bytes, f.verified.solution.cost
         return (peak, cost) if budget is None else (peak > budget, cost, peak)
+    log.debug("verified peaks with and without the kernel workspace in the solver's model: %s",
+              ", ".join(format_bytes(f.verified.timeline.peak_bytes) for f in fits))
     return min(fits, key=better)
 
 
@@ -308,6 +322,9 @@ def _fit_on(problem, model: nn.Module, analysis: Analysis, proposal: Proposal, c
             lowest = e.lowest
             break
         v = apply(model, analysis, proposal, sol, config.seed)
+        log.debug("solved for %s: %d choices, solver's peak %s, verified %s",
+                  format_bytes(target) if target is not None else "the lowest peak", len(sol.chosen),
+                  format_bytes(sol.peak_bytes), format_bytes(v.timeline.peak_bytes))
         if budget is None or v.timeline.peak_bytes <= budget or not sol.chosen:
             v = _no_worse(v, model, analysis, proposal, config, notes, budget)  # still within the budget
             if budget is not None and v.timeline.peak_bytes > budget * 1.001:
@@ -412,8 +429,21 @@ def _decisions(analysis: Analysis, proposal: Proposal, v: Verified) -> list[Deci
     return out
 
 
-def _timeline_data(tl: Timeline) -> TimelineData:
-    return TimelineData(tl.steps, tl.live_bytes, tl.by_category, tl.peak_bytes, tl.peak_step)
+def opaque_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """Module nodes that run several autograd ops as one (see ``passes.trace._opaque``)."""
+    return [n for n in gm.graph.nodes if n.meta.get("fxsketch.opaque")]
+
+
+def _timeline_data(tl: Timeline, schedule: Schedule) -> TimelineData:
+    """The report data of one timeline, with every storage's lifetime (for the memory_viz export)."""
+    end = len(tl.steps) - 1
+    spans = []
+    for sid, (first, last) in sorted(tl.intervals.items()):
+        info = schedule.storages[sid]
+        kept = last == end and (sid in schedule.pinned or info.kind in RESIDENT or info.kind is Kind.PARAM_GRAD)
+        spans.append(StorageSpan(info.owner, info.kind.value, tl.categories[sid].value, info.nbytes,
+                                 first, last, kept))
+    return TimelineData(tl.steps, tl.live_bytes, tl.by_category, tl.peak_bytes, tl.peak_step, tuple(spans))
 
 
 def _rows(gm: fx.GraphModule, schedule: Schedule, timeline: Timeline) -> tuple[NodeRow, ...]:
@@ -454,13 +484,22 @@ def make_plan(analysis: Analysis, gm: fx.GraphModule, schedule: Schedule, timeli
                   for s in timeline.alive_at_peak)
     params = sum(i.nbytes for i in storages.values() if i.kind in (Kind.PARAM, Kind.BUFFER))
     inputs = sum(i.nbytes for i in storages.values() if i.kind is Kind.INPUT)
+    notes = (*analysis.notes, *notes)
     sources = gm.meta["fxsketch.step"].kernel_sources
     if sources:
         found = ", ".join(f"{n} {how}" for how, n in sorted(sources.items()))
         notes = (*notes, f"kernel workspace (convolutions): {found}; tensor-level peak "
                          f"{format_bytes(timeline.tensor_peak_bytes)}")
+    data = _timeline_data(timeline, schedule)
+    opaque = opaque_nodes(gm)
+    if opaque:
+        named = ", ".join(f"{n.name} ({type(gm.get_submodule(n.target)).__name__})" for n in opaque[:6])
+        more = f" and {len(opaque) - 6} more" if len(opaque) > 6 else ""
+        notes = (*notes, f"opaque node(s), run whole (torch.nn modules with submodules, RNNs, "
+                         f"leaf_modules) with no option inside: {named}{more}")
     return MemoryPlan(model=analysis.model_name, parameter_bytes=params, input_bytes=inputs,
-                      baseline=_timeline_data(analysis.timeline), timeline=_timeline_data(timeline),
+                      baseline=_timeline_data(analysis.timeline, analysis.schedule),
+                      timeline=data,
                       rows=_rows(gm, schedule, timeline), alive_at_peak=alive, decisions=tuple(decisions),
                       budget_bytes=budget, notes=tuple(notes), cost_estimator=cost_estimator,
                       max_grad_noise=max_grad_noise, calibration_batch=calibration_batch)

@@ -1,18 +1,18 @@
-"""The memory plan: data (frozen dataclasses) and its renderers (text, JSON, plot).
+"""The memory plan: data (frozen dataclasses) and its renderers (text, JSON, plot, memory_viz).
 
 Renderers only format what the data holds; nothing is recomputed here.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 from .passes.liveness import tensor_peak
 from .units import format_bytes
 
-__all__ = ["Option", "Decision", "NodeRow", "TimelineData", "MemoryPlan"]
+__all__ = ["Option", "Decision", "NodeRow", "StorageSpan", "TimelineData", "MemoryPlan"]
 
 
 class Option(str):
@@ -74,12 +74,27 @@ class NodeRow:
 
 
 @dataclass(frozen=True)
+class StorageSpan:
+    """One storage of the step and the steps it is alive (both inclusive): what the memory_viz
+    export turns into an alloc / free pair."""
+
+    owner: str                    # the node whose output it is, a parameter name, or "loss"
+    kind: str                     # passes.saved.Kind value: "parameter", "activation", "gradient", ...
+    category: str                 # report category: "saved", "transient", "workspace", ...
+    nbytes: int
+    first: int                    # the step that allocates it (0 for parameters, buffers, inputs)
+    last: int                     # the last step that reads it
+    kept: bool = False            # alive past the step (parameters, inputs, their gradients, outputs)
+
+
+@dataclass(frozen=True)
 class TimelineData:
     steps: tuple[tuple[str, str], ...]
     live_bytes: tuple[int, ...]
     by_category: tuple[dict[str, int], ...]
     peak_bytes: int
     peak_step: int
+    storages: tuple[StorageSpan, ...] = ()  # every storage's lifetime (empty in plans pickled before it was recorded)
 
     @property
     def tensor_peak_bytes(self) -> int:
@@ -92,7 +107,8 @@ class MemoryPlan:
     """Predicted memory of one training step (forward, loss, backward), before and after planning.
 
     ``print(plan)`` shows the summary and the per-node table; ``plan.to_dict()`` is JSON-ready;
-    ``plan.save("plan.png")`` (or .svg / .html) draws the timeline.
+    ``plan.save("plan.png")`` (or .svg / .html) draws the timeline; ``plan.save("plan.pickle")``
+    writes it as a memory snapshot for https://pytorch.org/memory_viz (:mod:`fxsketch.memory_viz`).
     """
 
     model: str
@@ -145,6 +161,9 @@ class MemoryPlan:
         d = asdict(self)
         for tl in ("baseline", "timeline"):
             d[tl]["steps"] = [list(s) for s in d[tl]["steps"]]
+            # one row per storage, its fields named once: a dict each would double the JSON
+            d[tl]["storage_fields"] = [f.name for f in fields(StorageSpan)]
+            d[tl]["storages"] = [list(astuple(s)) for s in getattr(self, tl).storages]
         d["decisions"] = [{**asdict(x), "option": x.option.value} for x in self.decisions]
         d["extra_time"] = self.extra_time
         d["baseline_peak_bytes"] = self.baseline_peak_bytes
@@ -211,10 +230,26 @@ class MemoryPlan:
     def __str__(self) -> str:
         return self.render(nodes=True)
 
+    def to_memory_viz(self, path: str | Path | None = None, which: str = "both") -> dict[str, Any]:
+        """The predicted step(s) as a ``torch.cuda.memory._snapshot()`` dict, pickled to ``path``
+        if given, for https://pytorch.org/memory_viz. ``which``: "unmodified", "optimized" or
+        "both" (device 0 the unmodified step, device 1 the optimized one); docs/memory_viz.md.
+        """
+        from .memory_viz import snapshot, write
+        snap = snapshot(self, which)
+        if path is not None:
+            write(snap, Path(path))
+        return snap
+
     def save(self, path: str | Path) -> Path:
-        """Draw the timeline (live bytes per step, by category) to .png, .svg or .html."""
+        """Draw the timeline (live bytes per step, by category) to .png, .svg, .pdf or .html;
+        .pickle writes both steps as a memory snapshot instead (:meth:`to_memory_viz`)."""
+        path = Path(path)
+        if path.suffix.lower() in (".pickle", ".pkl"):
+            self.to_memory_viz(path)
+            return path
         from ._plot import save_timeline
-        return save_timeline(self, Path(path))
+        return save_timeline(self, path)
 
 
 def _short(text: str, width: int = 28) -> str:

@@ -3,12 +3,13 @@
 The machine constants of the roofline are measured once per device and kept in
 ``~/.cache/fxsketch/device.json`` (``$FXSKETCH_CACHE``), so meta-input plans do not change with
 timing noise. Two estimators, named in the plan's notes:
-  "measured"  every node timed on the real example batch (:func:`time_nodes`), where a roofline
-              misjudges the machine (BatchNorm and ReLU on a CPU cost far more than their bytes);
+  "measured"  every node timed on a synthetic sub-batch (:func:`time_nodes` via
+              :mod:`fxsketch.passes.timing`, cached per machine), where a roofline misjudges the
+              machine (BatchNorm and max-pool on a CPU cost 10-50x their bytes' worth);
   "roofline"  FLOPs / peak FLOP rate vs bytes / memory bandwidth per node (:func:`node_seconds`),
               with this machine's measured matmul and copy rates (:class:`Device`); meta inputs.
-Backward is taken as twice the forward, so a step is 3x the sum of the forward times; an option's
-overhead is its extra seconds divided by the step's.
+The step is the sum of the nodes' forward and backward times (backward = 2 x forward with the
+roofline); an option's overhead is its extra seconds divided by the step's.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from .._state import preserved
+from . import diskcache
 from .patterns import CONV_FUNCS, CONV_MODULES
 
 __all__ = ["Device", "CostModel", "cost_model", "node_seconds", "time_nodes", "tensor_bytes"]
@@ -37,9 +39,9 @@ class Device:
     def for_tensor(t: torch.Tensor) -> "Device":
         """Constants measured once per device (a matmul and a copy), so that overheads are in the
         proportions of this machine; meta tensors are timed on the CPU. The measurement is kept
-        on disk (see :func:`_cache_path`): timings vary from run to run, and a plan must not."""
+        on disk (:mod:`fxsketch.passes.diskcache`): timings vary from run to run, and a plan must not."""
         dev = torch.device("cpu") if t.device.type == "meta" else t.device
-        key = _device_key(dev)
+        key = diskcache.machine_key(dev)
         if key not in _MEASURED:
             _MEASURED[key] = _load(key) or _store(key, _measure(dev))
         return _MEASURED[key]
@@ -48,38 +50,13 @@ class Device:
 _MEASURED: dict[str, Device] = {}
 
 
-def _device_key(dev: torch.device) -> str:
-    import platform
-    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
-    return f"{dev.type}|{name}|{torch.get_num_threads() if dev.type == 'cpu' else ''}|torch {torch.__version__}"
-
-
-def _cache_path():
-    """``$FXSKETCH_CACHE/device.json`` (default ``~/.cache/fxsketch``)."""
-    import os
-    from pathlib import Path
-    return Path(os.environ.get("FXSKETCH_CACHE", Path.home() / ".cache" / "fxsketch")) / "device.json"
-
-
 def _load(key: str) -> "Device | None":
-    import json
-    try:
-        entry = json.loads(_cache_path().read_text()).get(key)
-    except (OSError, ValueError):
-        return None
+    entry = diskcache.read("device").get(key)
     return Device(**entry) if entry else None
 
 
 def _store(key: str, device: Device) -> Device:
-    import json
-    path = _cache_path()
-    try:
-        known = json.loads(path.read_text()) if path.exists() else {}
-        known[key] = {"flops": device.flops, "bandwidth": device.bandwidth}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(known, indent=1))
-    except (OSError, ValueError):
-        pass  # a read-only home: measured again next run
+    diskcache.update("device", {key: {"flops": device.flops, "bandwidth": device.bandwidth}})
     return device
 
 
@@ -97,6 +74,11 @@ def _best_seconds(fn, dev: torch.device, reps: int = 3) -> float:
 
 
 def _measure(dev: torch.device) -> Device:
+    with torch.random.fork_rng(devices=[dev.index or 0] if dev.type == "cuda" else []):  # the caller's RNG stays
+        return _measure_here(dev)
+
+
+def _measure_here(dev: torch.device) -> Device:
     n = 1024 if dev.type == "cuda" else 384
     a = torch.randn(n, n, device=dev)
     b = torch.randn(n, n, device=dev)
@@ -160,7 +142,7 @@ class CostModel:
 
     estimator: str                 # "measured" | "roofline"
     seconds: dict[str, float]      # node name -> forward seconds
-    step_seconds: float            # forward + backward (3 x the forward sum)
+    step_seconds: float            # forward + backward
     device: Device
 
     def fraction(self, seconds: float) -> float:
@@ -168,11 +150,15 @@ class CostModel:
         return seconds / self.step_seconds
 
 
-def cost_model(gm: fx.GraphModule, device: Device, timings: dict[str, float] | None = None) -> CostModel:
-    """Roofline seconds for every node, replaced by ``timings`` (measured) where it names the node."""
+def cost_model(gm: fx.GraphModule, device: Device, timings=None) -> CostModel:
+    """Roofline seconds for every node, replaced where ``timings`` names the node: a
+    :class:`~fxsketch.passes.timing.StepTimes` (each node's measured forward and backward, the
+    default) or a plain dict of forward seconds (backward = 2 x forward)."""
     nodes = [n for n in gm.graph.nodes if n.op != "output"]
     seconds = {n.name: node_seconds(gm, n, device) for n in nodes}
-    if timings:
-        seconds.update({k: v for k, v in timings.items() if k in seconds})
-    return CostModel("measured" if timings else "roofline", seconds,
-                     max(3.0 * sum(seconds.values()), 1e-12), device)
+    forward = getattr(timings, "forward", timings)
+    if forward:
+        seconds.update({k: v for k, v in forward.items() if k in seconds})
+    backward = getattr(timings, "backward", None)
+    step = sum(seconds.values()) + (sum(backward.values()) if backward else 2.0 * sum(seconds.values()))
+    return CostModel("measured" if forward else "roofline", seconds, max(step, 1e-12), device)

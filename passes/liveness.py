@@ -54,9 +54,12 @@ class Schedule:
     steps: list[Step]
     storages: dict[int, StorageInfo]
     pinned: set[int] = field(default_factory=set)  # alive from allocation to the end
+    # (phase, node) -> bytes the sweep over-counts at that step: an opaque node's backward frees
+    # its saved tensors while it runs (measured in passes.saved), the sweep keeps them to its end
+    released: dict[tuple[str, str], int] = field(default_factory=dict)
 
     def copy(self) -> "Schedule":
-        return Schedule(list(self.steps), dict(self.storages), set(self.pinned))
+        return Schedule(list(self.steps), dict(self.storages), set(self.pinned), dict(self.released))
 
     def new_storage(self, nbytes: int, kind: Kind, owner: str) -> int:
         sid = max(self.storages, default=-1) + 1
@@ -148,9 +151,16 @@ def simulate(schedule: Schedule) -> Timeline:
                 last[s] = end
     n = len(schedule.steps)
     live = live_bytes(n, ((schedule.storages[s].nbytes, a, last[s]) for s, a in first.items()))
-    peak_step = max(range(len(live)), key=live.__getitem__) if live else 0
     cats = {s: category(schedule.storages[s], s in backward_reads) for s in first}
     by_cat = _categories(n, schedule, first, last, cats)
+    for i, st in enumerate(schedule.steps):
+        if (freed := schedule.released.get((st.phase, st.node), 0)) > 0:
+            live[i] -= freed
+            for c in (Category.SAVED.value, Category.TRANSIENT.value):  # what it frees is one of these
+                cut = min(freed, by_cat[i][c])
+                by_cat[i][c] -= cut
+                freed -= cut
+    peak_step = max(range(len(live)), key=live.__getitem__) if live else 0
     alive = tuple(sorted((s for s in first if first[s] <= peak_step <= last[s]),
                          key=lambda s: -schedule.storages[s].nbytes))
     return Timeline(
@@ -206,14 +216,17 @@ def build_schedule(gm: fx.GraphModule) -> Schedule:
         steps.append(Step("backward", name, allocs=tuple(made.get(key, ())),
                           reads=tuple(saved) + tuple(died.get(key, ()))))
     schedule = Schedule(steps, dict(storages), set(record.output_storages))
-    _add_workspace(schedule, record.step_peaks, record.kernel_peaks)
+    _add_workspace(schedule, record.step_peaks, record.kernel_peaks, record.net_peaks)
     return schedule
 
 
 def _add_workspace(schedule: Schedule, step_peaks: dict[tuple[str, str], int],
-                   kernel_peaks: dict[tuple[str, str], int]) -> None:
+                   kernel_peaks: dict[tuple[str, str], int],
+                   net_peaks: dict[tuple[str, str], int] | None = None) -> None:
     """Give each step a workspace storage for what its ops held beyond the step's new storages,
-    and a kernel-workspace storage for what its kernels held beyond that."""
+    and a kernel-workspace storage for what its kernels held beyond that; where ``net_peaks``
+    has the step (an opaque node's backward: its most bytes at once net of the saved tensors
+    it freed), what the sweep will over-count there goes to ``schedule.released``."""
     seen: set[int] = set()
     for i, step in enumerate(schedule.steps):
         new = [s for s in step.allocs if s not in seen]
@@ -224,6 +237,11 @@ def _add_workspace(schedule: Schedule, step_peaks: dict[tuple[str, str], int],
         if extra > 0:
             ws = schedule.new_storage(extra, Kind.WORKSPACE, step.node)
             schedule.edit(i, allocs=schedule.steps[i].allocs + (ws,))
+        if net_peaks and key in net_peaks:
+            # a kernel's workspace peak comes at its call, before the step frees anything: the
+            # step then holds the larger of that and its net peak
+            kpeak = kernel_peaks.get(key, 0)
+            schedule.released[key] = max(accounted, step_peaks.get(key, 0), kpeak) - max(net_peaks[key], kpeak)
         kernel = kernel_peaks.get(key, 0) - max(accounted, step_peaks.get(key, 0))
         if kernel > 0:
             ks = schedule.new_storage(kernel, Kind.KERNEL, step.node)

@@ -31,8 +31,8 @@ def _share_modules(new: fx.GraphModule, model: nn.Module) -> None:
         setattr(new, name, child)
     for name, p in model.named_parameters(recurse=False):
         new.register_parameter(name, p)
-    for name, b in model.named_buffers(recurse=False):
-        new.register_buffer(name, b)
+    for name, b in model.named_buffers(recurse=False):  # a non-persistent buffer stays out of state_dict
+        new.register_buffer(name, b, persistent=name not in model._non_persistent_buffers_set)
 
 
 def rewrite(model: nn.Module, gm: fx.GraphModule, chosen: Sequence[Candidate],

@@ -28,6 +28,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from ..errors import InputError, TraceError
+from .precision import forward_context
 from .reserve import correct_reserve
 from .trace import first_line
 from .workspace import current_source, kernel_call, workspace_bytes
@@ -82,6 +83,8 @@ class StepRecord:
     # per (phase, node): the most bytes alive at once within the step with a kernel's workspace
     # (passes.workspace) during its call; and how each kernel's workspace was found
     kernel_peaks: dict[tuple[str, str], int] = field(default_factory=dict)
+    # opaque nodes' backward steps: most bytes at once, new storages less the saved ones it freed
+    net_peaks: dict[tuple[str, str], int] = field(default_factory=dict)
     kernel_sources: dict[str, int] = field(default_factory=dict)
     # backward as autograd ran it: step order, and each storage it created -> (made in, died in)
     backward_order: tuple[tuple[str, str], ...] = ()
@@ -113,6 +116,9 @@ class _Registry:
 
     def find(self, t: torch.Tensor) -> int | None:
         return self.ids.get(t.untyped_storage()._cdata)
+
+    def ref(self, sid: int) -> StorageWeakRef:
+        return self._keep[sid]  # ids are handed out in the order storages are added
 
     def mark(self, t: torch.Tensor, kind: Kind, owner: str) -> int:
         """Register ``t``'s storage, or re-label it if known (a gradient that a leaf keeps)."""
@@ -149,6 +155,8 @@ class _StepTracker(TorchDispatchMode):
         self.order: list[tuple[str, str]] = []
         self.peak: dict[tuple[str, str], int] = {}
         self.kernel_calls: list[tuple[tuple[str, str], int, Any]] = []  # (step, live then, kernel call)
+        self.net_peak: dict[tuple[str, str], int] = {}
+        self._may_free: list[tuple[StorageWeakRef, int]] = []
         self._kernels = current_source() != "off"
         self.created: dict[int, tuple[str, str]] = {}   # storage id -> backward step that made it
         self.died: dict[int, tuple[str, str]] = {}      # storage id -> backward step it died in
@@ -167,11 +175,17 @@ class _StepTracker(TorchDispatchMode):
         """Whether an op of the step produced ``t``'s storage (else it came from outside)."""
         return t.untyped_storage()._cdata in self._seen
 
-    def enter(self, step: tuple[str, str]) -> None:
+    def enter(self, step: tuple[str, str], may_free: tuple[int, ...] = ()) -> None:
+        """Attribute the next ops to ``step``; ``may_free``: storages (ids) the step may free
+        while it runs (an opaque node's saved tensors), followed for its net peak."""
         self._reap()
         self.step = step
         self.order.append(step)
         self._local = {}
+        self._may_free = [(self.reg.ref(s), self.reg.infos[s].nbytes) for s in may_free]
+        self._may_free = [(r, n) for r, n in self._may_free if not r.expired()]
+        if self._may_free:
+            self.net_peak.setdefault(step, 0)
 
     def _reap(self) -> None:
         for sid, ref in list(self._backward.items()):
@@ -198,6 +212,9 @@ class _StepTracker(TorchDispatchMode):
         self._local = {k: v for k, v in self._local.items() if not v[0].expired()}
         live = sum(n for _, n in self._local.values())
         self.peak[self.step] = max(self.peak.get(self.step, 0), live)
+        if self._may_free:
+            net = live - sum(n for r, n in self._may_free if r.expired())
+            self.net_peak[self.step] = max(self.net_peak[self.step], net)
         if self._kernels and (call := kernel_call(func, args)) is not None:
             self.kernel_calls.append((self.step, live, call))
         return out
@@ -286,6 +303,10 @@ class _StepInterpreter(fx.Interpreter):
                 sid = self.reg.add(t, Kind.INTERNAL, n.name)
             if sid not in saved:
                 saved.append(sid)
+        # autograd keeps the pack hook (so this list) until the node's last saved tensor is
+        # released: holding the tensors here would keep every one of them to the end of the
+        # node's backward, where an opaque node frees them as it goes
+        packed.clear()
         n.meta["fxsketch.tensor"] = tuple(metas)
         n.meta["fxsketch.saved"] = tuple(saved)
         return result
@@ -384,8 +405,10 @@ def profile_step(
     # The fake parameters stay swapped in through backward too (what torch.func.functional_call
     # does for a forward only): a checkpointed segment replays its forward during backward.
     swap = _reparametrize_module(runner, {f"gm.{k}": v for k, v in state.items()})
+    device_type = fake_inputs[0].device.type if fake_inputs else "cpu"
     with mode, workspace, swap, _quiet("torch._subclasses.fake_tensor"):
-        out = runner(*fake_inputs)
+        with forward_context(device_type):  # the user's autocast, if any (passes.precision)
+            out = runner(*fake_inputs)
         record.output_storages = tuple(dict.fromkeys(reg.find(t) for t in _tensors(out)))
         node_grads: dict[tuple[str, int], int] = {}
         by_fn: dict[int, tuple[Any, list[tuple[fx.Node, int, int]]]] = {}
@@ -397,7 +420,13 @@ def profile_step(
                     g = grad_outputs[nr]
                     if g is not None:
                         node_grads[(n.name, i)] = reg.add(g, Kind.GRAD, n.name)
-                workspace.enter(("backward", users[0][0].name))  # the node that made this grad_fn
+                node = users[0][0]  # the node that made this grad_fn
+                # a node whose backward is several autograd nodes (an opaque module; under
+                # autocast, any layer: its weight gradient is cast back to fp32 after its saved
+                # inputs are freed) frees what it saved, and its output gradient, as it runs
+                frees = tuple(node.meta.get("fxsketch.saved", ())) + tuple(
+                    node_grads[(n.name, i)] for n, i, _ in users if (n.name, i) in node_grads)
+                workspace.enter(("backward", node.name), frees)
             fn.register_prehook(prehook)
         packed: list[torch.Tensor] = []
         known = set(reg.infos)
@@ -405,7 +434,8 @@ def profile_step(
         # a loss_fn may hold real tensors (its targets), used in its forward and backward
         mode.allow_non_fake_inputs = True
         with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(t) or t, lambda t: t):
-            loss = loss_fn(out)
+            with forward_context(device_type):
+                loss = loss_fn(out)
         if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
             raise InputError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
                             f"{tuple(loss.shape) if isinstance(loss, torch.Tensor) else ''}")
@@ -418,6 +448,7 @@ def profile_step(
             (reg.find(t) if reg.find(t) is not None else reg.add(t, Kind.INTERNAL, "loss"))
             for t in packed if reg.find(t) is not None or workspace.made_by_an_op(t)))
         record.loss_allocs += tuple(s for s in record.loss_saved if s not in known)
+        packed.clear()  # as in run_node: let autograd free them when it is done with them
         workspace.enter(("backward", "loss"))
         loss.backward()
         workspace.finish()
@@ -432,6 +463,7 @@ def profile_step(
     record.storages = dict(reg.infos)
     record.step_peaks = dict(workspace.peak)
     record.kernel_peaks, record.kernel_sources = workspace.kernel_peaks()
+    record.net_peaks = dict(workspace.net_peak)
     record.backward_order = tuple(k for k in workspace.order if k[0] == "backward")
     record.backward_created = dict(workspace.created)
     record.backward_died = dict(workspace.died)

@@ -38,10 +38,11 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
 
 import torch
+
+from . import diskcache
 
 __all__ = ["Call", "KERNEL_OPS", "SOURCES", "kernel_call", "workspace_bytes", "use_source",
            "current_source", "formula_bytes", "clear_cache"]
@@ -105,7 +106,7 @@ def clear_cache(disk: bool = False) -> None:
     _CACHE.clear()
     if disk:
         with contextlib.suppress(OSError):
-            _cache_path().unlink()
+            diskcache.cache_path("workspace").unlink()
 
 
 def _conv_backend(x, w, stride, padding, dilation, transposed, output_padding, groups) -> str:
@@ -342,36 +343,19 @@ def _measure_cuda(runs: list[Call]) -> dict[Call, int]:
     return got
 
 
-def _cache_path() -> Path:
-    """``$FXSKETCH_CACHE/workspace.json`` (default ``~/.cache/fxsketch``): measured once per machine."""
-    return Path(os.environ.get("FXSKETCH_CACHE", Path.home() / ".cache" / "fxsketch")) / "workspace.json"
-
-
 def _disk_key(call: Call) -> str:
-    import platform
-    return (f"{platform.processor() or platform.machine()}|{torch.get_num_threads()} threads|torch "
-            f"{torch.__version__}|{json.dumps(_to_json(call))}")
+    return f"{diskcache.machine_key(torch.device('cpu'))}|{json.dumps(_to_json(call))}"
 
 
 def _load_disk(calls: list[Call]) -> None:
-    try:
-        known = json.loads(_cache_path().read_text())
-    except (OSError, ValueError):
-        return
+    known = diskcache.read("workspace")
     for c in calls:
         if c.device == "cpu" and (v := known.get(_disk_key(c))) is not None:
             _CACHE[c] = int(v)
 
 
 def _store_disk(measured: dict[Call, int]) -> None:
-    path = _cache_path()
-    try:
-        known = json.loads(path.read_text()) if path.exists() else {}
-        known.update({_disk_key(c): v for c, v in measured.items() if c.device == "cpu"})
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(known, indent=0))
-    except (OSError, ValueError):
-        pass  # a read-only home: measured again next run
+    diskcache.update("workspace", {_disk_key(c): v for c, v in measured.items() if c.device == "cpu"})
 
 
 def workspace_bytes(calls: Iterable[Call], source: str | None = None) -> dict[Call, tuple[int, str]]:

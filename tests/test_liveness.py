@@ -434,7 +434,42 @@ def test_lstm_reserve_buffer_is_predicted(layers):
 
 def test_gru_and_attention_are_predicted():
     assert_predicts(_seeded(_Attention), torch.randn(4, 64, 64))
-    # the CPU GRU runs step by step; the plan over-predicts it (the safe direction), within 20 %
-    predicted, measured = assert_predicts(_seeded(lambda: _Recurrent(nn.GRU, 2)), torch.randn(16, 32, 64),
-                                          tol=0.2)
-    assert predicted >= measured
+    # the CPU GRU runs step by step inside one node; its backward frees each step's saved
+    # tensors as it goes, which the tracker follows (before: +16 % over)
+    assert_predicts(_seeded(lambda: _Recurrent(nn.GRU, 2)), torch.randn(16, 32, 64))
+
+
+class _Loop(nn.Module):
+    """fx cannot trace it (a Python loop over a tensor's length): kept whole via leaf_modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(64, 64) / 8)
+
+    def forward(self, x):
+        h, outs = torch.zeros_like(x[:, 0]), []
+        for t in range(x.shape[1]):
+            h = torch.tanh(x[:, t] + h @ self.w)
+            outs.append(h)
+        return torch.stack(outs, 1)
+
+
+class _Wrapped(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inp, self.inner, self.out = nn.Linear(32, 64), inner, nn.Linear(64, 4)
+
+    def forward(self, x):
+        return self.out(self.inner(self.inp(x)))
+
+
+@pytest.mark.parametrize("inner,leaves", [
+    (lambda: nn.TransformerEncoderLayer(64, 4, 128, batch_first=True, dropout=0.0), ()),  # was +54 %
+    (_Loop, (_Loop,)),
+])
+def test_opaque_nested_modules_are_predicted_and_named(inner, leaves):
+    model = _seeded(lambda: _Wrapped(inner()))
+    x = torch.randn(16, 64, 32)
+    assert_predicts(model, x, leaf_modules=leaves)
+    note = next(n for n in fxsketch.plan(model, (x,), leaf_modules=leaves).notes if n.startswith("opaque"))
+    assert f"inner ({type(model.inner).__name__})" in note

@@ -327,3 +327,18 @@ def test_the_same_plan_in_two_processes(tmp_path):
     assert all(r.returncode == 0 for r in runs), runs[0].stderr
     assert runs[0].stdout == runs[1].stdout and "lean" in runs[0].stdout  # a plan with decisions
     assert (tmp_path / "device.json").exists()
+
+
+def test_a_non_persistent_buffer_stays_out_of_the_state_dict():
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+            self.register_buffer("scale", torch.tensor(2.0), persistent=False)
+
+        def forward(self, x):
+            return self.lin(x) * self.scale
+
+    model = Scaled()
+    gm = fxsketch.optimize(model, (torch.randn(8, 4),), workspace="off", progress=False)
+    assert gm.state_dict().keys() == model.state_dict().keys()

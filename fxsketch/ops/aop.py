@@ -13,6 +13,10 @@ The memory is two tensors the caller owns: :class:`AopMemory` holds them as regi
 custom op, ``fxsketch::aop_weight_grad``, whose fake implementation is its real one (plain tensor
 ops, no values read): a plan sees exactly the temporaries the real op allocates. Its random
 draws (sampling keys, folding signs) are made by the caller from torch's RNG or ``generator``.
+
+Under ``torch.compile`` a layer is traced whole, forward and backward with its in-place memory
+update; a generator's draws go through :func:`fxsketch.ops.conv.draw`, so a compiled module
+draws what the eager one draws.
 """
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import UnsupportedError
+from .conv import draw
 from .outer import POLICIES, ConvRows, LinearRows, kept_rows, memory_rows, outer_weight_grad
 from .probed import ConvGeometry, _input_and_bias_grad, conv_geometry
 
@@ -63,21 +68,20 @@ aop_weight_grad = torch.library.custom_op("fxsketch::aop_weight_grad", _weight_g
 aop_weight_grad.register_fake(_weight_grad_impl)
 
 
-def _draws(groups: int, d: int, k: int, policy: str, mem_a, generator, device):
+def _draws(groups: int, d: int, k: int, policy: str, mem_a, generator, dy):
     """The policy's uniform draws and the folding signs, from ``generator`` (a CPU generator:
-    drawn there and moved) or torch's RNG on ``device``."""
+    drawn there and moved) or torch's RNG on dy's device."""
     r = mem_a.shape[1] if mem_a is not None else 0
-    where = torch.device("cpu") if generator is not None else device
+    device = dy.device
 
     def move(t):
         return t.to(device) if t.device != device else t
     u = None
     if policy == "weighted" and r == 0 and k < d:
-        u = move(torch.rand(groups, k, generator=generator, device=where))
+        u = move(draw(generator, "uniform", (groups, k), dy, device))
     elif policy != "topk":
-        u = move(torch.rand(groups, d + r, generator=generator, device=where))
-    signs = move(torch.randint(0, 2, (groups, d + r - k), generator=generator, device=where,
-                               dtype=torch.int8)) if r else None
+        u = move(draw(generator, "uniform", (groups, d + r), dy, device))
+    signs = move(draw(generator, "bit", (groups, d + r - k), dy, device)) if r else None
     return u, signs
 
 
@@ -116,7 +120,7 @@ class _AopLinear(torch.autograd.Function):
             d = x.numel() // x.shape[-1]
             k = kept_rows(d, ctx.k)
             mem_a, mem_b = ctx.memory
-            u, signs = _draws(1, d, k, ctx.policy, mem_a, ctx.generator, dy.device)
+            u, signs = _draws(1, d, k, ctx.policy, mem_a, ctx.generator, dy)
             dw = aop_weight_grad(x, dy, mem_a, mem_b, u, signs, k, ctx.policy, float(ctx.decay),
                                  tuple(weight.shape), False, (), (), (), (), 1, weight.dtype)
         return dx, dw, db, None, None, None, None, None, None
@@ -147,7 +151,7 @@ class _AopConv(torch.autograd.Function):
             d = x.shape[0] * math.prod(dy.shape[2:])
             k = kept_rows(d, ctx.k)
             mem_a, mem_b = ctx.memory
-            u, signs = _draws(geo.groups, d, k, ctx.policy, mem_a, ctx.generator, dy.device)
+            u, signs = _draws(geo.groups, d, k, ctx.policy, mem_a, ctx.generator, dy)
             dw = aop_weight_grad(x, dy, mem_a, mem_b, u, signs, k, ctx.policy, float(ctx.decay),
                                  tuple(weight.shape), True, geo.stride, geo.dilation, geo.pad_left,
                                  geo.pad_right, geo.groups, weight.dtype)

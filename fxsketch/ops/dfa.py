@@ -266,6 +266,13 @@ class _MemDFA(torch.autograd.Function):
         return (None,) * (1 + dfa.n_inputs) + tuple(grads)
 
 
+@torch.compiler.disable
+def _mem_dfa_eagerly(dfa, *args):
+    """MEM-DFA under ``torch.compile``: eagerly (one graph break). Its backward replays blocks and
+    calls ``torch.autograd.grad``, and it saves and restores the RNG state: nothing dynamo traces."""
+    return _MemDFA.apply(dfa, *args)
+
+
 class DFA(nn.Module):
     """The traced graph as DFA blocks; called as ``dfa(*inputs, *attrs)`` (attrs: the parameters
     and get_attr tensors, fetched by the enclosing graph so that they are its own).
@@ -290,6 +297,8 @@ class DFA(nn.Module):
         if not torch.is_grad_enabled():
             return self.run(inputs, attrs)
         _no_input_grad(self.inputs, inputs)
+        if torch.compiler.is_compiling():
+            return _mem_dfa_eagerly(self, *args)
         return _MemDFA.apply(self, *args)
 
     def _blocks(self, inputs, attrs, after, replaying: bool = False):

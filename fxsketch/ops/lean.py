@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from ..errors import UnsupportedError
 
@@ -27,34 +28,84 @@ from ._args import per_axis
 __all__ = ["lean_relu", "lean_leaky_relu", "lean_max_pool", "pack_bits", "unpack_bits"]
 
 
+_GATHER = 0x0102040810204080
+"""Multiplying 8 bytes of 0/1 (element i in byte i, little-endian) by this puts element i at bit
+56 + i and nothing else in bits 56-63 (every partial product lands on its own bit: no carries)."""
+
+
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     """Pack a bool tensor into uint8, 8 elements per byte (element i -> bit i % 8 of byte i // 8).
+
+    One multiply and one shift per 8 elements (the bool bytes read as int64), not 8 shifted ORs.
 
     >>> pack_bits(torch.tensor([True, False, True, True, False, False, False, False, True]))
     tensor([13,  1], dtype=torch.uint8)
     """
     flat = mask.reshape(-1)
     pad = (-flat.numel()) % 8
-    if pad:
+    if pad or flat.storage_offset() % 8:
         flat = torch.cat([flat, flat.new_zeros(pad)])
-    bits = flat.view(-1, 8).to(torch.uint8)
-    # OR of shifted columns in uint8: no int64 transient (a weighted sum would promote to int64).
-    out = bits[:, 0].clone()
-    for i in range(1, 8):
-        out |= bits[:, i] << i
-    return out
+    words = flat.view(torch.uint8).view(-1, 8).view(torch.int64).view(-1)
+    gathered = words * _GATHER  # int64 wraps; bits 56-63 are the byte
+    gathered.bitwise_right_shift_(56)  # in place: one int64 temporary (the mask's own size), not two
+    return gathered.to(torch.uint8)
+
+
+_SPREAD = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(torch.uint8).contiguous().view(torch.int64).view(-1)
+"""int64[256]: entry p holds bit i of p in byte i (the inverse of the gather above)."""
+_SPREAD_ON: dict[torch.device, torch.Tensor] = {torch.device("cpu"): _SPREAD}
 
 
 def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: a flat bool tensor of ``numel`` elements."""
-    bits = (packed[:, None] >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1
-    return bits.view(-1)[:numel].bool()
+    return _unpack_bytes(packed, numel).view(torch.bool)
 
 
-def _keep(x: torch.Tensor, negative_slope: Optional[float]) -> torch.Tensor:
-    """Where the gradient passes, by torch's rules at 0 and NaN: relu passes it where not
-    (out <= 0), leaky_relu where x > 0; taken from the input before any in-place write."""
-    return ~(x <= 0) if negative_slope is None else x > 0
+def _unpack_bytes(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """The mask as ``numel`` uint8 0/1 (one table lookup per packed byte: the looked-up int64
+    words are the mask's bytes)."""
+    index = packed.reshape(-1).int()
+    if is_fake(packed) or packed.device.type == "meta":  # the same temporaries, no values
+        words = torch.empty(index.shape, dtype=torch.int64, device=packed.device)
+    else:
+        if packed.device not in _SPREAD_ON:
+            _SPREAD_ON[packed.device] = _SPREAD.to(packed.device)
+        words = _SPREAD_ON[packed.device].index_select(0, index)
+    return words.view(torch.uint8)[:numel]
+
+
+_BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(torch.uint8)
+"""uint8[256, 8]: row p holds the 8 bits of p."""
+_BITS_AS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _unpack_as(packed: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Tensor:
+    """The mask as ``numel`` 0/1 values of ``dtype`` (one row lookup per packed byte): the
+    gradient's own dtype, so that torch's backward kernels take it without a hidden cast copy."""
+    index = packed.reshape(-1).int()
+    if is_fake(packed) or packed.device.type == "meta":
+        rows = torch.empty((index.numel(), 8), dtype=dtype, device=packed.device)
+    else:
+        key = (packed.device, dtype)
+        if key not in _BITS_AS:
+            _BITS_AS[key] = _BITS.to(device=packed.device, dtype=dtype)
+        rows = _BITS_AS[key].index_select(0, index)
+    return rows.view(-1)[:numel]
+
+
+def _packed_keep(x: torch.Tensor, negative_slope: Optional[float]) -> torch.Tensor:
+    """The packed mask of where the gradient passes, by torch's rules at 0 and NaN: relu passes
+    it where not (out <= 0), leaky_relu where x > 0; taken from the input before any in-place
+    write. For relu the negation is done on the packed bytes (8x fewer); pad bits are ignored."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    out = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device)
+    step = mask_chunk(n)  # a multiple of 8: each chunk packs into whole bytes
+    for a in range(0, n, step):
+        part = flat[a:a + step]
+        out[a // 8:(a + part.numel() + 7) // 8] = pack_bits(part <= 0).bitwise_not_() \
+            if negative_slope is None else pack_bits(part > 0)
+    return out
 
 
 def _op(name: str, impl, mutates_args=()):
@@ -69,7 +120,7 @@ def _op(name: str, impl, mutates_args=()):
 def _relu_op_impl(x: torch.Tensor, negative_slope: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
     """(relu or leaky_relu of x, its packed gradient mask); ``negative_slope`` None means relu."""
     out = torch.relu(x) if negative_slope is None else F.leaky_relu(x, negative_slope)
-    return out, pack_bits(_keep(x, negative_slope))
+    return out, _packed_keep(x, negative_slope)
 
 
 _relu_op = _op("lean_relu", _relu_op_impl)
@@ -77,7 +128,7 @@ _relu_op = _op("lean_relu", _relu_op_impl)
 
 def _relu_inplace_op_impl(x: torch.Tensor, negative_slope: Optional[float]) -> torch.Tensor:
     """Applies relu or leaky_relu to x in place; returns only the packed gradient mask."""
-    mask = pack_bits(_keep(x, negative_slope))
+    mask = _packed_keep(x, negative_slope)
     if negative_slope is None:
         x.relu_()
     else:
@@ -88,11 +139,29 @@ def _relu_inplace_op_impl(x: torch.Tensor, negative_slope: Optional[float]) -> t
 _relu_inplace_op = _op("lean_relu_inplace", _relu_inplace_op_impl, mutates_args=("x",))
 
 
+def mask_chunk(numel: int) -> int:
+    """Elements packed (forward) and unpacked (backward) at a time: a quarter of the tensor (at
+    least 512, a multiple of 8), so the mask's temporaries (in backward, the unpacked mask in the
+    gradient's dtype) stay a fraction of the activation, in at most 4 Python steps."""
+    return max(512, (numel // 4 + 7) // 8 * 8)
+
+
 def _relu_backward_op_impl(grad: torch.Tensor, mask: torch.Tensor, negative_slope: Optional[float]) -> torch.Tensor:
-    """grad where the mask is set, else 0 (relu) or negative_slope * grad (leaky_relu)."""
-    keep = unpack_bits(mask, grad.numel()).view(grad.shape)
-    other = torch.zeros((), dtype=grad.dtype, device=grad.device) if negative_slope is None else grad * negative_slope
-    return torch.where(keep, grad, other, out=torch.empty_like(grad))
+    """grad where the mask is set, else 0 (relu) or negative_slope * grad (leaky_relu), chunk by
+    chunk with torch's own backward kernels and the 0/1 mask as "self" (in grad's dtype, so no
+    cast copy inside the kernel): the same rules at 0 and NaN as relu's and leaky_relu's backward."""
+    g = grad.contiguous().view(-1)  # the mask is in logical order
+    out = torch.empty_like(g)
+    n = g.numel()
+    step = mask_chunk(n)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        keep = _unpack_as(mask[a // 8:(b + 7) // 8], b - a, grad.dtype)
+        if negative_slope is None:
+            torch.ops.aten.threshold_backward.grad_input(g[a:b], keep, 0, grad_input=out[a:b])
+        else:
+            torch.ops.aten.leaky_relu_backward.grad_input(g[a:b], keep, negative_slope, False, grad_input=out[a:b])
+    return out.view(grad.shape)
 
 
 _relu_backward_op = _op("lean_relu_backward", _relu_backward_op_impl)
@@ -166,15 +235,25 @@ def _offset_dtype(window: int) -> torch.dtype:
     return torch.int16 if window <= 2**15 else torch.int32
 
 
-def _axes(out_shape, stride, padding):
-    """Per-axis window starts (broadcastable over the output spatial shape)."""
-    d = len(out_shape)
-    starts = []
+def _window_tables(in_sp, out_sp, kernel, stride, padding, dilation, offset_dtype, device):
+    """What maps torch's flat argmax to the offset inside its window and back, without integer
+    division (slow on CPU): ``base``, each output's window start as a flat index into the input
+    plane (broadcast over the output spatial shape); ``delta[o]``, window offset o (ravelled over
+    the kernel axes) as a flat distance from the start; ``offset_of[d]``, the offset of distance d."""
+    d = len(kernel)
+    instride = [math.prod(in_sp[a + 1:]) for a in range(d)]
+    base = torch.zeros((), dtype=torch.int64)
+    delta = torch.zeros((), dtype=torch.int64)
     for a in range(d):
         shape = [1] * d
-        shape[a] = out_shape[a]
-        starts.append((torch.arange(out_shape[a]) * stride[a] - padding[a]).view(shape))
-    return starts
+        shape[a] = out_sp[a]
+        base = base + ((torch.arange(out_sp[a]) * stride[a] - padding[a]) * instride[a]).view(shape)
+        delta = (delta[..., None] + torch.arange(kernel[a]) * dilation[a] * instride[a])
+    delta = delta.reshape(-1)
+    span = sum((k - 1) * dl * st for k, dl, st in zip(kernel, dilation, instride))  # delta's max, known without reading it
+    offset_of = torch.zeros(span + 1, dtype=offset_dtype)
+    offset_of[delta] = torch.arange(delta.numel()).to(offset_dtype)
+    return base.to(device), delta.to(device), offset_of.to(device)
 
 
 _CHUNK = 1 << 14  # at least this many elements per chunk (fewer Python steps on small tensors)
@@ -203,24 +282,15 @@ def _max_pool_op_impl(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[i
                  dilation: Sequence[int], ceil_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(max-pool of a batched x, each output's argmax offset inside its window, ravelled), in
     batch chunks so that torch's int64 indices stay small."""
-    d, in_sp = len(kernel), x.shape[2:]
+    d = len(kernel)
     out = x.new_empty(_pool_shape(x.shape, kernel, stride, padding, dilation, ceil_mode))
     offset = torch.empty(out.shape, dtype=_offset_dtype(math.prod(kernel)), device=x.device)
-    starts = [s.to(x.device) for s in _axes(out.shape[2:], stride, padding)]
+    base, _, offset_of = _window_tables(x.shape[2:], out.shape[2:], kernel, stride, padding, dilation,
+                                        offset.dtype, x.device)
     for sl in _batch_chunks(x.shape[0], math.prod(x.shape[1:])):
         o, idx = _POOL_FN[d](x[sl], kernel, stride, padding, dilation, ceil_mode, return_indices=True)
         out[sl] = o
-        # flat plane index -> per-axis coordinate -> offset inside the window, ravelled
-        off = torch.zeros_like(idx)
-        rest = idx
-        coords = []
-        for a in reversed(range(d)):
-            coords.append(rest % in_sp[a])
-            rest = rest // in_sp[a]
-        coords.reverse()
-        for a, start in enumerate(starts):
-            off = off * kernel[a] + (coords[a] - start) // dilation[a]
-        offset[sl] = off
+        offset[sl] = torch.take(offset_of, idx - base)
     return out, offset
 
 
@@ -231,20 +301,12 @@ def _max_pool_backward_op_impl(grad: torch.Tensor, offset: torch.Tensor, in_shap
                           kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
                           dilation: Sequence[int]) -> torch.Tensor:
     """The input gradient (``in_shape``): each output's gradient added at its window offset."""
-    in_sp = in_shape[2:]
-    n, c = in_shape[:2]
+    in_sp, (n, c) = in_shape[2:], in_shape[:2]
     dx = torch.zeros(n, c, math.prod(in_sp), dtype=grad.dtype, device=grad.device)
-    starts = [s.to(grad.device) for s in _axes(grad.shape[2:], stride, padding)]
+    base, delta, _ = _window_tables(in_sp, grad.shape[2:], kernel, stride, padding, dilation,
+                                    offset.dtype, grad.device)
     for sl in _batch_chunks(n, math.prod(grad.shape[1:])):
-        rest = offset[sl].long()
-        offs = []
-        for a in reversed(range(len(kernel))):
-            offs.append(rest % kernel[a])
-            rest = rest // kernel[a]
-        offs.reverse()
-        flat = torch.zeros((), dtype=torch.int64, device=grad.device)
-        for a, start in enumerate(starts):
-            flat = flat * in_sp[a] + start + offs[a] * dilation[a]
+        flat = base + torch.take(delta, offset[sl].long())
         m = flat.shape[0]
         dx[sl].scatter_add_(2, flat.reshape(m, c, -1), grad[sl].reshape(m, c, -1))
     return dx.view(in_shape)

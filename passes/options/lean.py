@@ -14,9 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ... import ops
-from ..patterns import LEAKY_FUNCS, POOL_FUNCS, POOL_MODULES, RELU_FUNCS
+from ..patterns import ATEN_POOL_DIMS, LEAKY_FUNCS, LEAKY_INPLACE, POOL_FUNCS, POOL_MODULES, RELU_FUNCS, RELU_INPLACE
 from ..solve import Choice, Span
+from ..timing import op_extra_seconds
 from . import Candidate, OptionKind, ProposalContext, RewriteContext, register
+from .probe import _per_dim
 
 __all__ = ["Lean", "lean_spec"]
 
@@ -36,22 +38,55 @@ def lean_spec(gm: fx.GraphModule, n: fx.Node) -> dict[str, Any] | None:
         return dict(op="max_pool", kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
                     dilation=m.dilation, ceil_mode=m.ceil_mode)
     if n.op == "call_function" and n.target in RELU_FUNCS:
-        return dict(op="relu", inplace=n.target in (torch.relu_, F.relu_) or _flag(n, "inplace", 1))
+        return dict(op="relu", inplace=n.target in RELU_INPLACE or _flag(n, "inplace", 1))
     if n.op == "call_method" and n.target in ("relu", "relu_"):
         return dict(op="relu", inplace=n.target == "relu_")
     if n.op == "call_function" and n.target in LEAKY_FUNCS:
         slope = n.kwargs.get("negative_slope", n.args[1] if len(n.args) > 1 else 0.01)
         return dict(op="leaky_relu", negative_slope=slope,
-                    inplace=n.target is F.leaky_relu_ or _flag(n, "inplace", 2))
+                    inplace=n.target in LEAKY_INPLACE or _flag(n, "inplace", 2))
     if n.op == "call_function" and n.target in POOL_FUNCS:
         names = ("input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices")
         bound = dict(zip(names, n.args)) | dict(n.kwargs)
         if bound.get("return_indices"):
             return None
-        return dict(op="max_pool", kernel_size=bound["kernel_size"], stride=bound.get("stride"),
+        spec = dict(op="max_pool", kernel_size=bound["kernel_size"], stride=bound.get("stride"),
                     padding=bound.get("padding", 0), dilation=bound.get("dilation", 1),
                     ceil_mode=bound.get("ceil_mode", False))
+        if n.target in ATEN_POOL_DIMS:  # aten: int lists, stride [] for the kernel's
+            dims = ATEN_POOL_DIMS[n.target]
+            spec.update({k: _per_dim(spec[k], dims) for k in ("kernel_size", "stride", "padding", "dilation")
+                         if spec[k] is not None})
+            spec["stride"] = spec["stride"] or None
+        return spec
     return None
+
+
+def _pair(spec: dict[str, Any]):
+    """(the op a lean op replaces, the lean op), both out of place, for timing."""
+    if spec["op"] == "relu":
+        return torch.relu, ops.lean_relu
+    if spec["op"] == "leaky_relu":
+        slope = spec["negative_slope"]
+        return (lambda x: F.leaky_relu(x, slope)), (lambda x: ops.lean_leaky_relu(x, slope))
+    args = (spec["kernel_size"], spec["stride"], spec["padding"], spec["dilation"], spec["ceil_mode"])
+
+    def pool(x):
+        k = spec["kernel_size"]
+        d = len(k) if isinstance(k, (tuple, list)) else x.dim() - 2
+        return (F.max_pool1d, F.max_pool2d, F.max_pool3d)[d - 1](x, *args)
+    return pool, (lambda x: ops.lean_max_pool(x, *args))
+
+
+def _extra_seconds(ctx: ProposalContext, n: fx.Node, spec: dict[str, Any]) -> float:
+    """The lean op's extra time over the op it replaces: timed on this machine when the plan
+    measures node times (fxsketch.passes.timing), else 10 % of the node's forward."""
+    if ctx.cost.estimator != "measured":
+        return 0.1 * ctx.cost.seconds[n.name]
+    meta = n.all_input_nodes[0].meta["fxsketch.tensor"][0]
+    device = next((p.device for p in ctx.gm.parameters()), torch.device("cpu"))
+    name = "lean:" + ",".join(f"{k}={v}" for k, v in sorted(spec.items()) if k != "inplace")
+    return op_extra_seconds(name, meta.shape, meta.dtype, device, *_pair(spec))
 
 
 @register
@@ -74,9 +109,13 @@ class Lean(OptionKind):
         else:
             nb = (elems + 7) // 8
             detail = f"{spec['op']} 1-bit mask"
-            # its backward unpacks the mask to one bool per element beside dX (fxsketch.ops.lean)
-            unpacked = (Span(elems, ctx.bwd[n.name], ctx.bwd[n.name]),)
-        yield (Choice(n.name, ctx.cost.fraction(0.1 * ctx.cost.seconds[n.name]), 0.0, drops=drops,
+            # its backward unpacks the mask chunk by chunk, one value per element in the
+            # gradient's dtype beside dX (fxsketch.ops.lean)
+            size = torch.empty((), dtype=n.meta["fxsketch.tensor"][0].dtype).element_size()
+            chunk = min(elems, ops.lean.mask_chunk(elems))
+            unpacked = (Span(chunk * size + chunk // 2, ctx.bwd[n.name], ctx.bwd[n.name]),
+                        Span(2 * chunk, ctx.fwd[n.name], ctx.fwd[n.name]))  # packing: bool + int64 words
+        yield (Choice(n.name, ctx.cost.fraction(_extra_seconds(ctx, n, spec)), 0.0, drops=drops,
                       adds=(Span(nb, ctx.fwd[n.name], ctx.bwd[n.name]),) + unpacked),
                Candidate(self.name, (n.name,), spec, detail))
 

@@ -15,33 +15,61 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from ... import ops
 from ...calibrate import prior_noise
 from ...ops.probes import rank_for_ratio, sketch_nbytes
 from ..cost import tensor_bytes
-from ..patterns import CONV_FUNCS, CONV_MODULES
+from ..patterns import ATEN_CONVOLUTION, CONV_FUNCS, CONV_MODULES
 from ..solve import Choice, Span
+from ..timing import op_extra_seconds, own_rng
 from . import Candidate, OptionKind, ProposalContext, RewriteContext, register
 
 __all__ = ["Probe", "conv_spec", "conv_ranks", "probe_targets"]
 
 
 def conv_spec(gm: fx.GraphModule, n: fx.Node) -> dict[str, Any] | None:
-    """The conv arguments of a node that can become a probed conv, or None."""
+    """The conv arguments of a node that can become a probed conv, or None. The weight is a
+    parameter's name (a conv module) or the node that reads it (a conv function: in an exported
+    graph a get_attr node)."""
     m = gm.get_submodule(n.target) if n.op == "call_module" else None
     if isinstance(m, CONV_MODULES) and m.padding_mode == "zeros":
         return dict(weight=f"{n.target}.weight", bias=f"{n.target}.bias" if m.bias is not None else None,
                     stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
-    if n.op == "call_function" and n.target in CONV_FUNCS:
+    if n.op != "call_function":
+        return None
+    if n.target in CONV_FUNCS:
         names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
-        bound = dict(zip(names, n.args)) | dict(n.kwargs)
-        if not isinstance(bound.get("weight"), fx.Node):
-            return None
-        return dict(weight=bound["weight"], bias=bound.get("bias"), stride=bound.get("stride", 1),
-                    padding=bound.get("padding", 0), dilation=bound.get("dilation", 1),
-                    groups=bound.get("groups", 1))
-    return None
+    elif n.target in ATEN_CONVOLUTION:
+        names = ("input", "weight", "bias", "stride", "padding", "dilation", "transposed", "output_padding", "groups")
+    else:
+        return None
+    bound = dict(zip(names, n.args)) | dict(n.kwargs)
+    if not isinstance(bound.get("weight"), fx.Node) or bound.get("transposed"):
+        return None
+    if isinstance(n.target, torch._ops.OpOverload):  # aten: lists, a one-entry list for every dim
+        dims = CONV_FUNCS.get(n.target) or _spatial_dims(bound["weight"])
+        geo = {k: _per_dim(bound.get(k, d), dims) for k, d in (("stride", 1), ("padding", 0), ("dilation", 1))}
+    else:
+        geo = dict(stride=bound.get("stride", 1), padding=bound.get("padding", 0), dilation=bound.get("dilation", 1))
+    return dict(weight=bound["weight"], bias=bound.get("bias"), **geo, groups=bound.get("groups", 1))
+
+
+def _spatial_dims(weight: fx.Node) -> int | None:
+    val = weight.meta.get("val")
+    metas = weight.meta.get("fxsketch.tensor", ())
+    shape = val.shape if val is not None else metas[0].shape if metas else None
+    return len(shape) - 2 if shape is not None else None
+
+
+def _per_dim(v, dims: int | None):
+    """An aten int list (or int) as a tuple with one entry per spatial dim ([1] is 1 for each)."""
+    if not isinstance(v, (list, tuple)):
+        return (v,) * dims if dims else v
+    if len(v) == 1 and dims:
+        return tuple(v) * dims
+    return tuple(v)
 
 
 def conv_ranks(x_shape, ratios, mode: str) -> list[int]:
@@ -91,11 +119,12 @@ class Probe(OptionKind):
         noise = (st.noise or {}).get(n.name) or prior_noise(xmeta.shape, st.mode)
         exact_wgrad = ctx.cost.seconds[n.name]
         f, b = ctx.fwd[n.name], ctx.bwd[n.name]
+        measured = _measured_extra(ctx, n, spec, xmeta, ranks, st) if ctx.cost.estimator == "measured" else None
         for r in ranks:
             nb = sketch_nbytes(xmeta.shape, r, st.mode, xmeta.dtype)
             ratio = nb / max(x_bytes, 1)
-            extra = (2 * x_bytes + 2 * taps * tensor_bytes(out)) / ctx.cost.device.bandwidth \
-                + ratio * exact_wgrad - exact_wgrad
+            extra = measured[r] if measured else (2 * x_bytes + 2 * taps * tensor_bytes(out)) \
+                / ctx.cost.device.bandwidth + ratio * exact_wgrad - exact_wgrad
             level = noise.ratio(r)
             detail = (f"{st.mode}, r={r} ({ratio:.3g} of X, {st.probe}), noise {level:.2f}x SGD"
                       + ("" if noise.calibrated else " (prior)"))
@@ -116,6 +145,31 @@ class Probe(OptionKind):
                 stride=p["stride"], padding=p["padding"], dilation=p["dilation"], groups=p["groups"],
                 rank=p["rank"], mode=p["mode"], probe=p["probe"], **extra))
         return rw.replace(n, new)
+
+
+PROBE_ELEMENTS = 1 << 20
+"""Largest conv input (elements) a probed conv is timed at (fewer samples beyond it)."""
+
+
+def _measured_extra(ctx: ProposalContext, n: fx.Node, spec, xmeta, ranks, st) -> dict[int, float]:
+    """Extra seconds of the probed conv over the conv, forward + backward (dX and dW), timed on
+    this machine (fxsketch.passes.timing, cached) at the smallest and largest rank, linear in r
+    between them (the sketch and the dW scatter grow with r)."""
+    w_shape = _weight_shape(ctx, n)
+    device = next((p.device for p in ctx.gm.parameters()), torch.device("cpu"))
+    device = torch.device("cpu") if device.type == "meta" else device
+    with own_rng(device):
+        w = torch.randn(w_shape, dtype=xmeta.dtype, device=device, requires_grad=True)
+    geo = dict(stride=spec["stride"], padding=spec["padding"], dilation=spec["dilation"], groups=spec["groups"])
+    conv = (F.conv1d, F.conv2d, F.conv3d)[len(w_shape) - 3]
+    key = f"probe:{st.mode},{st.probe},w={list(w_shape)}," + ",".join(f"{k}={v}" for k, v in geo.items())
+    lo, hi = min(ranks), max(ranks)
+    timed = {r: op_extra_seconds(f"{key},r={r}", xmeta.shape, xmeta.dtype, device,
+                                 lambda x: conv(x, w, None, **geo),
+                                 lambda x, r=r: ops.probed_conv(x, w, None, **geo, rank=r, mode=st.mode, probe=st.probe),
+                                 repeat=3, wrt=(w,), elements=PROBE_ELEMENTS)
+             for r in {lo, hi}}
+    return {r: timed[lo] + (timed[hi] - timed[lo]) * (r - lo) / max(hi - lo, 1) for r in ranks}
 
 
 def _attr(rw: RewriteContext, target, like: fx.Node):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import operator
 
+import torch
 import torch.fx as fx
 
 from ...ops.recompute import Recompute as RecomputeModule
@@ -74,8 +75,25 @@ def _inplace(ctx: ProposalContext, n: fx.Node) -> bool:
     m = ctx.module(n)
     if m is not None:
         return bool(getattr(m, "inplace", False))
+    if isinstance(n.target, torch._ops.OpOverload):  # an exported graph's aten op
+        return _mutates(n)
     name = getattr(n.target, "__name__", str(n.target))
     return name.endswith("_") and not name.endswith("__") or bool(n.kwargs.get("inplace"))
+
+
+_STATS_OPS = (torch.ops.aten.batch_norm.default, torch.ops.aten.instance_norm.default)
+
+
+def _mutates(n: fx.Node) -> bool:
+    """Whether an aten op writes to an argument: its schema says so (relu_, add_), or it is a
+    training-mode norm updating its running statistics (a BatchNorm module's call restores them
+    after a replay; an exported graph's aten.batch_norm reads the buffers from outside)."""
+    if any(a.alias_info is not None and a.alias_info.is_write for a in n.target._schema.arguments):
+        return True
+    if n.target in _STATS_OPS:
+        bound = dict(zip(("input", "weight", "bias", "running_mean", "running_var", "training"), n.args)) | n.kwargs
+        return bool(bound.get("training")) and bound.get("running_mean") is not None  # instance_norm: use_input_stats
+    return False
 
 
 @register
@@ -100,6 +118,8 @@ class Recompute(OptionKind):
                       for m in a.meta.get("fxsketch.tensor", ())}
         if any(_inplace(ctx, n) and any(a.name not in names for a in n.all_input_nodes) for n in seg):
             return None  # replaying an in-place op on a segment input would apply it twice
+        if any(n.meta.get("fxsketch.guard") for n in seg):
+            return None  # an exported graph's input check (passes.export): stays in the forward
         back = [ctx.bwd[n.name] for n in seg if n.name in ctx.bwd]
         if not back:
             return None

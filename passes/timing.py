@@ -1,0 +1,186 @@
+"""Measured times for the cost model: each node's forward, the step's backward share, and the
+extra time of a replacement op, timed on this device once and kept on disk.
+
+The user's step may not fit, so nothing here runs it at full size: node times and the backward
+share come from one synthetic sub-batch (random inputs of the example inputs' shapes with ``b``
+samples; the same rule for real and meta inputs), scaled to the batch; an op pair (a lean op and
+the op it replaces) is timed alone at its own shape, with the batch cut so that one tensor is at
+most :data:`OP_ELEMENTS` elements, and scaled likewise. Figures are cached per machine
+(:mod:`fxsketch.passes.diskcache`, ``timing.json``), so the same model gives the same plan under
+any later load; the first measurement is the one kept.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from .._state import preserved
+from . import diskcache
+from .precision import current, forward_context
+
+__all__ = ["StepTimes", "time_step", "op_extra_seconds", "OP_ELEMENTS", "synthetic_inputs", "own_rng"]
+
+VERSION = 3
+"""Part of every cache key: raise it when fxsketch's ops or the timing rule change."""
+
+OP_ELEMENTS = 1 << 22
+"""Largest tensor (elements) an op pair is timed at; bigger ones are timed on fewer samples."""
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """Forward (with autograd recording) and backward seconds per node, stated for the full batch."""
+
+    forward: dict[str, float]
+    backward: dict[str, float]
+    samples: int            # the sub-batch they were measured on
+
+    @property
+    def step_seconds(self) -> float:
+        return sum(self.forward.values()) + sum(self.backward.values())
+
+
+def synthetic_inputs(shapes: Sequence[tuple[tuple[int, ...], torch.dtype]], device) -> tuple[torch.Tensor, ...]:
+    """Random tensors of these shapes: normal floats, zeros for integer and bool inputs (valid
+    indices whatever the table); timing does not depend on the values."""
+    gen = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(s, generator=gen, dtype=d).to(device) if d.is_floating_point
+                 else torch.zeros(s, dtype=d, device=device) for s, d in shapes)
+
+
+def _key(gm: fx.GraphModule, shapes, extra: str) -> str:
+    code = hashlib.sha1(gm.code.encode()).hexdigest()[:16]
+    params = [(tuple(p.shape), str(p.dtype)) for p in gm.parameters()]
+    sig = json.dumps([[list(s), str(d)] for s, d in shapes] + [params], default=str)
+    return f"{code}|{hashlib.sha1(sig.encode()).hexdigest()[:16]}|{extra}"
+
+
+class _NodeTimer(fx.Interpreter):
+    """Runs the graph without autograd and, at every node, times the node alone: its forward with
+    autograd on (inputs made leaves) and its backward for a random output gradient. Memory: the
+    no-grad forward's values plus one node's forward and backward at a time."""
+
+    def __init__(self, gm: fx.GraphModule, sync):
+        super().__init__(gm)
+        self.sync, self.forward, self.backward = sync, {}, {}
+
+    def _clock(self, fn):
+        self.sync()
+        t0 = time.perf_counter()
+        out = fn()
+        self.sync()
+        return out, time.perf_counter() - t0
+
+    def run_node(self, n: fx.Node):
+        out, plain = self._clock(lambda: super(_NodeTimer, self).run_node(n))
+        if n.op in ("placeholder", "output", "get_attr"):
+            return out
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        leaves = []
+
+        def leaf(v):
+            if isinstance(v, torch.Tensor) and v.is_floating_point():
+                leaves.append(v.detach().requires_grad_())
+                return leaves[-1].clone()  # not a leaf: an in-place op may write it
+            return v
+        args, kwargs = fx.node.map_aggregate(args, leaf), fx.node.map_aggregate(kwargs, leaf)
+        params = [p for p in (self.module.get_submodule(n.target).parameters() if n.op == "call_module" else ())
+                  if p.requires_grad]
+        with torch.enable_grad():
+            y, fwd = self._clock(lambda: getattr(self, n.op)(n.target, args, kwargs))
+        outs = [t for t in (y if isinstance(y, (tuple, list)) else (y,))
+                if isinstance(t, torch.Tensor) and t.requires_grad]
+        wrt = leaves + params
+        bwd = 0.0
+        if outs and wrt:
+            grads = [torch.randn_like(t) for t in outs]
+            _, bwd = self._clock(lambda: torch.autograd.grad(outs, wrt, grads, allow_unused=True))
+        self.forward[n.name] = min(self.forward.get(n.name, fwd), fwd) if outs else plain
+        self.backward[n.name] = min(self.backward.get(n.name, bwd), bwd)
+        return out
+
+
+def time_step(gm: fx.GraphModule, shapes, batch: int, samples: int, repeat: int = 2) -> StepTimes:
+    """Forward and backward seconds of every node of ``gm``, each timed alone on synthetic inputs
+    of ``shapes`` (already cut to ``samples``; best of ``repeat`` runs after a warm-up), scaled
+    from ``samples`` to ``batch``; read from the disk cache when this machine timed the same
+    graph before. BatchNorm statistics and ``.grad`` are left as they were."""
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    key = f"v{VERSION}|{diskcache.machine_key(device)}|{_key(gm, shapes, f'{samples}/{batch}|autocast {current()}')}"
+    if (hit := diskcache.read("timing").get(key)) is not None:
+        return StepTimes(hit["forward"], hit["backward"], samples)
+    inputs = synthetic_inputs(shapes, device)
+    timer = _NodeTimer(gm, torch.cuda.synchronize if device.type == "cuda" else (lambda: None))
+    with preserved(gm, grads=True), torch.no_grad(), forward_context(device.type), own_rng(device):
+        for i in range(repeat + 1):
+            if i == 1:  # the first run is the warm-up
+                timer.forward.clear()
+                timer.backward.clear()
+            timer.run(*inputs)
+    scale = batch / samples
+    times = StepTimes({k: v * scale for k, v in timer.forward.items()},
+                      {k: v * scale for k, v in timer.backward.items()}, samples)
+    diskcache.update("timing", {key: {"forward": times.forward, "backward": times.backward}})
+    return times
+
+
+def own_rng(device: torch.device):
+    """Timing draws random tensors (and probed convs draw seeds): the caller's RNG streams are
+    left as they were."""
+    return torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])
+
+
+def _best(fn: Callable[[], object], sync, repeat: int) -> float:
+    fn()
+    out = []
+    for _ in range(repeat):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        out.append(time.perf_counter() - t0)
+    return min(out)
+
+
+def op_extra_seconds(name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device,
+                     original: Callable[[torch.Tensor], torch.Tensor],
+                     replacement: Callable[[torch.Tensor], torch.Tensor], repeat: int = 5,
+                     wrt: Sequence[torch.Tensor] = (), elements: int = OP_ELEMENTS) -> float:
+    """Seconds ``replacement`` takes beyond ``original`` for one forward + backward at ``shape``
+    (>= 0; the gradient of the input and of the leaves ``wrt``, e.g. a conv weight the two close
+    over); the two are timed alternately, each its best of ``repeat``. ``name`` names the pair in
+    the cache (include every argument that changes the time)."""
+    shape = tuple(shape)
+    per_sample = math.prod(shape[1:]) if len(shape) > 1 else 1
+    samples = max(1, min(shape[0], elements // max(per_sample, 1))) if shape else 1
+    cut = (samples, *shape[1:]) if shape else shape
+    dev = torch.device("cpu") if device.type == "meta" else device
+    key = f"v{VERSION}|{diskcache.machine_key(dev)}|{name}|{list(cut)}|{dtype}"
+    hit = diskcache.read("timing").get(key)
+    if hit is None:
+        with own_rng(dev):
+            hit = _time_pair(cut, dtype, dev, original, replacement, repeat, wrt)
+        diskcache.update("timing", {key: hit})
+    return hit * (shape[0] / samples if shape else 1.0)
+
+
+def _time_pair(cut, dtype, dev, original, replacement, repeat, wrt) -> float:
+    """Best-of-``repeat`` seconds of ``replacement`` minus ``original``, forward + backward."""
+    x = torch.randn(cut, dtype=dtype, device=dev).requires_grad_()
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    g = torch.randn_like(original(x.detach()))
+
+    def run(fn):
+        return lambda: torch.autograd.grad(fn(x), [x, *wrt], g)
+    a = b = math.inf
+    for _ in range(2):  # alternately: drift of the machine hits both alike
+        a = min(a, _best(run(original), sync, repeat))
+        b = min(b, _best(run(replacement), sync, repeat))
+    return max(b - a, 0.0)
