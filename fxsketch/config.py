@@ -97,7 +97,7 @@ class Config:
     when stderr is a terminal (tqdm's convention), so logs and CI output stay clean."""
     time_nodes: bool = True
     """True (default): extra step time from this machine's own timings: every node's forward and
-    backward, each node timed alone on synthetic inputs of at most ``calibration_batch`` samples
+    backward, each node timed alone on synthetic inputs of at most 4 samples
     (the same for real and meta inputs), and each lean op and probed conv against the op it replaces
     (fxsketch.passes.timing). Measured once per machine and graph and kept on disk, so a plan
     does not change with load. False: a roofline estimate (FLOPs and bytes at this machine's
