@@ -42,10 +42,6 @@ class StepTimes:
     backward: dict[str, float]
     samples: int            # the sub-batch they were measured on
 
-    @property
-    def step_seconds(self) -> float:
-        return sum(self.forward.values()) + sum(self.backward.values())
-
 
 def synthetic_inputs(shapes: Sequence[tuple[tuple[int, ...], torch.dtype]], device) -> tuple[torch.Tensor, ...]:
     """Random tensors of these shapes: normal floats, zeros for integer and bool inputs (valid

@@ -51,29 +51,6 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return gathered.to(torch.uint8)
 
 
-_SPREAD = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(torch.uint8).contiguous().view(torch.int64).view(-1)
-"""int64[256]: entry p holds bit i of p in byte i (the inverse of the gather above)."""
-_SPREAD_ON: dict[torch.device, torch.Tensor] = {torch.device("cpu"): _SPREAD}
-
-
-def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: a flat bool tensor of ``numel`` elements."""
-    return _unpack_bytes(packed, numel).view(torch.bool)
-
-
-def _unpack_bytes(packed: torch.Tensor, numel: int) -> torch.Tensor:
-    """The mask as ``numel`` uint8 0/1 (one table lookup per packed byte: the looked-up int64
-    words are the mask's bytes)."""
-    index = packed.reshape(-1).int()
-    if is_fake(packed) or packed.device.type == "meta":  # the same temporaries, no values
-        words = torch.empty(index.shape, dtype=torch.int64, device=packed.device)
-    else:
-        if packed.device not in _SPREAD_ON:
-            _SPREAD_ON[packed.device] = _SPREAD.to(packed.device)
-        words = _SPREAD_ON[packed.device].index_select(0, index)
-    return words.view(torch.uint8)[:numel]
-
-
 _BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(torch.uint8)
 """uint8[256, 8]: row p holds the 8 bits of p."""
 _BITS_AS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -91,6 +68,11 @@ def _unpack_as(packed: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Te
             _BITS_AS[key] = _BITS.to(device=packed.device, dtype=dtype)
         rows = _BITS_AS[key].index_select(0, index)
     return rows.view(-1)[:numel]
+
+
+def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: a flat bool tensor of ``numel`` elements."""
+    return _unpack_as(packed, numel, torch.uint8).view(torch.bool)
 
 
 def _packed_keep(x: torch.Tensor, negative_slope: Optional[float]) -> torch.Tensor:
