@@ -34,6 +34,7 @@ from .passes.rewrite import rewrite
 from .passes.saved import RESIDENT, Kind, profile_step
 from .passes.solve import Infeasible, Solution, Solver
 from .passes.sweep import live_bytes
+from .passes import workspace
 from .passes.trace import check_inputs, trace
 from .report import Decision, MemoryPlan, NodeRow, Option, StorageSpan, TimelineData
 from .units import format_bytes
@@ -108,6 +109,7 @@ def analyse(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | None =
             leaf_modules: Sequence[type] = ()) -> Analysis:
     """Trace ``model`` and profile one fake training step. Allocates no activations."""
     inputs = check_inputs(model, example_inputs)
+    workspace.prestart(next((p.device for p in model.parameters()), torch.device("cpu")))
     gm = trace(model, inputs, leaf_modules=leaf_modules)
     loss_fn = loss_fn or default_loss
     schedule, timeline = verify(gm, inputs, loss_fn)

@@ -27,7 +27,7 @@ from .precision import current, forward_context
 
 __all__ = ["StepTimes", "time_step", "op_extra_seconds", "OP_ELEMENTS", "synthetic_inputs", "own_rng"]
 
-VERSION = 4
+VERSION = 5
 """Part of every cache key: raise it when fxsketch's ops or the timing rule change."""
 
 OP_ELEMENTS = 1 << 22
@@ -133,50 +133,49 @@ def own_rng(device: torch.device):
     return torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else [])
 
 
-def _best(fn: Callable[[], object], sync, repeat: int) -> float:
-    fn()
-    out = []
-    for _ in range(repeat):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        out.append(time.perf_counter() - t0)
-    return min(out)
-
-
 def op_extra_seconds(name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device,
                      original: Callable[[torch.Tensor], torch.Tensor],
-                     replacement: Callable[[torch.Tensor], torch.Tensor], repeat: int = 5,
-                     wrt: Sequence[torch.Tensor] = (), elements: int = OP_ELEMENTS) -> float:
+                     replacement: Callable[[torch.Tensor], torch.Tensor] | dict[str, Callable],
+                     repeat: int = 5, wrt: Sequence[torch.Tensor] = (), elements: int = OP_ELEMENTS):
     """Seconds ``replacement`` takes beyond ``original`` for one forward + backward at ``shape``
     (>= 0; the gradient of the input and of the leaves ``wrt``, e.g. a conv weight the two close
-    over); the two are timed alternately, each its best of ``repeat``. ``name`` names the pair in
-    the cache (include every argument that changes the time)."""
+    over). ``replacement`` may be a dict label -> op (several variants, e.g. probe ranks, timed
+    against one ``original``): then the answer is a dict label -> seconds. Every op is warmed up
+    once, then all are timed in turn ``repeat`` times (drift of the machine hits each alike) and
+    each keeps its best. ``name`` (with the label) names the figure in the cache: include every
+    argument that changes the time."""
+    many = isinstance(replacement, dict)
+    variants = replacement if many else {"": replacement}
     shape = tuple(shape)
     per_sample = math.prod(shape[1:]) if len(shape) > 1 else 1
     samples = max(1, min(shape[0], elements // max(per_sample, 1))) if shape else 1
     cut = (samples, *shape[1:]) if shape else shape
     dev = torch.device("cpu") if device.type == "meta" else device
-    key = f"v{VERSION}|{diskcache.machine_key(dev)}|{name}|{list(cut)}|{dtype}"
-    hit = diskcache.read("timing").get(key)
-    if hit is None:
+    keys = {label: f"v{VERSION}|{diskcache.machine_key(dev)}|{name}{label}|{list(cut)}|{dtype}" for label in variants}
+    known = diskcache.read("timing")
+    hits = {label: known.get(key) for label, key in keys.items()}
+    if any(v is None for v in hits.values()):
         with own_rng(dev):
-            hit = _time_pair(cut, dtype, dev, original, replacement, repeat, wrt)
-        diskcache.update("timing", {key: hit})
-    return hit * (shape[0] / samples if shape else 1.0)
+            hits = _time_variants(cut, dtype, dev, original, variants, repeat, wrt)
+        diskcache.update("timing", {keys[label]: v for label, v in hits.items()})
+    scale = shape[0] / samples if shape else 1.0
+    out = {label: v * scale for label, v in hits.items()}
+    return out if many else out[""]
 
 
-def _time_pair(cut, dtype, dev, original, replacement, repeat, wrt) -> float:
-    """Best-of-``repeat`` seconds of ``replacement`` minus ``original``, forward + backward."""
+def _time_variants(cut, dtype, dev, original, variants, repeat, wrt) -> dict[str, float]:
+    """Best-of-``repeat`` seconds of each variant minus ``original``, forward + backward."""
     x = torch.randn(cut, dtype=dtype, device=dev).requires_grad_()
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     g = torch.randn_like(original(x.detach()))
-
-    def run(fn):
-        return lambda: torch.autograd.grad(fn(x), [x, *wrt], g)
-    a = b = math.inf
-    for _ in range(2):  # alternately: drift of the machine hits both alike
-        a = min(a, _best(run(original), sync, repeat))
-        b = min(b, _best(run(replacement), sync, repeat))
-    return max(b - a, 0.0)
+    runs = {None: original} | variants
+    best = dict.fromkeys(runs, math.inf)
+    for i in range(repeat + 1):  # round 0 warms every op up
+        for label, fn in runs.items():
+            sync()
+            t0 = time.perf_counter()
+            torch.autograd.grad(fn(x), [x, *wrt], g)
+            sync()
+            if i:
+                best[label] = min(best[label], time.perf_counter() - t0)
+    return {label: max(best[label] - best[None], 0.0) for label in variants}

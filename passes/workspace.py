@@ -15,8 +15,9 @@ docs/workspace.md). How much, per call signature (op, shapes, dtype, device, arg
   meta inputs (a shape's workspace is not linear in the batch: oneDNN's 1x1 backward at batch 16
   holds 9x per sample what it holds at 8). A call whose tensors exceed the planning limit (the
   budget, where one is given) runs at the most samples that fit and is scaled by N / b, so
-  planning never allocates more than the plan may. On CPU (Linux, glibc) the calls run in one
-  fresh process (:func:`run_fresh`) that returns freed buffers to the OS and reads the peak RSS
+  planning never allocates more than the plan may. On CPU (Linux, glibc) the calls run in a
+  measuring process (:class:`_Measurer`, started once and kept: a heap like :func:`run_fresh`'s)
+  that returns freed buffers to the OS and reads the peak RSS
   (VmHWM after ``/proc/self/clear_refs``) minus the RSS before the call and the outputs' bytes,
   to the nearest eighth of the call's largest tensor (so page-level noise never changes a plan);
   on CUDA it reads the allocator's peak in this process. Each signature is measured once:
@@ -30,13 +31,16 @@ docs/workspace.md). How much, per call signature (op, shapes, dtype, device, arg
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import json
 import math
 import os
+import select
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -45,7 +49,7 @@ import torch
 from . import diskcache
 
 __all__ = ["Call", "KERNEL_OPS", "SOURCES", "kernel_call", "workspace_bytes", "use_source",
-           "current_source", "formula_bytes", "clear_cache"]
+           "current_source", "formula_bytes", "clear_cache", "prestart"]
 
 aten = torch.ops.aten
 KERNEL_OPS = {aten.convolution.default: "convolution", aten.convolution_backward.default: "convolution_backward"}
@@ -276,15 +280,70 @@ def _sub_batch(call: Call, max_bytes: int | None) -> int:
 
 
 def _measure_cpu(runs: list[Call]) -> dict[Call, int] | None:
-    """Workspace bytes of each call at its own shapes, measured in one fresh process (see
-    :func:`run_fresh`); None where that cannot run."""
+    """Workspace bytes of each call at its own shapes, measured in this process's measuring
+    process (:class:`_Measurer`); None where that cannot run."""
     if not can_measure_process():
         return None
     try:
-        values = json.loads(run_fresh(["-m", __name__], json.dumps([_to_json(r) for r in runs])))
-    except (RuntimeError, ValueError):
+        values = _MEASURER.ask([_to_json(r) for r in runs])
+    except (RuntimeError, ValueError, OSError):
         return None
     return {r: int(v) for r, v in zip(runs, values)}
+
+
+def _fresh_env() -> dict[str, str]:
+    return dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536",
+                OMP_NUM_THREADS=str(torch.get_num_threads()))
+
+
+class _Measurer:
+    """One measuring process (a fresh heap, see :func:`run_fresh`), started at the first call that
+    needs measuring and kept for this process's life, so that a plan that meets new signatures
+    several times (analysis, calibration batch, each verified rewrite) pays for one start (about
+    3 s: importing torch), not one per batch. Requests and answers are one JSON line each."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.lock = threading.Lock()
+
+    def _start(self) -> subprocess.Popen:
+        if self.proc is None or self.proc.poll() is not None:
+            self.proc = subprocess.Popen([sys.executable, "-m", __name__, "--serve"], stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
+                                         env=_fresh_env())
+        return self.proc
+
+    def prestart(self) -> None:
+        """Start the process now (its start overlaps the caller's tracing)."""
+        if can_measure_process():
+            with self.lock:
+                self._start()
+
+    def ask(self, calls: list[dict], timeout: float = 900) -> list[int]:
+        with self.lock:
+            proc = self._start()
+            try:
+                proc.stdin.write(json.dumps(calls) + "\n")
+                proc.stdin.flush()
+                ready, _, _ = select.select([proc.stdout], [], [], timeout)
+                line = proc.stdout.readline() if ready else ""
+            except OSError:
+                line = ""
+            if not line:
+                self.close()
+                raise RuntimeError("the measuring process failed or ran past its time")
+            return json.loads(line)
+
+    def close(self) -> None:
+        if self.proc is not None:
+            with contextlib.suppress(OSError):
+                self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+_MEASURER = _Measurer()
+atexit.register(_MEASURER.close)
 
 
 def run_fresh(args: list[str], stdin: str = "", timeout: float = 900) -> str:
@@ -292,10 +351,8 @@ def run_fresh(args: list[str], stdin: str = "", timeout: float = 900) -> str:
     more to the OS (``MALLOC_MMAP_THRESHOLD_=65536``) with this process's thread count: a heap
     without another step's freed chunks, which peak RSS needs (a chunk already in the heap is
     reused without raising it)."""
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="65536",
-               OMP_NUM_THREADS=str(torch.get_num_threads()))
     try:
-        done = subprocess.run([sys.executable, *args], input=stdin, capture_output=True, text=True, env=env,
+        done = subprocess.run([sys.executable, *args], input=stdin, capture_output=True, text=True, env=_fresh_env(),
                               timeout=timeout)
     except subprocess.TimeoutExpired as e:
         raise RuntimeError(f"the measuring process ran past {timeout:g} s") from e
@@ -358,6 +415,12 @@ def _store_disk(measured: dict[Call, int]) -> None:
     diskcache.update("workspace", {_disk_key(c): v for c, v in measured.items() if c.device == "cpu"})
 
 
+def prestart(device: torch.device) -> None:
+    """Start the measuring process ahead of need where a plan on ``device`` will measure."""
+    if current_source() == "measure" and device.type in ("cpu", "meta"):
+        _MEASURER.prestart()
+
+
 def workspace_bytes(calls: Iterable[Call], source: str | None = None) -> dict[Call, tuple[int, str]]:
     """(bytes, how it was found: "measured" or "formula") per call. Measuring runs each call at
     its sub-batch (:func:`_sub_batch`) unless the caches hold that run, and scales it to the batch."""
@@ -389,9 +452,11 @@ def workspace_bytes(calls: Iterable[Call], source: str | None = None) -> dict[Ca
 
 
 def _child() -> None:
-    """The measuring process: calls as JSON on stdin, their workspace bytes as JSON on stdout."""
-    calls = [_from_json(d) for d in json.load(sys.stdin)]
-    print(json.dumps([_measure_here(c) for c in calls]))
+    """The measuring process: one JSON list of calls per stdin line, their workspace bytes as one
+    JSON line on stdout each (until stdin closes)."""
+    for line in sys.stdin:
+        calls = [_from_json(d) for d in json.loads(line)]
+        print(json.dumps([_measure_here(c) for c in calls]), flush=True)
 
 
 if __name__ == "__main__":

@@ -110,7 +110,7 @@ def test_measured_workspace_is_cached_on_disk(tmp_path, monkeypatch):
 
     def no_run(*args, **kwargs):
         raise AssertionError("measured again")
-    monkeypatch.setattr(W, "run_fresh", no_run)   # the disk cache answers
+    monkeypatch.setattr(W._MEASURER, "ask", no_run)   # the disk cache answers
     assert W.workspace_bytes([fwd], "measure") == first
 
 

@@ -164,11 +164,11 @@ def _measured_extra(ctx: ProposalContext, n: fx.Node, spec, xmeta, ranks, st) ->
     conv = (F.conv1d, F.conv2d, F.conv3d)[len(w_shape) - 3]
     key = f"probe:{st.mode},{st.probe},w={list(w_shape)}," + ",".join(f"{k}={v}" for k, v in geo.items())
     lo, hi = min(ranks), max(ranks)
-    timed = {r: op_extra_seconds(f"{key},r={r}", xmeta.shape, xmeta.dtype, device,
-                                 lambda x: conv(x, w, None, **geo),
-                                 lambda x, r=r: ops.probed_conv(x, w, None, **geo, rank=r, mode=st.mode, probe=st.probe),
-                                 repeat=3, wrt=(w,), elements=PROBE_ELEMENTS)
-             for r in {lo, hi}}
+    variants = {f",r={r}": (lambda x, r=r: ops.probed_conv(x, w, None, **geo, rank=r, mode=st.mode, probe=st.probe))
+                for r in sorted({lo, hi})}
+    extra = op_extra_seconds(key, xmeta.shape, xmeta.dtype, device, lambda x: conv(x, w, None, **geo),
+                             variants, repeat=3, wrt=(w,), elements=PROBE_ELEMENTS)
+    timed = {r: extra[f",r={r}"] for r in {lo, hi}}
     return {r: timed[lo] + (timed[hi] - timed[lo]) * (r - lo) / max(hi - lo, 1) for r in ranks}
 
 
