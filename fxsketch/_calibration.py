@@ -25,6 +25,8 @@ from .calibrate import calibrate_convs, hook_workspace_nbytes
 from .measurement import default_loss
 from .passes.timing import StepTimes, time_step
 from .passes.options.probe import conv_ranks, probe_targets
+from .passes.options.quant import noise_params, norm_targets
+from .quant_noise import calibrate_norms, norm_hook_nbytes
 from .units import format_bytes
 
 __all__ = ["calibrate_for_plan", "sub_batch"]
@@ -54,7 +56,7 @@ def _padded_loss(loss_fn: Callable, b: int, batch: int) -> Callable:
     return lambda out: loss_fn(_pad(out, b, batch))
 
 
-def _predicted_peak(model, inputs, batch: int, b: int, loss, pad_to: int, targets, config, ranks) -> int:
+def _predicted_peak(model, inputs, batch: int, b: int, loss, pad_to: int, targets, config, ranks, norms=()) -> int:
     from .pipeline import analyse  # the pipeline imports this module
     meta = tuple(torch.empty_like(x, device="meta") for x in sub_batch(inputs, batch, b))
     a = analyse(model, meta, loss_fn=_padded_loss(loss, b, pad_to))
@@ -71,6 +73,10 @@ def _predicted_peak(model, inputs, batch: int, b: int, loss, pad_to: int, target
         y = node.meta["fxsketch.tensor"][0].shape
         hooks = max(hooks, hook_workspace_nbytes(x, y, tuple(w.shape), calls[id(w)], config.mode,
                                                  config.probe, ranks.get(name, ())))
+    for name in norms:  # the quantized norms' calibration hooks (fxsketch.quant_noise)
+        node = shapes.get(name)
+        if node is not None and node.all_input_nodes:
+            hooks = max(hooks, norm_hook_nbytes(node.all_input_nodes[0].meta["fxsketch.tensor"][0].shape))
     return a.timeline.peak_bytes + hooks
 
 
@@ -95,12 +101,13 @@ def calibrate_for_plan(model, analysis, config, limit: int | None, notes: list[s
         notes.append("uncalibrated (meta inputs, no calibration_inputs): probe noise from the stated prior "
                      "(fxsketch.calibrate.PriorNoise); pass calibration_inputs= a few real samples to measure it")
     times = _step_times(analysis, config, batch, notes)
-    if not targets:
+    norms = norm_targets(analysis.gm) if "quant" in config.methods and config.calibrate and real else {}
+    if not targets and not norms:
         return None, times
     tries = [b for b in (8, 4, 2) if b <= min(config.calibration_batch, have)]
     if not tries:
         why = f"a batch of {batch}" if calibration_inputs is None else f"calibration_inputs of {have} sample(s)"
-        if targets:
+        if targets or norms:
             notes.append(f"uncalibrated ({why} gives no sub-batch of at least 2 samples below the full step): "
                          f"probe noise from the stated prior")
         return None, times
@@ -108,7 +115,8 @@ def calibrate_for_plan(model, analysis, config, limit: int | None, notes: list[s
              for name, (_, shape) in targets.items()}
     chosen, predicted = None, 0
     for b in tries:
-        predicted = _predicted_peak(model, source, full, b, loss or default_loss, pad_to, targets, config, ranks)
+        predicted = _predicted_peak(model, source, full, b, loss or default_loss, pad_to, targets, config, ranks,
+                                    norms)
         log.debug("calibration batch %d: predicted peak %s (limit %s)", b, format_bytes(predicted),
                   format_bytes(limit) if limit is not None else "none")
         if limit is None or predicted <= limit:
@@ -132,6 +140,12 @@ def calibrate_for_plan(model, analysis, config, limit: int | None, notes: list[s
         noise = {name: by_weight[first[id(w)]] for name, (w, _) in targets.items()}
         notes.append(f"probe noise calibrated on {chosen} of {batch} samples (predicted peak of calibration "
                      f"{format_bytes(predicted)}) and stated for batch {batch} by the 1/B law")
+    if norms:
+        sub = tuple(x.detach() for x in sub_batch(source, full, chosen))
+        found = calibrate_norms(analysis.gm, sub, {name: noise_params(spec) for name, spec in norms.items()},
+                                batch=batch, loss_fn=_padded_loss(loss or default_loss, chosen, pad_to), model=model)
+        noise = (noise or {}) | found
+        notes.append(f"quantized-norm noise of {len(found)} norm(s) calibrated on {chosen} of {batch} samples")
     return noise, times
 
 

@@ -65,6 +65,17 @@ class Config:
     memory it holds and its noise); "all", every linear and conv layer whose weight trains, whatever
     the cost model says and above ``max_grad_noise`` too (to study its accuracy, or where the cost
     model is wrong): the plan still minimises the peak or meets the budget around them."""
+    offload: str = "auto"
+    """Activation offload (method "offload": saved activations to host memory, prefetched back
+    before their backward use; exact). "auto": offered on CUDA, and on a CPU step only when
+    ``methods`` names "offload" (on a CPU the host is the device: it frees no physical memory
+    there, so it is not a default); "on": offered on any device; "off": never."""
+    offload_bandwidth: float = 50e9
+    """Host<->device copy rate (bytes/s) that prices offload on CUDA: PCIe Gen5 x16 carries
+    63 GB/s per direction after 128b/130b encoding, pinned copies reach about 80 % of that."""
+    offload_nodes: tuple[str, ...] | None = None
+    """Offload exactly these nodes (by fx node name; required in every plan, on any device), or
+    None to let the planner choose. A named node that saves nothing offload could move is refused."""
     autocast: Any = None
     """None (default): plan an fp32 step. torch.bfloat16 or torch.float16: plan the step as it runs
     under ``torch.autocast`` (activations, sketches and masks in the low dtype where autocast puts
@@ -155,6 +166,17 @@ class Config:
             raise ConfigError(f"workspace must be one of {WORKSPACE_SOURCES}, got {self.workspace!r}")
         if self.aop_layers not in ("auto", "all"):
             raise ConfigError(f"aop_layers must be 'auto' or 'all', got {self.aop_layers!r}")
+        if self.offload not in ("auto", "on", "off"):
+            raise ConfigError(f"offload must be 'auto', 'on' or 'off', got {self.offload!r}")
+        if not (isinstance(self.offload_bandwidth, (int, float)) and 0 < self.offload_bandwidth < float("inf")):
+            raise ConfigError(f"offload_bandwidth must be bytes/s > 0 (50e9: PCIe Gen5 x16), got {self.offload_bandwidth!r}")
+        if self.offload_nodes is not None:
+            names = (self.offload_nodes,) if isinstance(self.offload_nodes, str) else tuple(self.offload_nodes)
+            if not all(isinstance(n, str) for n in names):
+                raise ConfigError(f"offload_nodes must be fx node names (strings) or None, got {self.offload_nodes!r}")
+            object.__setattr__(self, "offload_nodes", names)
+            if "offload" not in methods:
+                raise ConfigError(f"offload_nodes={names} needs the method: add 'offload' to methods (now {methods})")
         if not self.ratios or any(not (0 < r <= 1) for r in self.ratios):
             raise ConfigError(f"ratios must be fractions in (0, 1], got {self.ratios!r}")
         if isinstance(self.calibration_batch, bool) or not isinstance(self.calibration_batch, int) \
@@ -200,7 +222,14 @@ class Config:
         return OptionSettings(ratios=tuple(self.ratios), probe_rank=self.probe_rank, mode=self.mode,
                               probe=self.probe, max_grad_noise=self.max_grad_noise, noise=noise,
                               aop_k=self.aop_k, aop_policy=self.aop_policy, aop_decay=self.aop_decay,
-                              aop_layers=self.aop_layers)
+                              aop_layers=self.aop_layers, offload=self._offload(),
+                              offload_bandwidth=float(self.offload_bandwidth), offload_nodes=self.offload_nodes)
+
+    def _offload(self) -> str:
+        """When offload is offered (where "offload" is among the methods): "auto" becomes "on" for
+        a CPU step too when the user named the methods (not the default tuple) or the nodes."""
+        named = self.methods is not METHODS or self.offload_nodes is not None
+        return "on" if self.offload == "auto" and named else self.offload
 
     def solver_options(self) -> SolverOptions:
         """The solver's knobs, with this config's node limit."""

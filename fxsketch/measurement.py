@@ -34,6 +34,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from ._state import preserved
 from .errors import ConfigError, InputError
+from .ops.offload import HOST
 from .ops.visible import call_visibly
 from .passes.precision import forward_context, use_autocast
 from .passes.trace import check_inputs
@@ -170,8 +171,8 @@ class LiveStorageTracker(TorchDispatchMode):
             if storage is None:
                 continue
             key = storage._cdata
-            if key in self._resident:
-                continue
+            if key in self._resident or HOST.is_host(storage):
+                continue  # an offloaded host copy is not device memory (fxsketch.ops.offload.HOST counts it)
             nbytes = storage.nbytes()
             entry = self._live.get(key)
             if entry is None:
@@ -228,10 +229,15 @@ class Measurement:
     process_peak_bytes: int | None = None
     """With ``level="process"``: resident bytes + how far the process's memory rose during the
     step (CPU: peak RSS; CUDA: the allocator's peak, kernel workspace included). None otherwise."""
+    host_peak_bytes: int = 0
+    """Most bytes of offloaded copies in host memory at once during the step (method "offload",
+    :data:`fxsketch.ops.offload.HOST`), apart from ``peak_bytes`` even on a CPU."""
 
     def __str__(self) -> str:
         process = ("" if self.process_peak_bytes is None
                    else f"; process level {format_bytes(self.process_peak_bytes)}")
+        if self.host_peak_bytes:
+            process += f"; host memory (offloaded) {format_bytes(self.host_peak_bytes)}"
         return (
             f"peak {format_bytes(self.peak_bytes)} on {self.device} "
             f"(resident {format_bytes(self.resident_bytes)} + "
@@ -344,6 +350,8 @@ def _measure(model, example_inputs, loss_fn, repeat: int, level: str, autocast) 
         _clear_grads(params, inputs)
         _step(model, inputs, loss_fn)  # warm-up: lazy init, cuBLAS/cuDNN handles, allocator
         _clear_grads(params, inputs)
+        HOST.reset_peak()
+        host_before = HOST.live_bytes
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
@@ -356,6 +364,7 @@ def _measure(model, example_inputs, loss_fn, repeat: int, level: str, autocast) 
             with LiveStorageTracker(resident) as tracker:
                 _step(model, inputs, loss_fn)
             peak = tracker.peak_bytes
+        host_peak = HOST.peak_bytes - host_before
         times = []
         for _ in range(repeat):
             _clear_grads(params, inputs)
@@ -377,6 +386,7 @@ def _measure(model, example_inputs, loss_fn, repeat: int, level: str, autocast) 
         device=str(device),
         resident_bytes=int(resident_bytes),
         process_peak_bytes=process,
+        host_peak_bytes=int(host_peak),
     )
     log.info("measure %s: %s", type(model).__name__, m)
     return m

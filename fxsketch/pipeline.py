@@ -30,6 +30,7 @@ from .passes.candidates import Candidates, build_problem
 from .passes.cost import Device
 from .passes.liveness import Schedule, Timeline, build_schedule, simulate
 from .passes.options import Candidate
+from .passes.options.offload import host_timeline
 from .passes.rewrite import rewrite
 from .passes.saved import RESIDENT, Kind, profile_step
 from .passes.solve import Infeasible, Solution, Solver
@@ -245,14 +246,19 @@ def _no_worse(v: Verified, model, analysis: Analysis, proposal: Proposal, config
     return apply(model, analysis, proposal, none, config.seed)
 
 
-def _safety_notes(solver: Solver) -> list[str]:
-    """The note a plan carries when a solve ran into the solver's wall-clock safety net: the one
-    way a plan can depend on the machine's load."""
+def _safety_notes(solver: Solver, sol: Solution | None = None, what: str = "peak") -> list[str]:
+    """The optimality gap of the solve that made the plan, and the note a plan carries when a
+    solve ran into the solver's wall-clock safety net: the one way a plan can depend on the
+    machine's load."""
+    notes = []
+    if sol is not None and sol.gap is not None:
+        notes.append(f"solver: this plan's {what} is within {100 * sol.gap:.1f} % of the LP bound "
+                     f"(optimality gap on the solver's model, {solver.model.n_choices} choices)")
     if not solver.hit_time_limit:
-        return []
-    return [f"a solver search stopped at its {solver.options.safety_seconds:g} s safety limit "
-            f"(SolverOptions.safety_seconds), so this plan can differ from run to run; lower "
-            f"solver_max_nodes or raise the limit for a plan that does not"]
+        return notes
+    return notes + [f"a solver search stopped at its {solver.options.safety_seconds:g} s safety limit "
+                    f"(SolverOptions.safety_seconds), so this plan can differ from run to run; lower "
+                    f"solver_max_nodes or raise the limit for a plan that does not"]
 
 
 def fit(model: nn.Module, analysis: Analysis, proposal: Proposal, config: Config) -> Fit:
@@ -332,7 +338,7 @@ def _fit_on(problem, model: nn.Module, analysis: Analysis, proposal: Proposal, c
             if budget is not None and v.timeline.peak_bytes > budget * 1.001:
                 notes.append(f"predicted peak exceeds the budget by "
                              f"{100 * (v.timeline.peak_bytes / budget - 1):.1f} %")
-            return Fit(v, budget, tuple(notes + _safety_notes(solver)))
+            return Fit(v, budget, tuple(notes + _safety_notes(solver, sol, "peak" if target is None else "extra time")))
         notes.append(f"re-planned: the rewritten graph predicted {format_bytes(v.timeline.peak_bytes)} "
                      f"> budget; solver target lowered")
         target = max(1, target - (v.timeline.peak_bytes - budget))
@@ -344,7 +350,7 @@ def _fit_on(problem, model: nn.Module, analysis: Analysis, proposal: Proposal, c
     if v.timeline.peak_bytes > budget:
         raise _budget_error(analysis, proposal, config, budget, v.timeline.peak_bytes)
     notes.append("the lowest-peak plan was used (the budget is close to the reachable floor)")
-    return Fit(v, budget, tuple(notes + _safety_notes(solver)))
+    return Fit(v, budget, tuple(notes + _safety_notes(solver, lowest)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,7 +510,8 @@ def make_plan(analysis: Analysis, gm: fx.GraphModule, schedule: Schedule, timeli
                       timeline=data,
                       rows=_rows(gm, schedule, timeline), alive_at_peak=alive, decisions=tuple(decisions),
                       budget_bytes=budget, notes=tuple(notes), cost_estimator=cost_estimator,
-                      max_grad_noise=max_grad_noise, calibration_batch=calibration_batch)
+                      max_grad_noise=max_grad_noise, calibration_batch=calibration_batch,
+                      host_live_bytes=host_timeline(gm, schedule))  # offloaded copies: apart
 
 
 def report(analysis: Analysis, proposal: Proposal, fitted: Fit, config: Config | None = None) -> MemoryPlan:

@@ -124,6 +124,13 @@ class MemoryPlan:
     cost_estimator: str = ""      # how extra time was estimated: "measured" | "roofline" | ""
     max_grad_noise: float | None = None  # the noise bound the plan kept (None: plan of the unmodified step)
     calibration_batch: int = 0    # samples probe noise was measured on (0: uncalibrated)
+    host_live_bytes: tuple[int, ...] = ()  # per step of ``timeline``: offloaded copies in host memory
+                                           # (method "offload"), never part of the device figures
+
+    @property
+    def host_peak_bytes(self) -> int:
+        """Most bytes of offloaded copies in host memory at once (0 without offload)."""
+        return max(self.host_live_bytes, default=0)
 
     @property
     def extra_time(self) -> float:
@@ -171,6 +178,7 @@ class MemoryPlan:
         d["tensor_peak_bytes"] = self.tensor_peak_bytes
         d["peak_node"] = self.peak_node
         d["breakdown"] = self.breakdown
+        d["host_peak_bytes"] = self.host_peak_bytes
         return d
 
     def to_json(self, path: str | Path | None = None) -> str:
@@ -196,6 +204,9 @@ class MemoryPlan:
                          f"({self.cost_estimator or 'roofline'}), {len(self.decisions)} decisions")
         if self.budget_bytes is not None:
             lines.append(f"  budget            {format_bytes(self.budget_bytes):>12}")
+        if self.host_peak_bytes:
+            lines.append(f"  host (offloaded)  {format_bytes(self.host_peak_bytes):>12}  peak in host memory, "
+                         f"not in the device peak")
         lines.append("  at the peak:  " + ",  ".join(f"{k} {format_bytes(v)}" for k, v in b.items()))
         top = ", ".join(f"{o} ({c}, {format_bytes(n)})" for o, c, n in self.alive_at_peak[:5])
         lines.append(f"  largest alive:  {top}")

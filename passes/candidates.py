@@ -89,7 +89,8 @@ def build_problem(gm: fx.GraphModule, schedule: Schedule, timeline: Timeline, *,
     for n in nodes:
         if n.name in ctx.fwd and n.name in ctx.bwd:
             for kind in kinds:
-                pairs += kind.node_choices(ctx, n)
+                ctx.node_pairs.setdefault(n.name, []).extend(kind.node_choices(ctx, n))
+            pairs += ctx.node_pairs.get(n.name, [])
     for kind in kinds:
         pairs += kind.graph_choices(ctx)
     problem = Problem(T, fixed, saved, [choice for choice, _ in pairs])

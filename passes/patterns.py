@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["CONV_MODULES", "CONV_FUNCS", "ATEN_CONVOLUTION", "LINEAR_MODULES", "LINEAR_FUNCS", "RELU_FUNCS",
-           "RELU_INPLACE", "LEAKY_FUNCS", "LEAKY_INPLACE", "POOL_MODULES", "POOL_FUNCS", "ATEN_POOL_DIMS"]
+           "RELU_INPLACE", "LEAKY_FUNCS", "LEAKY_INPLACE", "POOL_MODULES", "POOL_FUNCS", "ATEN_POOL_DIMS",
+           "NORM_MODULES", "NORM_FUNCS"]
 
 aten = torch.ops.aten
 
@@ -32,3 +33,21 @@ ATEN_POOL_DIMS = {aten.max_pool1d.default: 1, aten.max_pool2d.default: 2, aten.m
 POOL_FUNCS = (F.max_pool1d, F.max_pool2d, F.max_pool3d, *ATEN_POOL_DIMS)
 """all take (input, kernel_size, stride, padding, dilation, ceil_mode[, return_indices]); aten's
 have no return_indices (max_poolNd_with_indices is another op) and stride [] for the kernel's"""
+
+NORM_MODULES = (nn.modules.batchnorm._BatchNorm, nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.LayerNorm)
+_BN_F = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+_BN_ATEN = ("input", "weight", "bias", "running_mean", "running_var", "training", "momentum", "eps", "cudnn_enabled")
+_IN_F = ("input", "running_mean", "running_var", "weight", "bias", "use_input_stats", "momentum", "eps")
+_IN_ATEN = ("input", "weight", "bias", "running_mean", "running_var", "use_input_stats", "momentum", "eps",
+            "cudnn_enabled")
+NORM_FUNCS = {F.batch_norm: ("batch", _BN_F), torch.batch_norm: ("batch", _BN_ATEN),
+              aten.batch_norm.default: ("batch", _BN_ATEN),
+              F.instance_norm: ("instance", _IN_F), torch.instance_norm: ("instance", _IN_ATEN),
+              aten.instance_norm.default: ("instance", _IN_ATEN),
+              F.group_norm: ("group", ("input", "num_groups", "weight", "bias", "eps")),
+              torch.group_norm: ("group", ("input", "num_groups", "weight", "bias", "eps", "cudnn_enabled")),
+              aten.group_norm.default: ("group", ("input", "num_groups", "weight", "bias", "eps", "cudnn_enabled")),
+              F.layer_norm: ("layer", ("input", "normalized_shape", "weight", "bias", "eps")),
+              torch.layer_norm: ("layer", ("input", "normalized_shape", "weight", "bias", "eps", "cudnn_enable")),
+              aten.layer_norm.default: ("layer", ("input", "normalized_shape", "weight", "bias", "eps", "cudnn_enable"))}
+"""norm callable -> (kind, argument names in order): "batch", "instance", "group" or "layer"."""

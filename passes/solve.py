@@ -78,6 +78,18 @@ class Solution:
     hit_time_limit: bool = False
     """A search of the solve that found it ran into ``SolverOptions.safety_seconds``: the plan
     then depends on the machine's speed and load, unlike every other plan."""
+    bound: float | None = None
+    """A proven lower bound on what the solve minimised (the LP relaxation of its whole problem):
+    bytes of peak for a lowest-peak solve, cost + noise_weight x noise for a budget solve."""
+    objective: float | None = None
+    """What the solve minimised, for this plan (in the units of :attr:`bound`)."""
+
+    @property
+    def gap(self) -> float | None:
+        """How far this plan can be from the optimum: (objective - bound) / objective (0: optimal)."""
+        if self.bound is None or self.objective is None:
+            return None
+        return max(self.objective - self.bound, 0.0) / self.objective if self.objective > 0 else 0.0
 
 
 class Infeasible(Exception):
@@ -205,6 +217,7 @@ class Solver:
         :attr:`Solution.hit_time_limit`)."""
         self._effort = Effort()
         self._deadline = math.inf
+        self._bounds: dict = {}
 
     @property
     def _reduce(self) -> bool:  # ``options`` may be replaced between solves (new reduction sizes)
@@ -218,15 +231,42 @@ class Solver:
         self._deadline = time.perf_counter() + self.options.safety_seconds
         try:
             if budget is None:
-                found = self._lowest_peak(math.inf if max_overhead is None else max_overhead, self.options.max_nodes)
+                cap = math.inf if max_overhead is None else max_overhead
+                found = self._lowest_peak(cap, self.options.max_nodes)
+                found = replace(found, bound=self._peak_bound(cap), objective=float(found.peak_bytes))
             else:
                 found = self._within(budget)
-        except Infeasible as e:
-            raise Infeasible(e.budget, self._reported(e.lowest)) from None
+                objective = float(self._weights()[list(found.chosen)].sum()) if found.chosen else 0.0
+                found = replace(found, bound=self._cost_bound(budget), objective=objective)
+        except Infeasible as e:  # its lowest-peak plan, with that solve's bound
+            lowest = replace(e.lowest, bound=self._peak_bound(math.inf), objective=float(e.lowest.peak_bytes))
+            raise Infeasible(e.budget, self._reported(lowest)) from None
         finally:
             self.nodes_used += self._effort.nodes
             self.hit_time_limit |= self._effort.hit_time_limit
         return self._reported(found)
+
+    def _peak_bound(self, cap: float) -> float | None:
+        """Bytes no plan within ``cap`` can go below: the relaxation of the lowest-peak rung at the cap."""
+        if not self.model.n_choices:
+            return float(self.unmodified.peak_bytes)
+        relaxed = self._relaxed(("peak", cap), lambda: self._rung(cap))
+        return None if relaxed is None else float(relaxed[0][-1]) * self.model.scale
+
+    def _cost_bound(self, budget: int) -> float | None:
+        """The least cost (+ noise_weight x noise) any plan within ``budget`` could have."""
+        if not self.model.n_choices:
+            return 0.0
+        m = self.model
+        relaxed = self._relaxed(("budget", budget), lambda: m.program(
+            self._objective(self._weights(), peak=False), None, live_upper=budget / m.scale))
+        return None if relaxed is None else max(relaxed[1], 0.0)
+
+    def _relaxed(self, key, program):
+        """The LP relaxation of ``program()``, computed once per key (a relaxation runs to the optimum)."""
+        if key not in self._bounds:
+            self._bounds[key] = program().relax()
+        return self._bounds[key]
 
     def _reported(self, found: Solution) -> Solution:
         """``found``, saying whether this solve's safety limit stopped a search."""
@@ -371,7 +411,10 @@ def solve(problem: Problem, budget: int | None = None, *, max_overhead: float = 
     again (another budget, a tighter target), keep a Solver instead.
 
     >>> p = Problem(2, [1, 5], [Saved(10, 0, 0, (("a", 1),))], [Choice("a", 0.1, drops=((0, "a"),))])
-    >>> solve(p, 11)
-    Solution(chosen=(0,), peak_bytes=11, live_bytes=(11, 5), cost=0.1)
+    >>> sol = solve(p, 11)
+    >>> sol.chosen, sol.peak_bytes, sol.live_bytes, sol.cost
+    ((0,), 11, (11, 5), 0.1)
+    >>> round(sol.gap, 2)  # the LP takes 0.4 of the choice: 0.04; an integer plan must take it all
+    0.6
     """
     return Solver(problem, options).solve(budget, max_overhead=max_overhead)

@@ -297,7 +297,7 @@ def test_budget_error_hints_only_at_options_not_already_on():
     assert "allow more methods" not in str(all_on.value)
     with pytest.raises(BudgetError) as lean_only:
         fxsketch.optimize(model, (x,), "2KiB", methods=("lean",), calibrate=False)
-    assert "allow more methods (methods=('lean', 'probe', 'recompute'))" in str(lean_only.value)
+    assert "allow more methods (methods=('lean', 'probe', 'recompute'" in str(lean_only.value)
 
 
 def test_a_library_call_without_a_terminal_prints_nothing():

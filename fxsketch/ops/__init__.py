@@ -3,6 +3,8 @@ from .lean import lean_leaky_relu, lean_max_pool, lean_relu
 from .conv import probed_conv
 from .aop import AopMemory, aop_conv, aop_linear, reset_aop_memory
 from .probes import probe_buckets_and_values, rank_for_ratio, sketch_nbytes, sketch_shape
+from .quant import (quant_batch_norm, quant_group_norm, quant_instance_norm, quant_layer_norm,  # noqa: E402
+                    quant_norm_module)
 
 __all__ = [
     "probed_conv",
@@ -17,4 +19,9 @@ __all__ = [
     "aop_conv",
     "AopMemory",
     "reset_aop_memory",
+    "quant_batch_norm",
+    "quant_group_norm",
+    "quant_instance_norm",
+    "quant_layer_norm",
+    "quant_norm_module",
 ]

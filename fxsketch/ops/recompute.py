@@ -48,8 +48,10 @@ class Recompute(nn.Module):
         def run(*a):
             if next(calls) == 0:
                 return self.segment(*a)
-            stats = [(b, b.clone()) for m in self.segment.modules()
-                     if isinstance(m, nn.modules.batchnorm._NormBase) for b in m.buffers()]
+            # a norm module called inside, or passed in (a quantized norm takes its module)
+            norms = [*self.segment.modules(), *(x for x in a if isinstance(x, nn.Module))]
+            stats = [(b, b.clone()) for m in norms if isinstance(m, nn.modules.batchnorm._NormBase)
+                     for b in m.buffers()]
             after = [g.get_state() for g in generators]
             for g, s in zip(generators, drawn_from):  # the replay draws what the forward drew
                 g.set_state(s)

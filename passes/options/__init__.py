@@ -13,7 +13,7 @@ Adding a kind is adding a file: subclass :class:`OptionKind`, decorate it with :
 import the module (the built-ins are imported below).
 
 >>> sorted(registered())
-['aop', 'dfa', 'dfa-plain', 'lean', 'probe', 'recompute']
+['aop', 'dfa', 'dfa-plain', 'lean', 'offload', 'probe', 'quant', 'recompute']
 """
 from __future__ import annotations
 
@@ -56,6 +56,9 @@ class OptionSettings:
     aop_policy: str = "topk"                 # Mem-AOP-GD: "topk", "weighted" or "uniform"
     aop_decay: float = 1.0                   # Mem-AOP-GD: memory decay per step (0: no memory)
     aop_layers: str = "auto"                 # Mem-AOP-GD: "auto" (where the solver wants it) or "all"
+    offload: str = "auto"                    # offload: "auto" (CUDA), "on" (any device) or "off"
+    offload_bandwidth: float = 50e9          # offload: host<->device bytes/s (PCIe Gen5 x16, measured-like)
+    offload_nodes: tuple[str, ...] | None = None  # offload: exactly these nodes (required), None: the solver's pick
 
 
 @dataclass
@@ -72,6 +75,9 @@ class ProposalContext:
     saved: list[Saved]                # the problem's table of storages whose life choices change
     saved_index: dict[int, int]       # storage id -> index into ``saved``
     settings: OptionSettings
+    node_pairs: dict[str, list[tuple[Choice, Candidate]]] = field(default_factory=dict)
+    """Node name -> the single-node choices every enabled kind offers for it (filled before any
+    :meth:`OptionKind.graph_choices` runs: a replay may use them inside its segment)."""
 
     def own_saved(self, n: fx.Node) -> list[int]:
         """Storages ``n`` saves for backward whose life a choice can change."""
@@ -95,6 +101,7 @@ class RewriteContext:
     by_name: dict[str, fx.Node]       # node name -> node, of the new graph
     generator: str | None = None      # attribute name of the probes' private torch.Generator
     counter: Any = field(default_factory=itertools.count)  # unique suffixes for submodules
+    standing: dict[str, fx.Node] = field(default_factory=dict)  # a replaced node's name -> what stands for it
 
     @property
     def graph(self) -> fx.Graph:
@@ -107,6 +114,7 @@ class RewriteContext:
         self.graph.erase_node(old)
         self.by_name.pop(old.name, None)
         self.by_name[new.name] = new
+        self.standing[old.name] = new
         return new
 
 
@@ -118,6 +126,7 @@ class OptionKind:
     spans_nodes: ClassVar[bool] = False  # rewritten after every single-node replacement
     uses_rng: ClassVar[bool] = False     # its op draws from the probes' generator (``seed=``)
     whole_graph: ClassVar[bool] = False  # replaces backprop over the whole graph (dfa): used alone
+    in_replays: ClassVar[bool] = False   # its node choices may apply inside a replayed segment
 
     def node_choices(self, ctx: ProposalContext, n: fx.Node) -> Iterable[tuple[Choice, Candidate]]:
         """The choices this kind offers for node ``n`` (none by default)."""
@@ -168,3 +177,5 @@ def default_methods() -> tuple[str, ...]:
 
 from . import probe, lean, recompute, dfa  # noqa: E402,F401  (the built-in kinds register themselves)
 from . import aop  # noqa: E402,F401  (Mem-AOP-GD: registered, not a default method)
+from . import quant  # noqa: E402,F401  (norm inputs saved in 8 or 4 bits)
+from . import offload  # noqa: E402,F401  (saved activations to host memory; offered on CUDA)

@@ -93,6 +93,7 @@ def _extra_seconds(ctx: ProposalContext, n: fx.Node, spec: dict[str, Any]) -> fl
 class Lean(OptionKind):
     name = "lean"
     default = True
+    in_replays = True
 
     def node_choices(self, ctx: ProposalContext, n: fx.Node):
         spec = lean_spec(ctx.gm, n)

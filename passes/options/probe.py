@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from ... import ops
 from ...calibrate import prior_noise
+from ...ops.probed import sketch_workspace_nbytes, weight_grad_workspace_nbytes
 from ...ops.probes import rank_for_ratio, sketch_nbytes
 from ..cost import tensor_bytes
 from ..patterns import ATEN_CONVOLUTION, CONV_FUNCS, CONV_MODULES
@@ -102,6 +103,7 @@ class Probe(OptionKind):
     name = "probe"
     default = True
     uses_rng = True
+    in_replays = True
 
     def node_choices(self, ctx: ProposalContext, n: fx.Node):
         spec = conv_spec(ctx.gm, n)
@@ -128,8 +130,11 @@ class Probe(OptionKind):
             level = noise.ratio(r)
             detail = (f"{st.mode}, r={r} ({ratio:.3g} of X, {st.probe}), noise {level:.2f}x SGD"
                       + ("" if noise.calibrated else " (prior)"))
+            # the op's temporaries: hashing and products in forward, the dW estimate in backward
+            work = (Span(sketch_workspace_nbytes(xmeta.shape, r, st.mode), f, f),
+                    Span(weight_grad_workspace_nbytes(xmeta.shape, out.shape, _weight_shape(ctx, n), r, st.mode), b, b))
             yield (Choice(n.name, ctx.cost.fraction(max(extra, 0.02 * exact_wgrad)), level,
-                          drops=((ctx.saved_index[x], n.name),), adds=(Span(nb, f, b),)),
+                          drops=((ctx.saved_index[x], n.name),), adds=(Span(nb, f, b),) + work),
                    Candidate(self.name, (n.name,),
                              dict(spec, rank=r, mode=st.mode, probe=st.probe, ratio=ratio), detail))
 
@@ -167,7 +172,7 @@ def _measured_extra(ctx: ProposalContext, n: fx.Node, spec, xmeta, ranks, st) ->
     variants = {f",r={r}": (lambda x, r=r: ops.probed_conv(x, w, None, **geo, rank=r, mode=st.mode, probe=st.probe))
                 for r in sorted({lo, hi})}
     extra = op_extra_seconds(key, xmeta.shape, xmeta.dtype, device, lambda x: conv(x, w, None, **geo),
-                             variants, repeat=3, wrt=(w,), elements=PROBE_ELEMENTS)
+                             variants, repeat=2, wrt=(w,), elements=PROBE_ELEMENTS)
     timed = {r: extra[f",r={r}"] for r in {lo, hi}}
     return {r: timed[lo] + (timed[hi] - timed[lo]) * (r - lo) / max(hi - lo, 1) for r in ranks}
 

@@ -15,7 +15,7 @@ import torch.fx as fx
 from ...ops.recompute import Recompute as RecomputeModule
 from ..saved import RESIDENT
 from ..solve import Choice, Span
-from . import Candidate, OptionKind, ProposalContext, RewriteContext, register
+from . import Candidate, OptionKind, ProposalContext, RewriteContext, get, register
 
 __all__ = ["Recompute", "segments"]
 
@@ -96,6 +96,39 @@ def _mutates(n: fx.Node) -> bool:
     return False
 
 
+INNER_GAIN = 0.75
+"""A replay with options inside is offered when it keeps (bytes x steps) at most this fraction of
+what the plain replay keeps: each such choice is one more column for the solver."""
+
+
+def _copies(ctx: ProposalContext, keys, dropped) -> dict[int, int]:
+    """What a replay re-saves: saved index -> the last backward step of a keeper inside the
+    segment that no inner option lets go of."""
+    copies: dict[int, int] = {}
+    for s, n in keys:
+        i = ctx.saved_index[s]
+        if (i, n.name) not in dropped:
+            copies[i] = max(copies.get(i, 0), ctx.bwd[n.name])
+    return copies
+
+
+def _inner_choices(ctx: ProposalContext, seg: list[fx.Node], exact: bool) -> dict:
+    """Node name -> the single-node (choice, candidate) a replay of ``seg`` applies inside: per
+    node, of the kinds that work inside a replay (``OptionKind.in_replays``), the admissible
+    choice (noise within ``max_grad_noise``; none at all with ``exact``) that adds the fewest
+    bytes (then the cheapest). A replay cannot offer every combination of its nodes' options;
+    these two (exact, and the most compressed within the noise bound) are the ones that shrink
+    what the replay re-saves most."""
+    bound = 0.0 if exact else ctx.settings.max_grad_noise
+    inner = {}
+    for n in seg:
+        pairs = [(ch, cand) for ch, cand in ctx.node_pairs.get(n.name, ())
+                 if get(cand.kind).in_replays and ch.noise <= bound and not ch.required]
+        if pairs:
+            inner[n.name] = min(pairs, key=lambda p: (sum(sp.nbytes for sp in p[0].adds), p[0].cost))
+    return inner
+
+
 @register
 class Recompute(OptionKind):
     name = "recompute"
@@ -104,51 +137,77 @@ class Recompute(OptionKind):
 
     def graph_choices(self, ctx: ProposalContext):
         for i, j in segments(ctx.nodes):
-            found = self._segment_choice(ctx, ctx.nodes[i:j + 1])
-            if found is not None:
-                yield found
+            yield from self._segment_choice(ctx, ctx.nodes[i:j + 1])
 
     def _segment_choice(self, ctx: ProposalContext, seg: list[fx.Node]):
-        """The choice of replaying ``seg``, or None if it is no valid segment or frees nothing."""
+        """The choices of replaying ``seg`` (plain, and with the single-node options of its nodes
+        applied inside the replay), or () if it is no valid segment or frees nothing."""
         names = {n.name for n in seg}
         seg = [n for n in seg if n.op not in ("placeholder", "get_attr")]
         if len(seg) < 2 or not all(n.name in ctx.fwd for n in seg):
-            return None
+            return ()
         ext_inputs = {m.storage for n in seg for a in n.all_input_nodes if a.name not in names
                       for m in a.meta.get("fxsketch.tensor", ())}
         if any(_inplace(ctx, n) and any(a.name not in names for a in n.all_input_nodes) for n in seg):
-            return None  # replaying an in-place op on a segment input would apply it twice
+            return ()  # replaying an in-place op on a segment input would apply it twice
         if any(n.meta.get("fxsketch.guard") for n in seg):
-            return None  # an exported graph's input check (passes.export): stays in the forward
+            return ()  # an exported graph's input check (passes.export): stays in the forward
         back = [ctx.bwd[n.name] for n in seg if n.name in ctx.bwd]
         if not back:
-            return None
+            return ()
         rec = min(back)
         storages = ctx.schedule.storages
-        drops, copies = [], {}
-        for n in seg:
-            for s in n.meta.get("fxsketch.saved", ()) if n.name in ctx.bwd else ():
-                if s in ctx.saved_index and s not in ext_inputs and storages[s].kind not in RESIDENT:
-                    drops.append((ctx.saved_index[s], n.name))
-                    copies[s] = max(copies.get(s, 0), ctx.bwd[n.name])
-        if not drops:
-            return None
+        keys = [(s, n) for n in seg for s in (n.meta.get("fxsketch.saved", ()) if n.name in ctx.bwd else ())
+                if s in ctx.saved_index and s not in ext_inputs and storages[s].kind not in RESIDENT]
+        if not keys:
+            return ()
+        drops = tuple((ctx.saved_index[s], n.name) for s, n in keys)
+        key_index = {i for i, _ in drops}
         largest = max((storages[m.storage].nbytes for n in seg for m in n.meta.get("fxsketch.tensor", ())
                        if m.storage in storages), default=0)
-        adds = tuple(Span(storages[s].nbytes, rec, end) for s, end in copies.items()) + (Span(largest, rec, rec),)
         holds = tuple((ctx.saved_index[s], rec) for s in ext_inputs if s in ctx.saved_index)
         cost = ctx.cost.fraction(sum(ctx.cost.seconds[n.name] for n in seg))
         first, last = seg[0].name, seg[-1].name
-        return (Choice(f"segment:{first}..{last}", cost, 0.0, drops=tuple(drops), adds=adds, holds=holds,
-                       covers=tuple(n.name for n in seg)),
-                Candidate(self.name, tuple(n.name for n in seg), {}, f"{first} .. {last} ({len(seg)} nodes)"))
+        group, covers, nodes = f"segment:{first}..{last}", tuple(n.name for n in seg), tuple(n.name for n in seg)
+        out, seen, plain_kept = [], set(), 0
+        for inner in ({}, *(_inner_choices(ctx, seg, exact) for exact in (True, False))):
+            while True:  # an inner option whose storage another keeper still re-saves only adds bytes
+                copies = _copies(ctx, keys, {d for ch, _ in inner.values() for d in ch.drops})
+                useless = [name for name, (ch, _) in inner.items()
+                           if not any(i not in copies for i, _ in ch.drops if i in key_index)]
+                if not useless:
+                    break
+                for name in useless:
+                    del inner[name]
+            adds = tuple(Span(ctx.saved[i].nbytes, rec, end) for i, end in copies.items()) + (Span(largest, rec, rec),)
+            # an inner option's own storages (mask, sketch) are made by the replay, at ``rec``
+            adds += tuple(Span(sp.nbytes, max(sp.start, rec), max(sp.end, rec)) for ch, _ in inner.values() for sp in ch.adds)
+            signature = tuple(sorted(copies.items())), tuple(sorted((sp.nbytes, sp.end) for sp in adds))
+            kept = sum(sp.nbytes * (sp.end - sp.start) for sp in adds)
+            if signature in seen or inner and kept > INNER_GAIN * plain_kept:
+                continue  # inner options that change little of what the replay keeps: not worth a choice
+            seen.add(signature)
+            plain_kept = plain_kept if inner else kept
+            kinds = sorted({cand.kind for _, cand in inner.values()})
+            inside = (", inside: " + ", ".join(f"{sum(c.kind == k for _, c in inner.values())} {k}" for k in kinds)
+                      if inner else "")
+            out.append((Choice(group, cost + sum(ch.cost for ch, _ in inner.values()),
+                               max((ch.noise for ch, _ in inner.values()), default=0.0), drops=drops, adds=adds,
+                               holds=holds, covers=covers),
+                        Candidate(self.name, nodes, dict(inner=tuple(c for _, c in inner.values())),
+                                  f"{first} .. {last} ({len(seg)} nodes{inside})")))
+        return out
 
     def label(self, cand: Candidate) -> str:
-        return f"recompute {len(cand.nodes)} nodes"
+        inner = cand.params.get("inner", ())
+        return f"recompute {len(cand.nodes)} nodes" + (f" ({len(inner)} options inside)" if inner else "")
 
     def rewrite(self, rw: RewriteContext, cand: Candidate) -> fx.Node:
         graph = rw.graph
-        seg = [rw.by_name[name] for name in cand.nodes]
+        for inner in cand.params.get("inner", ()):  # replaced in place first: the segment carries them
+            kind = get(inner.kind)
+            kind.rewrite(rw, inner).meta["fxsketch.option"] = kind.label(inner)
+        seg = [rw.by_name[name] if name in rw.by_name else rw.standing[name] for name in cand.nodes]
         inside = set(seg)
         inputs = list(dict.fromkeys(a for n in seg for a in n.all_input_nodes if a not in inside))
         outputs = [n for n in seg if any(u not in inside for u in n.users)]
@@ -173,5 +232,6 @@ class Recompute(OptionKind):
         for n in reversed(seg):
             graph.erase_node(n)
             rw.by_name.pop(n.name, None)
+            rw.standing[n.name] = call
         rw.by_name[call.name] = call
         return call

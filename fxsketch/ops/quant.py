@@ -1,0 +1,322 @@
+"""Compressed norm inputs: a norm whose backward reads an 8- or 4-bit copy of its input.
+
+BatchNorm, GroupNorm, InstanceNorm and LayerNorm save their input X for backward (and their
+statistics mean / rstd). These ops compute the output exactly with torch's own kernel (the same
+bits as eager), save the statistics exactly, and save X as codes of ``bits`` bits with one scale
+and one zero point per group (per sample and channel for inputs of 3 or more dims, per row of a
+LayerNorm, per channel for 2-dim BatchNorm input):
+
+    q = floor((X - lo) / step + u),  u ~ U[0, 1),   step = (hi - lo) / (2**bits - 1),
+
+stochastic rounding: E[lo + q step] = X, per element variance step**2 f (1 - f) <= step**2 / 4,
+f the fractional part of (X - lo) / step. The backward dequantizes and runs torch's own norm
+backward on that copy with the exact statistics: dgamma is unbiased (linear in X); dX carries a
+second-order bias of relative size O(step**2 rstd**2 / M), M the elements a statistic runs over
+(:mod:`fxsketch.quant_noise` states the error for a plan). dbeta is exact.
+
+The packing and unpacking are torch custom ops (``fxsketch::quant_pack``, ``fxsketch::quant_unpack``)
+that are their own fake implementation (plain tensor ops reading no values but the seed), so a
+plan on fake tensors sees their temporaries and torch.compile one opaque op each. The uniforms come
+from a local generator seeded by one draw (:func:`fxsketch.ops.conv.draw_seed`) from torch's RNG
+or the plan's private generator (``optimize(..., seed=)``): reproducible like the probes.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import is_fake
+
+from ..errors import UnsupportedError
+from .conv import draw_seed
+
+__all__ = ["QUANT_BITS", "quant_batch_norm", "quant_group_norm", "quant_layer_norm", "quant_instance_norm",
+           "quant_norm_module", "quant_groups", "quant_nbytes", "quantize", "dequantize"]
+
+QUANT_BITS = (8, 4)
+"""The code widths the ops take."""
+
+aten = torch.ops.aten
+
+
+def _check_bits(bits) -> int:
+    if bits not in QUANT_BITS:
+        raise ValueError(f"bits must be one of {QUANT_BITS} (codes per element), got {bits!r}")
+    return int(bits)
+
+
+def quant_groups(shape: Sequence[int], kind: str, normalized_dims: int = 0) -> list[int]:
+    """The shape of the scale and zero point for an input of ``shape``: a size where the group
+    varies, 1 where it spans. LayerNorm (``normalized_dims`` trailing dims): per row; others: per
+    sample and channel from 3 dims on, per channel over the batch for (N, C).
+
+    >>> quant_groups((8, 16, 4, 4), "batch"), quant_groups((8, 16), "batch"), quant_groups((2, 5, 32), "layer", 1)
+    ([8, 16, 1, 1], [1, 16], [2, 5, 1])
+    """
+    shape = list(shape)
+    if kind == "layer":
+        k = max(1, min(normalized_dims, len(shape)))
+        return shape[:len(shape) - k] + [1] * k
+    if len(shape) >= 3:
+        return shape[:2] + [1] * (len(shape) - 2)
+    return [1] + shape[1:] if len(shape) == 2 else [1] * len(shape)
+
+
+def quant_nbytes(shape: Sequence[int], bits: int, groups: Sequence[int]) -> int:
+    """Bytes saved instead of X: the codes (``bits`` per element, rounded up to a byte) and an
+    fp32 scale and zero point per group."""
+    return (math.prod(shape) * bits + 7) // 8 + 8 * math.prod(groups)
+
+
+def _sample_chunks(shape: Sequence[int], bits: int):
+    """Slices of dim 0, about a quarter of the tensor each (at least 2**16 elements), so the
+    fp32 temporaries stay a fraction of X; an even element count per chunk for 4 bits (whole bytes)."""
+    n = shape[0] if shape else 1
+    per = math.prod(shape[1:]) if len(shape) > 1 else 1
+    step = max(1, max(1 << 16, n * per // 4) // max(per, 1))
+    if bits == 4 and per % 2 and step % 2:
+        step += 1
+    return [slice(a, min(n, a + step)) for a in range(0, n, step)], per
+
+
+def _range(x: torch.Tensor, groups: Sequence[int], levels: int):
+    """(lo, step) per group, fp32: the group's minimum and (max - min) / levels (1 where constant)."""
+    dims = [d for d, g in enumerate(groups) if g == 1 and x.shape[d] != 1] if x.dim() else []
+    xf = x.float()
+    if dims:
+        lo, hi = xf.amin(dim=dims, keepdim=True), xf.amax(dim=dims, keepdim=True)
+    else:
+        lo, hi = xf.clone(), xf.clone()
+    step = (hi - lo).div_(levels)
+    step = torch.where(step > 0, step, torch.ones_like(step))  # a constant group: codes 0, lo exact
+    return lo.reshape(groups), step.reshape(groups)
+
+
+def _pack_impl(x: torch.Tensor, seed: torch.Tensor, bits: int, groups: Sequence[int]
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(codes as flat uint8, lo, step) of x with stochastic rounding from ``seed`` (0-d int64)."""
+    levels = (1 << bits) - 1
+    lo, step = _range(x, groups, levels)
+    fake = is_fake(x) or x.device.type == "meta"
+    gen = None if fake else torch.Generator(device=x.device).manual_seed(int(seed))
+    xs = x.reshape(1) if x.dim() == 0 else x
+    chunks, per = _sample_chunks(xs.shape, bits)
+    out = torch.empty((xs.numel() * bits + 7) // 8, dtype=torch.uint8, device=x.device)
+    per_sample = xs.dim() > 0 and groups and groups[0] != 1
+    for sl in chunks:
+        part = xs[sl]
+        lo_c, step_c = (lo[sl], step[sl]) if per_sample else (lo, step)
+        u = torch.empty(part.shape, dtype=torch.float32, device=x.device) if fake else \
+            torch.rand(part.shape, generator=gen, dtype=torch.float32, device=x.device)
+        t = (part.float() - lo_c).div_(step_c).add_(u)
+        del u
+        codes = t.floor_().clamp_(0, levels).to(torch.uint8).view(-1)
+        del t
+        a, b = sl.start * per, sl.start * per + codes.numel()
+        if bits == 8:
+            out[a:b] = codes
+        else:  # two codes per byte, element 2i in the low nibble
+            pairs = torch.nn.functional.pad(codes, (0, codes.numel() % 2)).view(-1, 2)
+            out[a // 2:(b + 1) // 2] = pairs[:, 0] | (pairs[:, 1] << 4)
+    return out, lo, step
+
+
+quant_pack = torch.library.custom_op("fxsketch::quant_pack", _pack_impl, mutates_args=())
+quant_pack.register_fake(_pack_impl)
+
+
+def _unpack_impl(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int,
+                 shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """lo + q step, of ``shape`` in ``dtype``, chunk by chunk over dim 0."""
+    shape = list(shape)
+    out = torch.empty(shape, dtype=dtype, device=codes.device)
+    xs = out.view(1) if not shape else out
+    chunks, per = _sample_chunks(xs.shape, bits)
+    per_sample = bool(shape) and lo.shape[0] != 1
+    for sl in chunks:
+        part = xs[sl]
+        a, n = sl.start * per, part.numel()
+        if bits == 8:
+            q = codes[a:a + n]
+        else:
+            b = codes[a // 2:(a + n + 1) // 2]
+            q = torch.stack((b & 15, b >> 4), -1).view(-1)[:n]
+        lo_c, step_c = (lo[sl], step[sl]) if per_sample else (lo, step)
+        part.copy_(torch.addcmul(lo_c, q.view(part.shape).float(), step_c))
+    return out
+
+
+quant_unpack = torch.library.custom_op("fxsketch::quant_unpack", _unpack_impl, mutates_args=())
+quant_unpack.register_fake(_unpack_impl)
+
+
+def quantize(x: torch.Tensor, bits: int = 8, groups: Sequence[int] | None = None, *,
+             generator: torch.Generator | None = None):
+    """(codes, lo, step) of x: what the norms save (groups: :func:`quant_groups` of a BatchNorm input)."""
+    groups = quant_groups(x.shape, "batch") if groups is None else list(groups)
+    return quant_pack(x.detach(), draw_seed(generator, x), _check_bits(bits), groups)
+
+
+def dequantize(codes, lo, step, bits: int, shape: Sequence[int], dtype=torch.float32) -> torch.Tensor:
+    """The copy the backward reads: ``lo + q * step``."""
+    return quant_unpack(codes, lo, step, _check_bits(bits), list(shape), dtype)
+
+
+class _QuantNorm(torch.autograd.Function):
+    """Exact forward by torch's kernel; saves the codes and the exact statistics."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, seed, kind, args, bits, groups):
+        if kind == "batch":
+            rm, rv, training, momentum, eps = args
+            out, mean, rstd, reserve, impl = torch._batch_norm_impl_index(
+                x, weight, bias, rm, rv, training, momentum, eps, torch.backends.cudnn.enabled)
+            ctx.extra = (impl, training, eps)
+            stats = (mean, rstd, reserve) + ((rm, rv) if not training else ())
+        elif kind == "group":
+            n, c, hw, g, eps = args
+            out, mean, rstd = aten.native_group_norm(x, weight, bias, n, c, hw, g, eps)
+            ctx.extra, stats = (n, c, hw, g), (mean, rstd)
+        else:
+            normalized, eps = args
+            out, mean, rstd = aten.native_layer_norm(x, normalized, weight, bias, eps)
+            ctx.extra, stats = (normalized,), (mean, rstd)
+        codes, lo, step = quant_pack(x, seed, bits, groups)
+        ctx.kind, ctx.bits, ctx.shape, ctx.dtype = kind, bits, tuple(x.shape), x.dtype
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        ctx.save_for_backward(codes, lo, step, weight, bias, *stats)
+        return out
+
+    @staticmethod
+    def backward(ctx, dy):
+        if torch.is_grad_enabled():
+            raise UnsupportedError(
+                "fxsketch.ops.quant norms do not support double backward (create_graph=True, e.g. a "
+                "gradient penalty): their backward reads a quantized copy of the input. Plan without "
+                "them: optimize(..., methods=('probe', 'lean', 'recompute')).")
+        codes, lo, step, weight, bias, *stats = ctx.saved_tensors
+        x = quant_unpack(codes, lo, step, ctx.bits, list(ctx.shape), ctx.dtype)
+        mask = [ctx.needs_input_grad[0], ctx.has_weight and ctx.needs_input_grad[1],
+                ctx.has_bias and ctx.needs_input_grad[2]]
+        if ctx.kind == "batch":
+            impl, training, eps = ctx.extra
+            mean, rstd, reserve, *running = stats
+            rm, rv = running if running else (None, None)
+            dx, dw, db = aten._batch_norm_impl_index_backward(
+                impl, x, dy.contiguous(), weight, rm, rv, mean, rstd, training, eps, mask, reserve)
+        elif ctx.kind == "group":
+            dx, dw, db = aten.native_group_norm_backward(dy.contiguous(), x, *stats, weight, *ctx.extra, mask)
+        else:
+            dx, dw, db = aten.native_layer_norm_backward(dy.contiguous(), x, ctx.extra[0], *stats, weight, bias, mask)
+        del x
+        return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None,
+                None, None, None, None, None)
+
+
+def _apply(x, weight, bias, kind, args, bits, generator, normalized_dims=0):
+    bits = _check_bits(bits)
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"a quantized norm needs a floating-point tensor input, got "
+                        f"{getattr(x, 'dtype', type(x).__name__)}")
+    groups = quant_groups(x.shape, "layer" if kind == "layer" else kind, normalized_dims)
+    return _QuantNorm.apply(x, weight, bias, draw_seed(generator, x), kind, args, bits, groups)
+
+
+def quant_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
+                     eps=1e-5, *, bits: int = 8, generator: Optional[torch.Generator] = None):
+    """``F.batch_norm`` (same arguments, same output bits) saving its input in ``bits`` bits.
+
+    >>> x = torch.randn(4, 3, 5)
+    >>> torch.equal(quant_batch_norm(x, None, None, training=True, bits=4), torch.nn.functional.batch_norm(x, None, None, training=True))
+    True
+    """
+    if training:
+        size = input.shape
+        if math.prod(size[:1] + size[2:]) == 1:
+            raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(size)}")
+    return _apply(input, weight, bias, "batch", (running_mean, running_var, bool(training), momentum, eps),
+                  bits, generator)
+
+
+def _low_precision_norm(input, weight, bias):
+    """Autocast runs group_norm and layer_norm in fp32: cast as it would (the ops below are native
+    ones autocast does not know)."""
+    dev = input.device.type
+    if not torch.is_autocast_enabled(dev):
+        return input, weight, bias
+    cast = [t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in (input, weight, bias)]
+    return tuple(cast)
+
+
+def quant_group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5, *, bits: int = 8,
+                     generator: Optional[torch.Generator] = None):
+    """``F.group_norm`` saving its input in ``bits`` bits."""
+    if input.dim() < 2 or input.shape[1] % num_groups:
+        raise ValueError(f"group_norm: expected input (N, C, *) with C divisible by num_groups={num_groups}, "
+                         f"got shape {tuple(input.shape)}")
+    x, weight, bias = _low_precision_norm(input, weight, bias)
+    n, c = x.shape[:2]
+    with torch.autocast(x.device.type, enabled=False):
+        return _apply(x.contiguous(), weight, bias, "group", (n, c, math.prod(x.shape[2:]), int(num_groups), eps),
+                      bits, generator)
+
+
+def quant_layer_norm(input, normalized_shape, weight=None, bias=None, eps: float = 1e-5, *, bits: int = 8,
+                     generator: Optional[torch.Generator] = None):
+    """``F.layer_norm`` saving its input in ``bits`` bits (scale and zero point per normalized row)."""
+    normalized = [normalized_shape] if isinstance(normalized_shape, int) else [int(s) for s in normalized_shape]
+    if list(input.shape[input.dim() - len(normalized):]) != normalized:
+        raise ValueError(f"layer_norm: normalized_shape {normalized} does not end input shape {tuple(input.shape)}")
+    x, weight, bias = _low_precision_norm(input, weight, bias)
+    with torch.autocast(x.device.type, enabled=False):
+        return _apply(x, weight, bias, "layer", (normalized, eps), bits, generator, len(normalized))
+
+
+def quant_instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
+                        momentum=0.1, eps=1e-5, *, bits: int = 8, generator: Optional[torch.Generator] = None):
+    """``F.instance_norm`` saving its input in ``bits`` bits: as torch does it, a batch norm of the
+    (1, N*C, ...) view with weight, bias and running statistics repeated per sample."""
+    if input.dim() < 3:
+        raise ValueError(f"instance_norm: expected input (N, C, *spatial), got shape {tuple(input.shape)}")
+    n, c = input.shape[:2]
+    rep = (lambda t: t.repeat(n) if t is not None else None)
+    rm, rv = rep(running_mean), rep(running_var)
+    out = quant_batch_norm(input.contiguous().view(1, n * c, *input.shape[2:]), rm, rv, rep(weight), rep(bias),
+                           use_input_stats, momentum, eps, bits=bits, generator=generator)
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.copy_(rm.view(n, c).mean(0))
+        if running_var is not None:
+            running_var.copy_(rv.view(n, c).mean(0))
+    return out.view_as(input)
+
+
+def quant_norm_module(input, module: nn.Module, *, bits: int = 8, generator: Optional[torch.Generator] = None):
+    """``module(input)`` for a BatchNorm, GroupNorm, InstanceNorm or LayerNorm module, saving its input
+    in ``bits`` bits; reads the module's train/eval flag and statistics settings when called."""
+    kw = dict(bits=bits, generator=generator)
+    m = module
+    if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        factor = 0.0 if m.momentum is None else m.momentum
+        if m.training and m.track_running_stats and m.num_batches_tracked is not None:
+            m.num_batches_tracked.add_(1)
+            factor = 1.0 / float(m.num_batches_tracked) if m.momentum is None else m.momentum
+        batch_stats = m.training or (m.running_mean is None and m.running_var is None)
+        keep = not m.training or m.track_running_stats
+        return quant_batch_norm(input, m.running_mean if keep else None, m.running_var if keep else None,
+                                m.weight, m.bias, batch_stats, factor, m.eps, **kw)
+    if isinstance(m, nn.modules.instancenorm._InstanceNorm):
+        unbatched = input.dim() == m._get_no_batch_dim()
+        x = input.unsqueeze(0) if unbatched else input
+        out = quant_instance_norm(x, m.running_mean, m.running_var, m.weight, m.bias,
+                                  m.training or not m.track_running_stats,
+                                  m.momentum if m.momentum is not None else 0.0, m.eps, **kw)
+        return out.squeeze(0) if unbatched else out
+    if isinstance(m, nn.GroupNorm):
+        return quant_group_norm(input, m.num_groups, m.weight, m.bias, m.eps, **kw)
+    if isinstance(m, nn.LayerNorm):
+        return quant_layer_norm(input, m.normalized_shape, m.weight, m.bias, m.eps, **kw)
+    raise TypeError(f"quant_norm_module takes a BatchNorm, InstanceNorm, GroupNorm or LayerNorm module, "
+                    f"got {type(m).__name__}")

@@ -1,0 +1,200 @@
+"""Quantized norm inputs: exact outputs, approximate gradients within the stated error, and only
+the codes (plus a scale and zero point per group) saved for backward."""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+import fxsketch
+from fxsketch.errors import UnsupportedError
+from fxsketch.ops import quant as q
+from fxsketch.quant_noise import QuantPrior, norm_noise_terms
+
+
+def _cases(kind, x, w, b, bits, **kw):
+    """(eager, quantized) forms of one norm call on x."""
+    if kind == "batch":
+        return (lambda t: F.batch_norm(t, None, None, w, b, True),
+                lambda t: q.quant_batch_norm(t, None, None, w, b, True, bits=bits, **kw))
+    if kind == "group":
+        return (lambda t: F.group_norm(t, 2, w, b), lambda t: q.quant_group_norm(t, 2, w, b, bits=bits, **kw))
+    if kind == "instance":
+        return (lambda t: F.instance_norm(t, weight=w, bias=b),
+                lambda t: q.quant_instance_norm(t, None, None, w, b, bits=bits, **kw))
+    ns = list(x.shape[-1:])
+    return (lambda t: F.layer_norm(t, ns, w, b), lambda t: q.quant_layer_norm(t, ns, w, b, bits=bits, **kw))
+
+
+def _grads(fn, x, w, b, dy):
+    x = x.detach().requires_grad_()
+    y = fn(x)
+    return (y,) + torch.autograd.grad(y, (x, w, b), dy)
+
+
+def _noise_kw(kind, w):
+    return dict(kind=kind, weight=w, num_groups=2, normalized_dims=1)
+
+
+@settings(max_examples=12, deadline=None)
+@given(kind=st.sampled_from(["batch", "group", "instance", "layer"]), bits=st.sampled_from([8, 4]),
+       n=st.integers(2, 4), c=st.sampled_from([2, 4]), p=st.integers(1, 9), scale=st.floats(0.1, 100.0))
+def test_output_is_eager_bit_for_bit_and_gradients_within_the_stated_error(kind, bits, n, c, p, scale):
+    torch.manual_seed(n * 100 + p)
+    x = torch.randn(n, c, p, 3) * scale + 3.0
+    w, b = torch.randn(x.shape[-1] if kind == "layer" else c, requires_grad=True), None
+    b = torch.randn_like(w).requires_grad_()
+    dy = torch.randn(x.shape)
+    eager, quant = _cases(kind, x, w, b, bits)
+    ye, dxe, dwe, dbe = _grads(eager, x, w, b, dy)
+    yq, dxq, dwq, dbq = _grads(quant, x, w, b, dy)
+    assert torch.equal(yq, ye)                                    # exact forward
+    torch.testing.assert_close(dbq, dbe)                          # dbeta does not read X
+    terms = norm_noise_terms(x, dy, **_noise_kw(kind, w))
+    # dgamma: every element is rounded by less than one step, and E||error||^2 is the closed form
+    assert float((dwq - dwe).pow(2).sum()) <= 30 * terms.weight_err[bits] + 1e-6 * float(dwe.pow(2).sum())
+    assert float((dxq - dxe).pow(2).sum()) <= 30 * terms.dx_err[bits] + 1e-4 * float(dxe.pow(2).sum()) + 1e-8
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_stochastic_rounding_is_unbiased(bits):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 50) * 2
+    gen = torch.Generator().manual_seed(1)
+    draws = 400
+    total = torch.zeros_like(x)
+    for _ in range(draws):
+        codes, lo, step = q.quantize(x, bits, generator=gen)
+        total += q.dequantize(codes, lo, step, bits, x.shape)
+    err = total / draws - x
+    sd = step.expand_as(x) / 2 / math.sqrt(draws)                 # f(1-f) <= 1/4
+    assert float((err.abs() / sd).max()) < 5                      # each element, 5 standard errors
+    assert abs(float((err / sd).mean())) < 5 / math.sqrt(x.numel())  # and on average: no bias
+
+
+def test_weight_gradient_is_unbiased_and_error_matches_the_closed_form():
+    torch.manual_seed(0)
+    x, dy = torch.randn(4, 3, 6, 6) + 1, torch.randn(4, 3, 6, 6)
+    w, b = torch.randn(3, requires_grad=True), torch.randn(3, requires_grad=True)
+    eager, quant = _cases("batch", x, w, b, 4, generator=torch.Generator().manual_seed(0))
+    _, dxe, dwe, _ = _grads(eager, x, w, b, dy)
+    runs = [_grads(quant, x, w, b, dy) for _ in range(300)]
+    dw = torch.stack([r[2] for r in runs])
+    dx = torch.stack([r[1] for r in runs])
+    terms = norm_noise_terms(x, dy, **_noise_kw("batch", w))
+    mse_w = float((dw - dwe).pow(2).sum(1).mean())
+    assert 0.8 < mse_w / terms.weight_err[4] < 1.25               # closed form vs 300 draws
+    sem = (dw - dwe).std(0) / math.sqrt(len(runs))
+    assert float(((dw.mean(0) - dwe).abs() / sem).max()) < 5      # unbiased
+    mse_x = float((dx - dxe).pow(2).flatten(1).sum(1).mean())
+    assert 0.7 < mse_x / terms.dx_err[4] < 1.4                    # first-order dX error
+
+
+@pytest.mark.parametrize("bits,fraction", [(8, 4), (4, 8)])
+def test_saves_the_codes_and_one_scale_and_zero_point_per_group(bits, fraction):
+    x = torch.randn(4, 8, 16, 16, requires_grad=True)
+    bn = nn.BatchNorm2d(8)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        q.quant_norm_module(x, bn, bits=bits)
+    stats = {id(t) for t in (bn.weight, bn.bias)}
+    big = [t for t in saved if id(t) not in stats and t.numel() > 8]
+    codes, lo, step = big
+    assert codes.dtype == torch.uint8 and codes.nbytes * fraction == x.numel() * 4
+    assert lo.shape == step.shape == (4, 8, 1, 1) and lo.dtype == torch.float32
+    assert q.quant_nbytes(x.shape, bits, q.quant_groups(x.shape, "batch")) == codes.nbytes + lo.nbytes + step.nbytes
+    assert not any(t.shape == x.shape and t.is_floating_point() for t in saved)  # X itself is not saved
+    assert sum(t.nbytes for t in saved if all(t is not u for u in big)) == 4 * 4 * 8  # weight, bias, mean, rstd
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(16 * 16 * 16, 4))
+
+
+def test_planned_peak_matches_the_measured_one_and_training_is_reproducible():
+    model, x = _net(), torch.randn(16, 3, 16, 16)
+    gm = fxsketch.optimize(model, (x,), methods=("quant", "lean"), max_overhead=10.0, workspace="off", seed=0)
+    plan = gm.memory_plan
+    assert any(d.option.value == "quant" for d in plan.decisions)
+    measured = fxsketch.measure(gm, (x,), repeat=1).peak_bytes
+    assert abs(plan.peak_bytes / measured - 1) < 0.01, (plan.peak_bytes, measured)
+    assert plan.peak_bytes < plan.baseline_peak_bytes
+    assert torch.equal(gm(x), model(x))                           # train mode: batch statistics, exact
+    assert all(d.grad_noise <= fxsketch.Config().max_grad_noise for d in plan.decisions)
+    again = fxsketch.optimize(_net(), (x,), methods=("quant", "lean"), max_overhead=10.0, workspace="off", seed=0)
+    gm.fxsketch_rng.manual_seed(0)                                # rewind the draws measure() and gm(x) made
+    g1 = torch.autograd.grad(gm(x).sum(), list(model.parameters()))
+    g2 = torch.autograd.grad(again(x).sum(), list(again.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(g1, g2))         # seed=: the same draws
+
+
+def test_calibrated_levels_are_offered_per_bit_width_in_one_group():
+    from fxsketch.pipeline import analyse, propose
+    model, x = _net(), torch.randn(8, 3, 16, 16)
+    config = fxsketch.Config(methods=("quant",), workspace="off")
+    proposal = propose(model, analyse(model, (x,)), config)
+    quant = [(ch, c) for ch, c in zip(proposal.every.problem.choices, proposal.every.candidates) if c.kind == "quant"]
+    by_node = {}
+    for ch, c in quant:
+        by_node.setdefault(ch.group, {})[c.params["bits"]] = ch.noise
+    assert by_node and all(set(v) == {8, 4} for v in by_node.values())
+    for levels in by_node.values():
+        assert 0 < levels[8] < levels[4] < 2                      # 16x finer steps: ~16x less noise
+        assert 10 < levels[4] / levels[8] < 20
+    assert any("quantized-norm noise" in n for n in proposal.notes)
+
+
+def test_prior_falls_with_bits_and_grows_slowly_with_the_group():
+    p = QuantPrior(64 * 64)
+    assert p.ratio(4) / p.ratio(8) == pytest.approx(255 / 15)
+    assert QuantPrior(1 << 20).ratio(4) < 1.3 * p.ratio(4) and not p.calibrated
+
+
+def test_other_norm_forms_and_eval_mode_match_eager():
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, requires_grad=True)
+    for m in (nn.GroupNorm(2, 4), nn.LayerNorm(5), nn.InstanceNorm1d(4, affine=True, track_running_stats=True),
+              nn.BatchNorm1d(4).eval(), nn.BatchNorm1d(4, momentum=None)):
+        twin = copy.deepcopy(m)
+        assert torch.equal(q.quant_norm_module(x, m, bits=8), twin(x)), type(m).__name__
+        for a, b in zip(m.buffers(), twin.buffers()):
+            assert torch.equal(a, b), type(m).__name__               # running statistics updated alike
+
+
+def test_custom_ops_pass_opcheck_and_run_on_fake_tensors():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    x = torch.randn(3, 4, 5)
+    for bits in (8, 4):
+        torch.library.opcheck(torch.ops.fxsketch.quant_pack.default, (x, torch.tensor(7), bits, [3, 4, 1]))
+        codes, lo, step = torch.ops.fxsketch.quant_pack(x, torch.tensor(7), bits, [3, 4, 1])
+        torch.library.opcheck(torch.ops.fxsketch.quant_unpack.default, (codes, lo, step, bits, [3, 4, 5], torch.float32))
+    with FakeTensorMode():
+        xf = torch.randn(2, 4, 6, 6, requires_grad=True)
+        y = q.quant_group_norm(xf, 2, bits=4)
+        (dx,) = torch.autograd.grad(y.sum(), xf)
+    assert y.shape == dx.shape == (2, 4, 6, 6)
+
+
+def test_bad_input_is_named():
+    x = torch.randn(2, 4, 3)
+    with pytest.raises(ValueError, match="bits must be one of"):
+        q.quant_batch_norm(x, None, None, training=True, bits=3)
+    with pytest.raises(TypeError, match="floating-point"):
+        q.quant_layer_norm(torch.ones(2, 3, dtype=torch.int64), (3,))
+    with pytest.raises(ValueError, match="divisible by num_groups=3"):
+        q.quant_group_norm(x, 3)
+    with pytest.raises(ValueError, match="normalized_shape"):
+        q.quant_layer_norm(x, (4,))
+    with pytest.raises(TypeError, match="got Linear"):
+        q.quant_norm_module(x, nn.Linear(3, 3))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        q.quant_batch_norm(torch.randn(1, 4), None, None, training=True)
+    y = q.quant_batch_norm(x.requires_grad_(), None, None, training=True)
+    with pytest.raises(UnsupportedError, match="double backward"):
+        torch.autograd.grad(y.pow(2).sum(), x, create_graph=True)
