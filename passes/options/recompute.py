@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from ...ops.recompute import Recompute as RecomputeModule
-from ..saved import RESIDENT
+from ..saved import RESIDENT, Kind
 from ..solve import Choice, Span
 from . import Candidate, OptionKind, ProposalContext, RewriteContext, get, register
 
@@ -96,6 +96,16 @@ def _mutates(n: fx.Node) -> bool:
     return False
 
 
+def _kernel_bytes(ctx: ProposalContext) -> dict[int, int]:
+    """Forward step -> kernel workspace bytes alive at it (fxsketch.passes.workspace)."""
+    out: dict[int, int] = {}
+    for s, (a, b) in ctx.timeline.intervals.items():
+        if ctx.schedule.storages[s].kind is Kind.KERNEL:
+            for t in range(a, b + 1):
+                out[t] = out.get(t, 0) + ctx.schedule.storages[s].nbytes
+    return out
+
+
 INNER_GAIN = 0.75
 """A replay with options inside is offered when it keeps (bytes x steps) at most this fraction of
 what the plain replay keeps: each such choice is one more column for the solver."""
@@ -136,10 +146,11 @@ class Recompute(OptionKind):
     spans_nodes = True
 
     def graph_choices(self, ctx: ProposalContext):
+        kernel = _kernel_bytes(ctx)
         for i, j in segments(ctx.nodes):
-            yield from self._segment_choice(ctx, ctx.nodes[i:j + 1])
+            yield from self._segment_choice(ctx, ctx.nodes[i:j + 1], kernel)
 
-    def _segment_choice(self, ctx: ProposalContext, seg: list[fx.Node]):
+    def _segment_choice(self, ctx: ProposalContext, seg: list[fx.Node], kernel: dict[int, int]):
         """The choices of replaying ``seg`` (plain, and with the single-node options of its nodes
         applied inside the replay), or () if it is no valid segment or frees nothing."""
         names = {n.name for n in seg}
@@ -165,6 +176,8 @@ class Recompute(OptionKind):
         key_index = {i for i, _ in drops}
         largest = max((storages[m.storage].nbytes for n in seg for m in n.meta.get("fxsketch.tensor", ())
                        if m.storage in storages), default=0)
+        # the replay runs the segment's kernels again: their workspace (oneDNN's reorders) too
+        largest += max((kernel.get(ctx.fwd[n.name], 0) for n in seg), default=0)
         holds = tuple((ctx.saved_index[s], rec) for s in ext_inputs if s in ctx.saved_index)
         cost = ctx.cost.fraction(sum(ctx.cost.seconds[n.name] for n in seg))
         first, last = seg[0].name, seg[-1].name
