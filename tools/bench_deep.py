@@ -4,6 +4,7 @@ steps, measured ones on CPU, and where each plan's peak now sits (issue 15's acc
     .venv/bin/python tools/bench_deep.py --predict                 # meta inputs, predicted only
     .venv/bin/python tools/bench_deep.py --measure                 # CPU sizes, tracker-measured
     .venv/bin/python tools/bench_deep.py --predict --only resnet50 --methods probe lean recompute
+    .venv/bin/python tools/bench_deep.py --predict --roofline       # GPU-like prices (no CPU node times)
 
 Every row plans with ``budget=None, max_overhead`` (0.10 predicted, 0.15 measured) and
 ``seed=0``; probe (and quantized-norm) noise is calibrated on a real 2-sample batch
@@ -72,7 +73,7 @@ class _SolverClock:
         S.Solver.solve = self._orig
 
 
-def _row(name, make, shape, meta: bool, max_overhead: float, methods):
+def _row(name, make, shape, meta: bool, max_overhead: float, methods, roofline: bool = False):
     torch.manual_seed(0)
     model = make(shape[-1])
     x = torch.empty(shape, device="meta") if meta else torch.randn(shape)
@@ -80,6 +81,8 @@ def _row(name, make, shape, meta: bool, max_overhead: float, methods):
     opts = dict(max_overhead=max_overhead, seed=0, progress=False, calibration_inputs=(cal,))
     if methods:
         opts["methods"] = tuple(methods)
+    if roofline:
+        opts["time_nodes"] = False
     t = time.perf_counter()
     with _SolverClock() as clock:
         if meta:
@@ -111,10 +114,13 @@ def main(argv=None):
     ap.add_argument("--measure", action="store_true", help="CPU rows (tracker-measured)")
     ap.add_argument("--only", nargs="*", default=None, help="model names")
     ap.add_argument("--methods", nargs="*", default=None, help="option kinds (default: the default methods)")
+    ap.add_argument("--roofline", action="store_true",
+                    help="price extra time by the roofline (time_nodes=False), not this CPU's node times")
     ap.add_argument("--max-overhead", type=float, default=None,
                     help="instead of 0.10 (predicted rows) and 0.15 (measured rows)")
     args = ap.parse_args(argv)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; methods {args.methods or fxsketch.Config().methods}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; methods {args.methods or fxsketch.Config().methods}; "
+          f"extra time {'roofline' if args.roofline else 'from node times'}")
     print("| step | unmodified | planned | reduction | est. overhead | plan time | solver | decisions | gap | peak at |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for meta, table, cap in ((True, PREDICT, 0.10), (False, MEASURE, 0.15)):
@@ -122,7 +128,7 @@ def main(argv=None):
             for name, (make, shape) in table.items():
                 if args.only is None or name in args.only:
                     try:
-                        _row(name, make, shape, meta, args.max_overhead or cap, args.methods)
+                        _row(name, make, shape, meta, args.max_overhead or cap, args.methods, args.roofline)
                     except Exception as e:  # one row's failure is a row, not the end of the table
                         print(f"| {name} | {type(e).__name__}: {str(e).splitlines()[0][:200]} |", flush=True)
 
