@@ -217,7 +217,7 @@ class Solver:
         :attr:`Solution.hit_time_limit`)."""
         self._effort = Effort()
         self._deadline = math.inf
-        self._bounds: dict = {}
+        self._programs: dict = {}
 
     @property
     def _reduce(self) -> bool:  # ``options`` may be replaced between solves (new reduction sizes)
@@ -247,26 +247,31 @@ class Solver:
         return self._reported(found)
 
     def _peak_bound(self, cap: float) -> float | None:
-        """Bytes no plan within ``cap`` can go below: the relaxation of the lowest-peak rung at the cap."""
+        """Bytes no plan within ``cap`` can go below: the relaxation of the lowest-peak rung at the
+        cap (the search's own, where it ran one)."""
         if not self.model.n_choices:
             return float(self.unmodified.peak_bytes)
-        relaxed = self._relaxed(("peak", cap), lambda: self._rung(cap))
+        relaxed = self._rung(cap).relax()
         return None if relaxed is None else float(relaxed[0][-1]) * self.model.scale
 
     def _cost_bound(self, budget: int) -> float | None:
         """The least cost (+ noise_weight x noise) any plan within ``budget`` could have."""
         if not self.model.n_choices:
             return 0.0
-        m = self.model
-        relaxed = self._relaxed(("budget", budget), lambda: m.program(
-            self._objective(self._weights(), peak=False), None, live_upper=budget / m.scale))
+        relaxed = self._budget_program(budget).relax()
         return None if relaxed is None else max(relaxed[1], 0.0)
 
-    def _relaxed(self, key, program):
-        """The LP relaxation of ``program()``, computed once per key (a relaxation runs to the optimum)."""
-        if key not in self._bounds:
-            self._bounds[key] = program().relax()
-        return self._bounds[key]
+    def _memo(self, key, build) -> Program:
+        """One Program per key and objective weights (its relaxation is then computed once)."""
+        key = (key, self.options.noise_weight)
+        if key not in self._programs:
+            self._programs[key] = build()
+        return self._programs[key]
+
+    def _budget_program(self, budget: int) -> Program:
+        m = self.model
+        return self._memo(("budget", budget), lambda: m.program(
+            self._objective(self._weights(), peak=False), None, live_upper=budget / m.scale))
 
     def _reported(self, found: Solution) -> Solution:
         """``found``, saying whether this solve's safety limit stopped a search."""
@@ -347,6 +352,9 @@ class Solver:
     def _rung(self, cap: float) -> Program:
         """Lowest peak under overhead ``cap``: L[t] <= p at every step that could be the peak (one
         that can never exceed what some step must hold is none), and cost <= cap if finite."""
+        return self._memo(("peak", cap), lambda: self._build_rung(cap))
+
+    def _build_rung(self, cap: float) -> Program:
         m = self.model
         floor = float(np.max(m.fixed)) if m.n_steps else 0.0
         extra = m.peak_rows([t for t in range(m.n_steps) if m.most[t] > floor])
@@ -391,7 +399,7 @@ class Solver:
         nothing, the lowest-peak plan decides, and if it meets the budget it starts a second
         search for a cheaper plan that does."""
         m, o = self.model, self.options
-        program = m.program(self._objective(self._weights(), peak=False), None, live_upper=budget / m.scale)
+        program = self._budget_program(budget)
         free = self._uncapped_support().copy() if self._reduce else None
         chosen, wanted = self._search(program, o.max_nodes, free=free)
         if chosen is not None:

@@ -10,6 +10,7 @@ rows, a cost cap) under a copy, so one :class:`BaseModel` serves every solve on 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Iterable
 
 import highspy
@@ -134,7 +135,11 @@ class Program:
 
     def relax(self) -> tuple[np.ndarray, float] | None:
         """The LP relaxation (no limit: simplex runs to the optimum; LPs here take about a
-        second)."""
+        second), computed once per Program."""
+        return self._relaxation
+
+    @cached_property
+    def _relaxation(self) -> tuple[np.ndarray, float] | None:
         r = self.rows
         return _highs(self.objective, r.A, r.lo, r.hi, self.lower, self.upper)
 
