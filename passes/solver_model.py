@@ -227,9 +227,14 @@ def _or_rows(problem: Problem, first: int):
         always.append((s.nbytes, s.start, const_end))
         breaks = sorted({k[0] for k in keepers}, reverse=True)
         for k, b in enumerate(breaks):
-            # y >= constant + terms: between the next break and b it lives while a keeper ahead keeps it
+            # between the next break and b it lives while a keeper ahead keeps it: y >= constant +
+            # terms of each keeper whose step is in [b, previous break), and y >= the previous
+            # break's y (which covers every keeper further ahead): rows linear in the keepers, not
+            # quadratic (a DenseNet input held by dozens of replays), the same LP
             rows += [([(y, 1.0)] + [(c, -v) for c, v in terms], const, np.inf)
-                     for st, terms, const in keepers if st >= b]
+                     for st, terms, const in keepers if st >= b and (k == 0 or st < breaks[k - 1])]
+            if k:
+                rows.append(([(y, 1.0), (y - 1, -1.0)], 0.0, np.inf))
             spans.append((y, s.nbytes, (breaks[k + 1] if k + 1 < len(breaks) else const_end) + 1, b))
             y += 1
     return rows, spans, always

@@ -1,7 +1,26 @@
-"""Argument normalisation shared by the ops: one rule for "an int or a tuple per axis"."""
+"""Argument normalisation shared by the ops: one rule for "an int or a tuple per axis"; and one
+rule for an op called on fx proxies (a GraphModule re-traced when it is unpickled)."""
 from __future__ import annotations
 
-__all__ = ["per_axis"]
+import functools
+
+import torch.fx as fx
+
+__all__ = ["per_axis", "traceable"]
+
+
+def traceable(fn):
+    """``fn`` records itself as one call_function node when an argument is an fx Proxy (its
+    argument checks would fail on proxies), and runs as it is otherwise. ``torch.fx`` re-traces a
+    GraphModule's code when one is unpickled; fxsketch's ops inside it (a replayed segment's too)
+    must come back as the nodes they were."""
+    @functools.wraps(fn)
+    def op(*args, **kwargs):
+        proxy = next((a for a in (*args, *kwargs.values()) if isinstance(a, fx.Proxy)), None)
+        if proxy is not None:
+            return proxy.tracer.create_proxy("call_function", op, args, kwargs)
+        return fn(*args, **kwargs)
+    return op
 
 
 def per_axis(value, d: int, name: str, what: str = "") -> tuple[int, ...]:

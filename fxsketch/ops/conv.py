@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedError
+from ._args import traceable
 
 from .probed import (ConvGeometry, _input_and_bias_grad, conv_geometry, dw_channel, dw_spatial, sketch,
                      sketch_workspace_nbytes, weight_grad_workspace_nbytes)
@@ -206,6 +207,7 @@ class _ProbedConv(torch.autograd.Function):
         return dx, dw, db if need_db else None, None, None, None, None, None, None, None, None
 
 
+@traceable
 def probed_conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *,
                 rank, mode="spatial", probe="gaussian", generator=None):
     """A 1d/2d/3d convolution (from ``weight.dim()``) with an unbiased, sketched dW.

@@ -30,6 +30,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 
 from ..errors import UnsupportedError
+from ._args import traceable
 from .conv import draw_seed
 
 __all__ = ["QUANT_BITS", "quant_batch_norm", "quant_group_norm", "quant_layer_norm", "quant_instance_norm",
@@ -112,7 +113,7 @@ def _pack_impl(x: torch.Tensor, seed: torch.Tensor, bits: int, groups: Sequence[
             torch.rand(part.shape, generator=gen, dtype=torch.float32, device=x.device)
         t = (part.float() - lo_c).div_(step_c).add_(u)
         del u
-        codes = t.floor_().clamp_(0, levels).to(torch.uint8).view(-1)
+        codes = t.floor_().clamp_(0, levels).to(torch.uint8).reshape(-1)  # logical order: X may be strided
         del t
         a, b = sl.start * per, sl.start * per + codes.numel()
         if bits == 8:
@@ -293,6 +294,7 @@ def quant_instance_norm(input, running_mean=None, running_var=None, weight=None,
     return out.view_as(input)
 
 
+@traceable
 def quant_norm_module(input, module: nn.Module, *, bits: int = 8, generator: Optional[torch.Generator] = None):
     """``module(input)`` for a BatchNorm, GroupNorm, InstanceNorm or LayerNorm module, saving its input
     in ``bits`` bits; reads the module's train/eval flag and statistics settings when called."""
