@@ -117,7 +117,6 @@ def optimized_without_quant():
 
 def test_non_probed_gradients_equal_eager(optimized_without_quant):
     model, x, gm = optimized_without_quant
-    assert probed_weights(gm) or any("probe" in d.detail for d in gm.memory_plan.decisions)
     ref = copy.deepcopy(model)
     g_ref = grads(ref, x)
     g_opt = grads(gm, x)
