@@ -246,7 +246,7 @@ def _no_worse(v: Verified, model, analysis: Analysis, proposal: Proposal, config
     return apply(model, analysis, proposal, none, config.seed)
 
 
-def _safety_notes(solver: Solver, sol: Solution | None = None, what: str = "peak") -> list[str]:
+def _solver_notes(solver: Solver, sol: Solution | None = None, what: str = "peak") -> list[str]:
     """The optimality gap of the solve that made the plan, and the note a plan carries when a
     solve ran into the solver's wall-clock safety net: the one way a plan can depend on the
     machine's load."""
@@ -353,7 +353,7 @@ def _fit_on(problem, model: nn.Module, analysis: Analysis, proposal: Proposal, c
             if budget is not None and v.timeline.peak_bytes > budget * 1.001:
                 notes.append(f"predicted peak exceeds the budget by "
                              f"{100 * (v.timeline.peak_bytes / budget - 1):.1f} %")
-            return Fit(v, budget, tuple(notes + _safety_notes(solver, sol, "peak" if target is None else "extra time")))
+            return Fit(v, budget, tuple(notes + _solver_notes(solver, sol, "peak" if target is None else "extra time")))
         notes.append(f"re-planned: the rewritten graph predicted {format_bytes(v.timeline.peak_bytes)} "
                      f"> budget; solver target lowered")
         target = max(1, target - (v.timeline.peak_bytes - budget))
@@ -365,7 +365,7 @@ def _fit_on(problem, model: nn.Module, analysis: Analysis, proposal: Proposal, c
     if v.timeline.peak_bytes > budget:
         raise _budget_error(analysis, proposal, config, budget, v.timeline.peak_bytes)
     notes.append("the lowest-peak plan was used (the budget is close to the reachable floor)")
-    return Fit(v, budget, tuple(notes + _safety_notes(solver, lowest)))
+    return Fit(v, budget, tuple(notes + _solver_notes(solver, lowest)))
 
 
 # --------------------------------------------------------------------------------------------

@@ -181,7 +181,7 @@ class Recompute(OptionKind):
         holds = tuple((ctx.saved_index[s], rec) for s in ext_inputs if s in ctx.saved_index)
         cost = ctx.cost.fraction(sum(ctx.cost.seconds[n.name] for n in seg))
         first, last = seg[0].name, seg[-1].name
-        group, covers, nodes = f"segment:{first}..{last}", tuple(n.name for n in seg), tuple(n.name for n in seg)
+        group, nodes = f"segment:{first}..{last}", tuple(n.name for n in seg)
         out, seen, plain_kept = [], set(), 0
         for inner in ({}, *(_inner_choices(ctx, seg, exact) for exact in (True, False))):
             while True:  # an inner option whose storage another keeper still re-saves only adds bytes
@@ -200,13 +200,14 @@ class Recompute(OptionKind):
             if signature in seen or inner and kept > INNER_GAIN * plain_kept:
                 continue  # inner options that change little of what the replay keeps: not worth a choice
             seen.add(signature)
-            plain_kept = plain_kept if inner else kept
+            if not inner:  # the plain replay comes first: the yardstick of the others
+                plain_kept = kept
             kinds = sorted({cand.kind for _, cand in inner.values()})
             inside = (", inside: " + ", ".join(f"{sum(c.kind == k for _, c in inner.values())} {k}" for k in kinds)
                       if inner else "")
             out.append((Choice(group, cost + sum(ch.cost for ch, _ in inner.values()),
                                max((ch.noise for ch, _ in inner.values()), default=0.0), drops=drops, adds=adds,
-                               holds=holds, covers=covers),
+                               holds=holds, covers=nodes),
                         Candidate(self.name, nodes, dict(inner=tuple(c for _, c in inner.values())),
                                   f"{first} .. {last} ({len(seg)} nodes{inside})")))
         return out
