@@ -21,7 +21,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from ._calibration import calibrate_for_plan
+from ._calibration import Reachable, calibrate_for_plan
 from .config import Config, resolve_budget
 from .errors import BudgetError
 from .measurement import default_loss
@@ -147,8 +147,7 @@ def propose(model: nn.Module, analysis: Analysis, config: Config, *, calibration
     limit = resolve_budget(config.budget, analysis.timeline.peak_bytes)
     if limit is None and (not analysis.meta_inputs or calibration_inputs is not None):
         # without a budget, calibration stays under the lowest peak any plan could reach
-        bound = Solver(build().problem, config.solver_options()).solve(None, max_overhead=config.max_overhead)
-        limit = bound.peak_bytes if limit is None else limit
+        limit = Reachable(Solver(build().problem, config.solver_options()), config.max_overhead)
     with _fork_rng():
         noise, timings = calibrate_for_plan(model, analysis, config, limit, notes,
                                             calibration_inputs=calibration_inputs,

@@ -246,6 +246,11 @@ class Solver:
             self.hit_time_limit |= self._effort.hit_time_limit
         return self._reported(found)
 
+    def peak_bound(self, max_overhead: float | None = None) -> float | None:
+        """Bytes no plan costing at most ``max_overhead`` (None: any) can go below: the LP
+        relaxation of the lowest-peak problem (one LP, no search; None if it is infeasible)."""
+        return self._peak_bound(math.inf if max_overhead is None else max_overhead)
+
     def _peak_bound(self, cap: float) -> float | None:
         """Bytes no plan within ``cap`` can go below: the relaxation of the lowest-peak rung at the
         cap (the search's own, where it ran one)."""

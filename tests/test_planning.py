@@ -137,3 +137,23 @@ def test_real_input_plans_are_the_same_under_load():
     with cpu_burner():
         second = fxsketch.optimize(plain_cnn(), (x,), 0.4, loss_fn=loss, seed=0).memory_plan
     assert first.decisions and second.decisions == first.decisions
+
+
+def test_the_calibration_limit_solves_only_when_the_lp_bound_does_not_decide():
+    """Without a budget the calibration batch stays under the lowest reachable peak; a sub-batch
+    predicted under the solver's LP bound (which no plan goes below) needs no MILP for that."""
+    from fxsketch._calibration import Reachable
+    from fxsketch.passes.solve import Choice, Problem, Saved, Solver
+
+    p = Problem(2, [1, 5], [Saved(10, 0, 0, (("a", 1),))], [Choice("a", 0.1, drops=((0, "a"),))])
+    solved = []
+
+    class Counting(Solver):
+        def solve(self, *a, **k):
+            solved.append(a)
+            return super().solve(*a, **k)
+    limit = Reachable(Counting(p), max_overhead=0.2)
+    assert 0 < limit.bound <= 11  # the plan that drops the storage: peak 11 (its LP bound no higher)
+    assert limit.admits(int(limit.bound)) and not solved
+    assert limit.admits(11) and len(solved) == 1  # above the bound: the MILP decides
+    assert not limit.admits(12) and len(solved) == 1  # solved once
