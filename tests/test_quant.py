@@ -214,3 +214,33 @@ def test_a_strided_input_is_quantized_in_its_logical_order(bits):
     want = torch.autograd.grad(F.layer_norm(x, (32,), w, b), (x, w), gy)
     for g, e in zip(got, want):  # dequantized X: close to eager's, nowhere permuted
         assert (g - e).norm() < (0.05 if bits == 8 else 0.5) * e.norm()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("shape, groups", [((3, 5, 40), None), ((2, 3, 301), None), ((4, 3, 7, 7), None),
+                                           ((3, 5, 7), None), ((37, 6), [1, 6])])
+def test_packing_in_blocks_rounds_to_a_neighbour_unbiased_within_its_workspace(monkeypatch, bits, shape, groups):
+    """The packing runs in blocks of q.BLOCK elements (rows, pieces of a row, or the whole tensor
+    where the groups are not its leading dims or 4-bit rows are odd): each code is the grid point
+    below or above X, the mean of many draws is X, and it allocates its stated workspace."""
+    from fxsketch.measurement import LiveStorageTracker
+    monkeypatch.setattr(q, "BLOCK", 64)
+    torch.manual_seed(0)
+    x = torch.randn(shape) * 3 + 1
+    groups = q.quant_groups(shape, "batch") if groups is None else groups
+    total, draws = torch.zeros(shape, dtype=torch.float64), 300
+    for k in range(draws):
+        with LiveStorageTracker([x]) as tr:
+            codes, lo, step = q.quant_pack(x, torch.tensor(k), bits, groups)
+        if k == 0:
+            outputs = codes.nbytes + lo.nbytes + step.nbytes
+            assert outputs <= tr.peak_bytes - x.nbytes <= outputs + q.pack_workspace_nbytes(shape, bits, groups) + 8 * lo.numel()
+        y = q.dequantize(codes, lo, step, bits, shape)
+        pos, got = (x - lo) / step, (y - lo) / step
+        assert torch.all((got - pos.floor() > -1e-3) & (got - pos.floor() < 1 + 1e-3)), k
+        assert codes.max() <= 2 ** bits - 1 or bits == 4
+        total += y
+    sigma = (step / 2 / math.sqrt(draws)).expand(shape).double()
+    assert torch.all((total / draws - x).abs() <= 5 * sigma + 1e-5)
+    half = q.dequantize(codes, lo, step, bits, shape, torch.float16)
+    assert torch.equal(half, q.dequantize(codes, lo, step, bits, shape).half())  # computed in fp32, then cast

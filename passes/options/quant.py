@@ -133,14 +133,13 @@ class Quant(OptionKind):
         noise = noise if isinstance(noise, QuantNoise) else QuantPrior(_group_elems(shape, groups))
         extra = _extra_seconds(ctx, n, spec, xmeta)
         f, b = ctx.fwd[n.name], ctx.bwd[n.name]
-        chunks, per = q._sample_chunks(shape, 8)
-        chunk = (chunks[0].stop - chunks[0].start) * per
         for bits in q.QUANT_BITS:
             nb = q.quant_nbytes(shape, bits, groups)
             level = noise.ratio(bits)
-            # forward: the fp32 uniforms and scaled values of one chunk, its codes; backward: the
-            # dequantized X in X's dtype, and one chunk's fp32 codes and product
-            transients = (Span(chunk * 9 + 8 * math.prod(groups), f, f), Span(math.prod(shape) * size + chunk * 8, b, b))
+            # forward: the packing's block buffers; backward: the dequantized X in X's dtype and
+            # the unpacking's block buffers
+            transients = (Span(q.pack_workspace_nbytes(shape, bits, groups), f, f),
+                          Span(math.prod(shape) * size + q.unpack_workspace_nbytes(shape, bits, groups, xmeta.dtype), b, b))
             detail = (f"{bits}-bit X ({nb / max(x_bytes, 1):.3g} of X), noise {level:.2f}x SGD"
                       + ("" if noise.calibrated else " (prior)"))
             yield (Choice(n.name, ctx.cost.fraction(extra[bits]), level, drops=((ctx.saved_index[x], n.name),),
