@@ -9,6 +9,7 @@ from fxsketch.passes.options.probe import conv_spec
 from fxsketch.pipeline import analyse
 from fxsketch.passes.liveness import simulate
 from fxsketch.passes.solve import evaluate
+from fxsketch.ops.recompute import Recompute as RecomputeModule
 
 
 class Block(nn.Module):
@@ -202,5 +203,52 @@ def test_a_quantized_norm_inside_a_replay_updates_its_running_statistics_once():
     want = eager(x)
     want.sum().backward()
     assert torch.equal(out, want)
+    for (k, b), (_, e) in zip(model.named_buffers(), eager.named_buffers()):
+        assert torch.equal(b, e), k
+
+
+def test_nested_replays_predict_the_rewritten_graph_are_exact_and_update_running_statistics_once():
+    # a replay whose first nodes are a replay of their own: the outer replay runs them as a
+    # checkpoint, so their saved tensors come back only at their own backward
+    from fxsketch.measurement import default_loss
+    from fxsketch.passes.rewrite import rewrite
+    from fxsketch.pipeline import verify
+    torch.manual_seed(0)
+    model, x = Residual(), torch.randn(4, 3, 16, 16)
+    a = analyse(model, (x,))
+    built = build_problem(a.gm, a.schedule, simulate(a.schedule), methods=("recompute", "lean", "probe"),
+                          probe_rank=4, max_grad_noise=100.0)
+    prob, cands = built.problem, built.candidates
+    nested = [i for i, c in enumerate(cands) if c.params.get("nested")]
+    assert len(nested) >= 5 and any(cands[i].params["inner"] for i in nested)  # options inside it too
+    ratios = {}
+    for i in nested:
+        c = cands[i]
+        assert set(c.params["nested"]) < set(c.nodes) and c.nodes[:len(c.params["nested"])] == c.params["nested"]
+        plain = next(k for k, d in enumerate(cands) if d.nodes == c.nodes and not d.params.get("nested")
+                     and not d.params["inner"])
+        assert prob.choices[i].cost > prob.choices[plain].cost  # the prefix runs once more
+        new = rewrite(model, a.gm, [c], seed=0)
+        assert sum(isinstance(m, RecomputeModule) for m in new.children()) == 1  # the inner one sits inside
+        assert torch.equal(new(x), model(x))
+        ratios[c.detail] = max(evaluate(prob, [i])) / verify(new, (x,), default_loss)[1].peak_bytes
+    assert min(ratios.values()) >= 0.88, ratios
+    assert max(ratios.values()) <= 1.2, ratios
+
+    # outputs, gradients and BatchNorm statistics as eager (b1 in the nested replay, b2 outside it)
+    cand = next(cands[i] for i in nested if cands[i].nodes[0] == "c1" and cands[i].nodes[-1] == "b2"
+                and not cands[i].params["inner"])
+    assert "b1" in cand.params["nested"] and "b2" not in cand.params["nested"]
+    eager = Residual()
+    eager.load_state_dict(model.state_dict())
+    new = rewrite(model, a.gm, [cand])
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    out, want = new(x1), eager(x2)
+    out.sum().backward()
+    want.sum().backward()
+    assert torch.equal(out, want)
+    assert torch.allclose(x1.grad, x2.grad, atol=1e-5)
+    for (k, p), (_, q) in zip(model.named_parameters(), eager.named_parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5), k
     for (k, b), (_, e) in zip(model.named_buffers(), eager.named_buffers()):
         assert torch.equal(b, e), k

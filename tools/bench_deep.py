@@ -10,8 +10,8 @@ Every row plans with ``budget=None, max_overhead`` (0.10 predicted, 0.15 measure
 ``seed=0``; probe (and quantized-norm) noise is calibrated on a real 2-sample batch
 (``calibration_inputs``), as the CLI does. Printed per row: the unmodified and the planned peak,
 their ratio, the estimated overhead, the wall time of planning and of the solver alone, the
-solver's optimality gap (its note), the number of choices, how many replays run options inside,
-and the step where the peak sits with what is alive there. ``--measure`` also runs the optimized
+solver's optimality gap (its note), the number of choices, how many replays run options inside
+or a nested replay, and the step where the peak sits with what is alive there. ``--measure`` also runs the optimized
 step under fxsketch's exact live-storage tracker (``fxsketch.measure``) and checks that the
 outputs equal eager.
 """
@@ -93,11 +93,12 @@ def _row(name, make, shape, meta: bool, max_overhead: float, methods, roofline: 
     seconds = time.perf_counter() - t
     gap = next((n for n in plan.notes if n.startswith("solver:")), "-")
     inside = sum("inside:" in d.detail for d in plan.decisions)
+    nested = sum("nested replay" in d.detail for d in plan.decisions)
     alive = ", ".join(f"{o} ({c}, {format_bytes(b)})" for o, c, b in plan.alive_at_peak[:3])
     print(f"| {name} {'x'.join(map(str, shape))}{' meta' if meta else ''} | {format_bytes(plan.baseline_peak_bytes)} "
           f"| {format_bytes(plan.peak_bytes)} | {plan.baseline_peak_bytes / plan.peak_bytes:.2f}x "
           f"| {100 * plan.extra_time:.1f} % | {seconds:.1f} s | {clock.seconds:.1f} s | {len(plan.decisions)} "
-          f"({inside} replays with options inside) | {gap} | {plan.peak_node}: {alive} |", flush=True)
+          f"({inside} replays with options inside, {nested} nested) | {gap} | {plan.peak_node}: {alive} |", flush=True)
     if gm is not None:
         eager = fxsketch.measure(model, (x,))
         got = fxsketch.measure(gm, (x,))

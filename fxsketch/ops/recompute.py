@@ -18,8 +18,8 @@ class Recompute(nn.Module):
     segment is replayed in backward. Holds no state of its own: the segment's submodules are the
     model's, stored unregistered so that ``state_dict`` keys do not change.
 
-    BatchNorm running statistics are restored after a replay, so they are updated once per step
-    as in eager mode; probes are redrawn identically: torch's RNG state is preserved, and so is
+    BatchNorm running statistics are restored after a replay (a nested replay's included), so
+    they are updated once per step as in eager mode; probes are redrawn identically: torch's RNG state is preserved, and so is
     that of any ``torch.Generator`` among the inputs (the probes' private one, ``seed=``).
 
     Under ``torch.compile`` the segment is traced as torch's checkpoint region: AOTAutograd
@@ -48,8 +48,9 @@ class Recompute(nn.Module):
         def run(*a):
             if next(calls) == 0:
                 return self.segment(*a)
-            # a norm module called inside, or passed in (a quantized norm takes its module)
-            norms = [*self.segment.modules(), *(x for x in a if isinstance(x, nn.Module))]
+            # a norm module called inside (a nested replay's too), or passed in (a quantized norm
+            # takes its module)
+            norms = [*_modules(self.segment), *(x for x in a if isinstance(x, nn.Module))]
             stats = [(b, b.clone()) for m in norms if isinstance(m, nn.modules.batchnorm._NormBase)
                      for b in m.buffers()]
             after = [g.get_state() for g in generators]
@@ -68,6 +69,15 @@ class Recompute(nn.Module):
     def extra_repr(self) -> str:
         names = [n.name for n in self.segment.graph.nodes if n.op not in ("placeholder", "output")]
         return f"{len(names)} nodes: {names[0]} .. {names[-1]}" if names else "empty"
+
+
+def _modules(segment: nn.Module):
+    """The segment's modules and those of the segments of Recompute modules inside it (held
+    unregistered, so ``modules()`` does not reach them)."""
+    for m in segment.modules():
+        yield m
+        if isinstance(m, Recompute):
+            yield from _modules(m.segment)
 
 
 def _generators(args) -> list:

@@ -122,6 +122,19 @@ def _copies(ctx: ProposalContext, keys, dropped) -> dict[int, int]:
     return copies
 
 
+def _current(rw: RewriteContext, name: str) -> fx.Node:
+    """The node of the new graph that stands for the node ``name`` now: itself, what replaced it,
+    or the call of the replay it was cut into (following each replacement)."""
+    while name not in rw.by_name:
+        name = rw.standing[name].name
+    return rw.by_name[name]
+
+
+def _most_at_once(spans) -> int:
+    """The most bytes of ``spans`` alive at one step."""
+    return max((sum(sp.nbytes for sp in spans if sp.start <= t <= sp.end) for t in {sp.start for sp in spans}), default=0)
+
+
 def _inner_choices(ctx: ProposalContext, seg: list[fx.Node], exact: bool) -> dict:
     """Node name -> the single-node (choice, candidate) a replay of ``seg`` applies inside: per
     node, of the kinds that work inside a replay (``OptionKind.in_replays``), the admissible
@@ -147,42 +160,58 @@ class Recompute(OptionKind):
 
     def graph_choices(self, ctx: ProposalContext):
         kernel = _kernel_bytes(ctx)
-        for i, j in segments(ctx.nodes):
-            yield from self._segment_choice(ctx, ctx.nodes[i:j + 1], kernel)
+        ranges = segments(ctx.nodes)
+        ends: dict[int, list[int]] = {}
+        for i, j in ranges:
+            ends.setdefault(i, []).append(j)
+        for i, j in ranges:
+            # the segments that start where this one does and end inside it: its nested replays
+            prefixes = [ctx.nodes[i:k + 1] for k in ends[i] if k < j]
+            yield from self._segment_choice(ctx, ctx.nodes[i:j + 1], kernel, prefixes)
 
-    def _segment_choice(self, ctx: ProposalContext, seg: list[fx.Node], kernel: dict[int, int]):
-        """The choices of replaying ``seg`` (plain, and with the single-node options of its nodes
-        applied inside the replay), or () if it is no valid segment or frees nothing."""
+    def _replay(self, ctx: ProposalContext, seg: list[fx.Node], kernel: dict[int, int]):
+        """What replaying ``seg`` needs: (nodes, external input storages, first backward step,
+        keys = the (storage, node) saves the replay takes over, largest transient), or None where
+        it is no valid segment or frees nothing."""
         names = {n.name for n in seg}
         seg = [n for n in seg if n.op not in ("placeholder", "get_attr")]
         if len(seg) < 2 or not all(n.name in ctx.fwd for n in seg):
-            return ()
+            return None
         ext_inputs = {m.storage for n in seg for a in n.all_input_nodes if a.name not in names
                       for m in a.meta.get("fxsketch.tensor", ())}
         if any(_inplace(ctx, n) and any(a.name not in names for a in n.all_input_nodes) for n in seg):
-            return ()  # replaying an in-place op on a segment input would apply it twice
+            return None  # replaying an in-place op on a segment input would apply it twice
         if any(n.meta.get("fxsketch.guard") for n in seg):
-            return ()  # an exported graph's input check (passes.export): stays in the forward
+            return None  # an exported graph's input check (passes.export): stays in the forward
         back = [ctx.bwd[n.name] for n in seg if n.name in ctx.bwd]
         if not back:
-            return ()
-        rec = min(back)
+            return None
         storages = ctx.schedule.storages
         keys = [(s, n) for n in seg for s in (n.meta.get("fxsketch.saved", ()) if n.name in ctx.bwd else ())
                 if s in ctx.saved_index and s not in ext_inputs and storages[s].kind not in RESIDENT]
         if not keys:
-            return ()
-        drops = tuple((ctx.saved_index[s], n.name) for s, n in keys)
-        key_index = {i for i, _ in drops}
+            return None
         largest = max((storages[m.storage].nbytes for n in seg for m in n.meta.get("fxsketch.tensor", ())
                        if m.storage in storages), default=0)
         # the replay runs the segment's kernels again: their workspace (oneDNN's reorders) too
         largest += max((kernel.get(ctx.fwd[n.name], 0) for n in seg), default=0)
+        return seg, ext_inputs, min(back), keys, largest
+
+    def _segment_choice(self, ctx: ProposalContext, seg: list[fx.Node], kernel: dict[int, int], prefixes=()):
+        """The choices of replaying ``seg`` (plain, with the single-node options of its nodes
+        applied inside the replay, and with a nested replay of one of ``prefixes``), or () if it is
+        no valid segment or frees nothing."""
+        replay = self._replay(ctx, seg, kernel)
+        if replay is None:
+            return ()
+        seg, ext_inputs, rec, keys, largest = replay
+        drops = tuple((ctx.saved_index[s], n.name) for s, n in keys)
+        key_index = {i for i, _ in drops}
         holds = tuple((ctx.saved_index[s], rec) for s in ext_inputs if s in ctx.saved_index)
         cost = ctx.cost.fraction(sum(ctx.cost.seconds[n.name] for n in seg))
         first, last = seg[0].name, seg[-1].name
         group, nodes = f"segment:{first}..{last}", tuple(n.name for n in seg)
-        out, seen, plain_kept = [], set(), 0
+        out, seen, plain_kept, bases = [], set(), 0, []
         for inner in ({}, *(_inner_choices(ctx, seg, exact) for exact in (True, False))):
             while True:  # an inner option whose storage another keeper still re-saves only adds bytes
                 copies = _copies(ctx, keys, {d for ch, _ in inner.values() for d in ch.drops})
@@ -202,26 +231,91 @@ class Recompute(OptionKind):
             seen.add(signature)
             if not inner:  # the plain replay comes first: the yardstick of the others
                 plain_kept = kept
-            kinds = sorted({cand.kind for _, cand in inner.values()})
-            inside = (", inside: " + ", ".join(f"{sum(c.kind == k for _, c in inner.values())} {k}" for k in kinds)
-                      if inner else "")
-            out.append((Choice(group, cost + sum(ch.cost for ch, _ in inner.values()),
-                               max((ch.noise for ch, _ in inner.values()), default=0.0), drops=drops, adds=adds,
-                               holds=holds, covers=nodes),
-                        Candidate(self.name, nodes, dict(inner=tuple(c for _, c in inner.values())),
-                                  f"{first} .. {last} ({len(seg)} nodes{inside})")))
+            bases.append((inner, adds))
+            out.append(self._choice(ctx, seg, group, nodes, cost, drops, adds, holds, inner))
+        # a nested replay of the segment's first nodes, in the plain replay and in the one with the
+        # most options inside
+        for k in dict.fromkeys((0, len(bases) - 1)):
+            inner, adds = bases[k]
+            nested = self._nested(ctx, replay, prefixes, kernel, inner, adds)
+            if nested is not None:
+                p_nodes, p_rec, p_inputs, adds_n = nested
+                # the segment's inputs that the prefix reads stay until the prefix's own replay
+                holds_n = tuple((ctx.saved_index[s], p_rec if s in p_inputs else rec)
+                                for s in ext_inputs if s in ctx.saved_index)
+                cost_n = cost + ctx.cost.fraction(sum(ctx.cost.seconds[n.name] for n in p_nodes))
+                out.append(self._choice(ctx, seg, group, nodes, cost_n, drops, adds_n, holds_n, inner,
+                                        tuple(n.name for n in p_nodes)))
         return out
 
+    def _choice(self, ctx, seg, group, nodes, cost, drops, adds, holds, inner: dict, nested=()):
+        kinds = sorted({cand.kind for _, cand in inner.values()})
+        detail = ", inside: " + ", ".join(f"{sum(c.kind == k for _, c in inner.values())} {k}" for k in kinds) \
+            if inner else ""
+        if nested:
+            detail += f", nested replay of {nested[0]} .. {nested[-1]}"
+        return (Choice(group, cost + sum(ch.cost for ch, _ in inner.values()),
+                       max((ch.noise for ch, _ in inner.values()), default=0.0), drops=drops, adds=adds,
+                       holds=holds, covers=nodes),
+                Candidate(self.name, nodes, dict(inner=tuple(c for _, c in inner.values()), nested=nested),
+                          f"{seg[0].name} .. {seg[-1].name} ({len(seg)} nodes{detail})"))
+
+    def _nested(self, ctx: ProposalContext, replay, prefixes, kernel: dict[int, int], inner: dict, base_adds):
+        """A nested replay of the segment's first nodes (one of ``prefixes``), in the replay with
+        the options ``inner`` inside, whose spans are ``base_adds``: the outer replay runs the
+        prefix as a checkpoint too, so the prefix's saved tensors (and its inner options' masks,
+        sketches, codes) are rebuilt only at its own backward, after the rest of the segment's
+        backward has let go of its copies. Of the prefixes, the one whose replay holds the least
+        at once, if that is at most INNER_GAIN of what the replay without it holds: (prefix nodes,
+        its first backward step, its input storages, the spans), else None. The prefix's forward
+        runs once more (the caller adds its cost)."""
+        seg, ext_inputs, rec, keys, largest = replay
+        dropped = {d for ch, _ in inner.values() for d in ch.drops}
+        best = None
+        for prefix in prefixes:
+            sub = self._replay(ctx, prefix, kernel)
+            if sub is None or len(sub[0]) >= len(seg):
+                continue
+            p_nodes, p_inputs, p_rec, _, p_largest = sub
+            names = {n.name for n in p_nodes}
+            if p_rec <= rec or sum(any(u.name not in names for u in n.users) for n in p_nodes) != 1:
+                continue  # replayed at once anyway, or more than one tensor leaves the prefix
+            outer = _copies(ctx, [(s, n) for s, n in keys if n.name not in names], dropped)
+            within = _copies(ctx, [(s, n) for s, n in keys if n.name in names], dropped)
+            adds = tuple(Span(ctx.saved[i].nbytes, rec, end) for i, end in outer.items())
+            adds += tuple(Span(ctx.saved[i].nbytes, p_rec, end) for i, end in within.items())
+            adds += (Span(largest, rec, rec), Span(p_largest, p_rec, p_rec))
+            for name, (ch, _) in inner.items():  # made by the replay that runs the node's backward
+                at = p_rec if name in names else rec
+                adds += tuple(Span(sp.nbytes, max(sp.start, at), max(sp.end, at)) for sp in ch.adds)
+            held = _most_at_once(adds)
+            if best is None or held < best[0]:
+                best = (held, p_nodes, p_rec, p_inputs, adds)
+        if best is None or best[0] > INNER_GAIN * _most_at_once(base_adds):
+            return None
+        return best[1:]
+
     def label(self, cand: Candidate) -> str:
-        inner = cand.params.get("inner", ())
-        return f"recompute {len(cand.nodes)} nodes" + (f" ({len(inner)} options inside)" if inner else "")
+        inner, nested = cand.params.get("inner", ()), cand.params.get("nested", ())
+        return f"recompute {len(cand.nodes)} nodes" + (f" ({len(inner)} options inside)" if inner else "") \
+            + (f" (nested replay of {len(nested)})" if nested else "")
 
     def rewrite(self, rw: RewriteContext, cand: Candidate) -> fx.Node:
-        graph = rw.graph
         for inner in cand.params.get("inner", ()):  # replaced in place first: the segment carries them
             kind = get(inner.kind)
             kind.rewrite(rw, inner).meta["fxsketch.option"] = kind.label(inner)
-        seg = [rw.by_name[name] if name in rw.by_name else rw.standing[name] for name in cand.nodes]
+        nested = cand.params.get("nested", ())
+        inner_call = self._cut(rw, nested) if nested else None
+        call = self._cut(rw, cand.nodes)
+        if inner_call is not None:  # the outer segment's module holds it now
+            rw.gm.delete_submodule(inner_call.target)
+        return call
+
+    def _cut(self, rw: RewriteContext, names) -> fx.Node:
+        """Move the nodes ``names`` (or what stands for them) into a Recompute module called in
+        their place; returns the call."""
+        graph = rw.graph
+        seg = list(dict.fromkeys(_current(rw, name) for name in names))
         inside = set(seg)
         inputs = list(dict.fromkeys(a for n in seg for a in n.all_input_nodes if a not in inside))
         outputs = [n for n in seg if any(u not in inside for u in n.users)]
@@ -232,7 +326,8 @@ class Recompute(OptionKind):
         sub.output(tuple(env[o] for o in outputs) if len(outputs) != 1 else env[outputs[0]])
         index = next(rw.counter)
         name = f"fxsketch_recompute_{index}"
-        rw.gm.add_submodule(name, RecomputeModule(fx.GraphModule(rw.model, sub, f"segment_{index}")))
+        # rooted at the new module: a nested replay's module is there, the model's own ones too
+        rw.gm.add_submodule(name, RecomputeModule(fx.GraphModule(rw.gm, sub, f"segment_{index}")))
         for a in inputs:
             if a.op == "get_attr":  # a weight fetched inside the range: fetch it before the call
                 seg[0].prepend(a)
