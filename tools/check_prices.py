@@ -1,26 +1,60 @@
 """Are the planner's prices right? One ResNet-50 16x3x224x224 plan priced by node times (the
 default) and one priced by the roofline (``time_nodes=False``), each optimized with
-``budget=None, max_overhead=0.15, seed=0``, then eager and optimized training steps timed
-alternately (best of 3 after one warm-up each): estimated against measured step overhead.
+``budget=None, max_overhead=0.15, seed=0``, then eager and optimized training steps timed in
+alternating pairs (one warm-up each, then ``--rounds`` pairs): estimated against measured step
+overhead. On a shared 2-core machine one step's time varies by 20 % from run to run, so the
+overhead is read three ways: the median of the pairs' ratios (each pair ran back to back), the
+ratio of the two best steps, and the quartiles of the pairs' ratios (how far to trust it).
 
-    .venv/bin/python tools/check_prices.py        # docs/replays.md, "Measured on CPU"
+    .venv/bin/python tools/check_prices.py              # docs/replays.md, "Measured on CPU"
+    .venv/bin/python tools/check_prices.py --rounds 12
 """
-import time, torch, torchvision, fxsketch
-torch.manual_seed(0)
-model = torchvision.models.resnet50()
-x = torch.randn(16, 3, 224, 224)
-def step(m):
-    t = time.perf_counter(); m(x).sum().backward(); dt = time.perf_counter() - t
-    for p in m.parameters(): p.grad = None
+import argparse
+import statistics
+import time
+
+import torch
+import torchvision
+
+import fxsketch
+
+
+def step(m, x):
+    t = time.perf_counter()
+    m(x).sum().backward()
+    dt = time.perf_counter() - t
+    for p in m.parameters():
+        p.grad = None
     return dt
-for label, opts in (("node times", {}), ("roofline", dict(time_nodes=False))):
-    gm = fxsketch.optimize(model, (x,), None, max_overhead=0.15, seed=0, progress=False, **opts)
-    p = gm.memory_plan
-    step(model); step(gm)
-    e, o = [], []
-    for _ in range(3):
-        e.append(step(model)); o.append(step(gm))
-    kinds = {}
-    for d in p.decisions: kinds[d.option.value] = kinds.get(d.option.value, 0) + 1
-    print(f"{label}: predicted {p.peak_bytes/2**20:.0f} MiB ({p.baseline_peak_bytes/p.peak_bytes:.2f}x), est {100*p.extra_time:.1f} %, "
-          f"measured {100*(min(o)/min(e)-1):+.1f} % (eager {min(e):.2f} s, optimized {min(o):.2f} s), {kinds}", flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=8, help="alternating (eager, optimized) step pairs per plan")
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    model = torchvision.models.resnet50()
+    x = torch.randn(16, 3, 224, 224)
+    for label, opts in (("node times", {}), ("roofline", dict(time_nodes=False))):
+        gm = fxsketch.optimize(model, (x,), None, max_overhead=0.15, seed=0, progress=False, **opts)
+        p = gm.memory_plan
+        step(model, x)
+        step(gm, x)
+        e, o = [], []
+        for _ in range(args.rounds):
+            e.append(step(model, x))
+            o.append(step(gm, x))
+        ratios = sorted(b / a - 1 for a, b in zip(e, o))
+        q1, _, q3 = statistics.quantiles(ratios, n=4)
+        kinds = {}
+        for d in p.decisions:
+            kinds[d.option.value] = kinds.get(d.option.value, 0) + 1
+        print(f"{label}: predicted {p.peak_bytes / 2**20:.0f} MiB ({p.baseline_peak_bytes / p.peak_bytes:.2f}x), "
+              f"est {100 * p.extra_time:.1f} %, measured: median of {args.rounds} pairs "
+              f"{100 * statistics.median(ratios):+.1f} % (quartiles {100 * q1:+.1f} / {100 * q3:+.1f} %), "
+              f"best steps {100 * (min(o) / min(e) - 1):+.1f} % (eager {min(e):.2f} s, optimized {min(o):.2f} s), "
+              f"{kinds}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
