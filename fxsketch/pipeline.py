@@ -311,7 +311,9 @@ def _without_kernel_workspace(problem, analysis: Analysis):
     if not spans:
         return None
     kernel = live_bytes(problem.n_steps, spans)
-    return replace(problem, fixed=[f - k for f, k in zip(problem.fixed, kernel)])
+    # a choice that frees workspace (a negative span: passes.options.chunk) frees none here
+    choices = [replace(c, adds=tuple(sp for sp in c.adds if sp.nbytes >= 0)) for c in problem.choices]
+    return replace(problem, fixed=[f - k for f, k in zip(problem.fixed, kernel)], choices=choices)
 
 
 TARGET_MARGIN = 0.01

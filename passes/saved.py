@@ -83,6 +83,9 @@ class StepRecord:
     # per (phase, node): the most bytes alive at once within the step with a kernel's workspace
     # (passes.workspace) during its call; and how each kernel's workspace was found
     kernel_peaks: dict[tuple[str, str], int] = field(default_factory=dict)
+    # step -> the kernel calls (passes.workspace.Call) it made: what an option re-running a kernel
+    # at other shapes asks the workspace of
+    kernel_calls: dict[tuple[str, str], tuple] = field(default_factory=dict)
     # opaque nodes' backward steps: most bytes at once, new storages less the saved ones it freed
     net_peaks: dict[tuple[str, str], int] = field(default_factory=dict)
     kernel_sources: dict[str, int] = field(default_factory=dict)
@@ -463,6 +466,8 @@ def profile_step(
     record.storages = dict(reg.infos)
     record.step_peaks = dict(workspace.peak)
     record.kernel_peaks, record.kernel_sources = workspace.kernel_peaks()
+    for step, _, call in workspace.kernel_calls:
+        record.kernel_calls[step] = record.kernel_calls.get(step, ()) + (call,)
     record.net_peaks = dict(workspace.net_peak)
     record.backward_order = tuple(k for k in workspace.order if k[0] == "backward")
     record.backward_created = dict(workspace.created)

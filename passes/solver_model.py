@@ -275,7 +275,9 @@ def build_model(problem: Problem, scale: float) -> BaseModel:
     live = nc + len(spans)
     fixed = np.asarray(live_bytes(T, always, problem.fixed), dtype=float)
     spans += [(c, sp.nbytes, sp.start, sp.end) for c, ch in enumerate(problem.choices) for sp in ch.adds]
-    most = np.asarray(live_bytes(T, [(w, a, b) for _, w, a, b in spans], fixed), dtype=float)
+    # the most a step could hold: every choice's bytes, none of the negative ones (workspace a
+    # choice frees, passes.options.chunk)
+    most = np.asarray(live_bytes(T, [(w, a, b) for _, w, a, b in spans if w > 0], fixed), dtype=float)
     rows = Rows.of(or_rows + _group_rows(problem) + _running_sum_rows(spans, fixed, live, scale), live + T)
     cost = np.array([ch.cost for ch in problem.choices])
     noise = np.array([ch.noise for ch in problem.choices])

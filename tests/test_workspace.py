@@ -43,7 +43,10 @@ def test_workspace_predicts_the_process_level_peak_and_tensor_bytes_do_not():
     plan = fxsketch.plan(model, (X,))
     m = fxsketch.measure(model, (X,), repeat=1, level="process")
     assert plan.tensor_peak_bytes == pytest.approx(m.peak_bytes, rel=0.01)     # the tensor level, as before
-    assert plan.peak_bytes == pytest.approx(m.process_peak_bytes, rel=0.03)
+    # within 3 % below, 5 % above: a chunked conv backward (passes/options/chunk.py) allocates dX
+    # whole and writes it chunk by chunk, and the process's RSS counts only the pages written so
+    # far (the plan counts dX whole, as a GPU's allocator does): here 4.7 % over
+    assert 0.97 <= plan.peak_bytes / m.process_peak_bytes <= 1.05, (plan.peak_bytes, m.process_peak_bytes)
     assert plan.tensor_peak_bytes < 0.9 * m.process_peak_bytes                 # 16 % under without workspace
     assert plan.breakdown["workspace"] > 8 << 20                               # a conv backward's reorders
     assert any("kernel workspace (convolutions)" in n and "measured" in n for n in plan.notes)
@@ -58,7 +61,10 @@ def test_a_budget_plan_stays_under_its_budget_by_process_level_measurement():
     assert plan.decisions and plan.peak_bytes <= plan.budget_bytes
     m = fxsketch.measure(gm, (X,), repeat=1, level="process")
     assert m.process_peak_bytes <= plan.budget_bytes, (m.process_peak_bytes, plan.budget_bytes)
-    assert plan.peak_bytes == pytest.approx(m.process_peak_bytes, rel=0.03)
+    # within 3 % below, 5 % above: a chunked conv backward (passes/options/chunk.py) allocates dX
+    # whole and writes it chunk by chunk, and the process's RSS counts only the pages written so
+    # far (the plan counts dX whole, as a GPU's allocator does): here 4.7 % over
+    assert 0.97 <= plan.peak_bytes / m.process_peak_bytes <= 1.05, (plan.peak_bytes, m.process_peak_bytes)
 
 
 def _conv_calls(x_layout="contiguous", n=4, c=16, size=32):

@@ -3,6 +3,7 @@ from .lean import lean_leaky_relu, lean_max_pool, lean_relu
 from .conv import probed_conv
 from .aop import AopMemory, aop_conv, aop_linear, reset_aop_memory
 from .probes import probe_buckets_and_values, rank_for_ratio, sketch_nbytes, sketch_shape
+from .chunked import chunked_conv
 from .quant import (quant_batch_norm, quant_group_norm, quant_instance_norm, quant_layer_norm,  # noqa: E402
                     quant_norm_module)
 
@@ -24,4 +25,5 @@ __all__ = [
     "quant_instance_norm",
     "quant_layer_norm",
     "quant_norm_module",
+    "chunked_conv",
 ]

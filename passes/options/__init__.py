@@ -179,3 +179,4 @@ from . import probe, lean, recompute, dfa  # noqa: E402,F401  (the built-in kind
 from . import aop  # noqa: E402,F401  (Mem-AOP-GD: registered, not a default method)
 from . import quant  # noqa: E402,F401  (norm inputs saved in 8 or 4 bits)
 from . import offload  # noqa: E402,F401  (saved activations to host memory; offered on CUDA)
+from . import chunk  # noqa: E402,F401  (conv backward chunk by chunk: a fraction of its workspace)
