@@ -164,10 +164,16 @@ class Recompute(OptionKind):
         ends: dict[int, list[int]] = {}
         for i, j in ranges:
             ends.setdefault(i, []).append(j)
+        replays: dict[tuple[int, int], tuple | None] = {}  # a prefix serves every segment it starts
+
+        def replay(i: int, k: int):
+            if (i, k) not in replays:
+                replays[(i, k)] = self._replay(ctx, ctx.nodes[i:k + 1], kernel)
+            return replays[(i, k)]
         for i, j in ranges:
             # the segments that start where this one does and end inside it: its nested replays
-            prefixes = [ctx.nodes[i:k + 1] for k in ends[i] if k < j]
-            yield from self._segment_choice(ctx, ctx.nodes[i:j + 1], kernel, prefixes)
+            prefixes = [replay(i, k) for k in ends[i] if k < j]
+            yield from self._segment_choice(ctx, ctx.nodes[i:j + 1], kernel, [p for p in prefixes if p])
 
     def _replay(self, ctx: ProposalContext, seg: list[fx.Node], kernel: dict[int, int]):
         """What replaying ``seg`` needs: (nodes, external input storages, first backward step,
@@ -199,8 +205,8 @@ class Recompute(OptionKind):
 
     def _segment_choice(self, ctx: ProposalContext, seg: list[fx.Node], kernel: dict[int, int], prefixes=()):
         """The choices of replaying ``seg`` (plain, with the single-node options of its nodes
-        applied inside the replay, and with a nested replay of one of ``prefixes``), or () if it is
-        no valid segment or frees nothing."""
+        applied inside the replay, and with a nested replay of one of ``prefixes``: their
+        :meth:`_replay`), or () if it is no valid segment or frees nothing."""
         replay = self._replay(ctx, seg, kernel)
         if replay is None:
             return ()
@@ -237,7 +243,7 @@ class Recompute(OptionKind):
         # most options inside
         for k in dict.fromkeys((0, len(bases) - 1)):
             inner, adds = bases[k]
-            nested = self._nested(ctx, replay, prefixes, kernel, inner, adds)
+            nested = self._nested(ctx, replay, prefixes, inner, adds)
             if nested is not None:
                 p_nodes, p_rec, p_inputs, adds_n = nested
                 # the segment's inputs that the prefix reads stay until the prefix's own replay
@@ -260,21 +266,20 @@ class Recompute(OptionKind):
                 Candidate(self.name, nodes, dict(inner=tuple(c for _, c in inner.values()), nested=nested),
                           f"{seg[0].name} .. {seg[-1].name} ({len(seg)} nodes{detail})"))
 
-    def _nested(self, ctx: ProposalContext, replay, prefixes, kernel: dict[int, int], inner: dict, base_adds):
-        """A nested replay of the segment's first nodes (one of ``prefixes``), in the replay with
-        the options ``inner`` inside, whose spans are ``base_adds``: the outer replay runs the
-        prefix as a checkpoint too, so the prefix's saved tensors (and its inner options' masks,
-        sketches, codes) are rebuilt only at its own backward, after the rest of the segment's
-        backward has let go of its copies. Of the prefixes, the one whose replay holds the least
-        at once, if that is at most INNER_GAIN of what the replay without it holds: (prefix nodes,
-        its first backward step, its input storages, the spans), else None. The prefix's forward
-        runs once more (the caller adds its cost)."""
+    def _nested(self, ctx: ProposalContext, replay, prefixes, inner: dict, base_adds):
+        """A nested replay of the segment's first nodes (one of ``prefixes``, their replays), in
+        the replay with the options ``inner`` inside, whose spans are ``base_adds``: the outer
+        replay runs the prefix as a checkpoint too, so the prefix's saved tensors (and its inner
+        options' masks, sketches, codes) are rebuilt only at its own backward, after the rest of
+        the segment's backward has let go of its copies. Of the prefixes, the one whose replay
+        holds the least at once, if that is at most INNER_GAIN of what the replay without it
+        holds: (prefix nodes, its first backward step, its input storages, the spans), else None.
+        The prefix's forward runs once more (the caller adds its cost)."""
         seg, ext_inputs, rec, keys, largest = replay
         dropped = {d for ch, _ in inner.values() for d in ch.drops}
         best = None
-        for prefix in prefixes:
-            sub = self._replay(ctx, prefix, kernel)
-            if sub is None or len(sub[0]) >= len(seg):
+        for sub in prefixes:
+            if len(sub[0]) >= len(seg):
                 continue
             p_nodes, p_inputs, p_rec, _, p_largest = sub
             names = {n.name for n in p_nodes}
