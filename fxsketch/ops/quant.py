@@ -75,9 +75,8 @@ BLOCK = 1 << 20
 """The most elements per block of the packing loops (a quarter of the tensor, at least 2**16, up to
 this). Their buffers (4 MiB of fp32 at most) are allocated once per call, below glibc's mmap
 threshold, so they are reused from the heap rather than faulted in fresh: on a 2-core CPU an
-in-place pass over a 51 MB tensor took 2 ms, a new 51 MB result 19 ms (page faults). Smaller
-blocks (2**17) ran slower on the per-op overhead (8-bit packing of 16x256x56x56: 41 against 35 ms,
-4-bit: 72 against 47 ms)."""
+in-place pass over a 51 MB tensor took 1.4 ms, a new 51 MB result 15 ms (page faults;
+``tools/bench_quant_pack.py``). Smaller blocks (2**17) ran slower on the per-op overhead."""
 
 RNG_LEVELS = 1 << 16
 """The uniforms of stochastic rounding take this many values, (k + 1/2) / RNG_LEVELS: 16 random bits

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, ClassVar, Iterable, Mapping
 
 import torch.fx as fx
@@ -26,6 +27,7 @@ from torch import nn
 
 from ..cost import CostModel
 from ..liveness import Schedule, Timeline
+from ..saved import Kind
 from ..solve import Choice, Saved
 
 __all__ = ["Candidate", "OptionKind", "OptionSettings", "ProposalContext", "RewriteContext",
@@ -90,6 +92,16 @@ class ProposalContext:
 
     def module(self, n: fx.Node) -> nn.Module | None:
         return self.gm.get_submodule(n.target) if n.op == "call_module" else None
+
+    @cached_property
+    def kernel_bytes(self) -> dict[int, int]:
+        """Step -> kernel workspace bytes the unmodified step holds at it (passes.workspace)."""
+        out: dict[int, int] = {}
+        for s, (a, b) in self.timeline.intervals.items():
+            if self.schedule.storages[s].kind is Kind.KERNEL:
+                for t in range(a, b + 1):
+                    out[t] = out.get(t, 0) + self.schedule.storages[s].nbytes
+        return out
 
 
 @dataclass

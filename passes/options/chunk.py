@@ -16,7 +16,6 @@ import torch.fx as fx
 from torch import nn
 
 from ... import ops
-from ..saved import Kind
 from ..solve import Choice, Span
 from ..workspace import workspace_bytes
 from . import Candidate, OptionKind, ProposalContext, RewriteContext, register
@@ -34,12 +33,6 @@ planner's op timing runs on a sub-batch too small to split), see docs/replays.md
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
-def _kernel_bytes_at(ctx: ProposalContext, t: int) -> int:
-    """Kernel workspace bytes the unmodified step's timeline holds at step ``t``."""
-    return sum(ctx.schedule.storages[s].nbytes for s, (a, b) in ctx.timeline.intervals.items()
-               if a <= t <= b and ctx.schedule.storages[s].kind is Kind.KERNEL)
-
-
 @register
 class Chunk(OptionKind):
     name = "chunk"
@@ -51,7 +44,7 @@ class Chunk(OptionKind):
                 or n.name not in ctx.bwd or not n.all_input_nodes:
             return
         t = ctx.bwd[n.name]
-        kernel = _kernel_bytes_at(ctx, t)
+        kernel = ctx.kernel_bytes.get(t, 0)
         record = ctx.gm.meta.get("fxsketch.step")
         calls = [c for c in getattr(record, "kernel_calls", {}).get(("backward", n.name), ())
                  if c.op == "convolution_backward"]

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from ...ops.recompute import Recompute as RecomputeModule
-from ..saved import RESIDENT, Kind
+from ..saved import RESIDENT
 from ..solve import Choice, Span
 from . import Candidate, OptionKind, ProposalContext, RewriteContext, get, register
 
@@ -96,16 +96,6 @@ def _mutates(n: fx.Node) -> bool:
     return False
 
 
-def _kernel_bytes(ctx: ProposalContext) -> dict[int, int]:
-    """Forward step -> kernel workspace bytes alive at it (fxsketch.passes.workspace)."""
-    out: dict[int, int] = {}
-    for s, (a, b) in ctx.timeline.intervals.items():
-        if ctx.schedule.storages[s].kind is Kind.KERNEL:
-            for t in range(a, b + 1):
-                out[t] = out.get(t, 0) + ctx.schedule.storages[s].nbytes
-    return out
-
-
 INNER_GAIN = 0.75
 """A replay with options inside is offered when it keeps (bytes x steps) at most this fraction of
 what the plain replay keeps: each such choice is one more column for the solver."""
@@ -159,7 +149,7 @@ class Recompute(OptionKind):
     spans_nodes = True
 
     def graph_choices(self, ctx: ProposalContext):
-        kernel = _kernel_bytes(ctx)
+        kernel = ctx.kernel_bytes
         ranges = segments(ctx.nodes)
         ends: dict[int, list[int]] = {}
         for i, j in ranges:

@@ -1,0 +1,58 @@
+"""What the quantized norm's packing costs on this machine (docs/quant.md): at ResNet-50's largest
+BatchNorm input (16x256x56x56, 51 MB fp32), the 8- and 4-bit packing and unpacking alone, a
+quantized BatchNorm forward + backward against the plain one, and the two passes that explain the
+block design (an in-place pass over X against a new result of X's size). Best of ``--rounds``
+after a warm-up.
+
+    .venv/bin/python tools/bench_quant_pack.py
+"""
+import argparse
+import time
+
+import torch
+
+from fxsketch.ops import quant as q
+from fxsketch.ops.quant import quant_norm_module
+
+
+def best(fn, rounds):
+    fn()
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1e3 * min(times)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--shape", type=int, nargs="*", default=[16, 256, 56, 56])
+    args = ap.parse_args(argv)
+    torch.manual_seed(0)
+    x = torch.randn(args.shape)
+    groups, seed, r = q.quant_groups(x.shape, "batch"), torch.tensor(3), args.rounds
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, X {tuple(x.shape)}")
+    print(f"| in-place pass over X (mul_) | {best(lambda: x.mul_(1.0), r):.1f} ms |")
+    print(f"| new result of X's size (x - 1) | {best(lambda: x - 1.0, r):.1f} ms |")
+    for bits in q.QUANT_BITS:
+        packed = q.quant_pack(x, seed, bits, groups)
+        print(f"| {bits}-bit pack | {best(lambda: q.quant_pack(x, seed, bits, groups), r):.1f} ms |")
+        print(f"| {bits}-bit unpack | {best(lambda: q.quant_unpack(*packed, bits, list(x.shape), x.dtype), r):.1f} ms |")
+    xg = x.clone().requires_grad_()
+    g = torch.randn_like(x)
+    bn = torch.nn.BatchNorm2d(x.shape[1])
+
+    def step(fn):
+        fn().backward(g)
+        xg.grad = None
+    plain = best(lambda: step(lambda: bn(xg)), r)
+    print(f"| BatchNorm forward + backward | {plain:.1f} ms |")
+    for bits in q.QUANT_BITS:
+        quant = best(lambda: step(lambda: quant_norm_module(xg, bn, bits=bits)), r)
+        print(f"| {bits}-bit quantized BatchNorm forward + backward | {quant:.1f} ms ({quant - plain:+.1f}) |")
+
+
+if __name__ == "__main__":
+    main()
