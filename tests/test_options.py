@@ -131,3 +131,47 @@ def test_freed_bytes_are_read_off_the_verified_graph():
     for d in plan.decisions:
         assert 0 <= d.freed_bytes and plan.peak_bytes + d.freed_bytes <= plan.baseline_peak_bytes
     assert any(d.freed_bytes > 0 for d in plan.decisions)
+
+
+class _EveryOp(nn.Module):
+    """Calls each op a rewrite inserts as a call_function node, in-place lean ReLUs included."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1, self.w2 = nn.Parameter(torch.randn(8, 3, 3, 3)), nn.Parameter(torch.randn(8, 8, 3, 3))
+        self.fc = nn.Linear(8, 4)
+        self.bn, self.gn, self.inorm = nn.BatchNorm2d(8), nn.GroupNorm(2, 8), nn.InstanceNorm2d(8, affine=True)
+
+    def forward(self, x):
+        from fxsketch import ops
+        x = ops.quant_batch_norm(ops.probed_conv(x, self.w1, padding=1, rank=4), self.bn.running_mean,
+                                 self.bn.running_var, self.bn.weight, self.bn.bias, True, bits=8)
+        x = ops.lean_max_pool(ops.lean_relu(x, inplace=True), 2)
+        x = F.conv2d(x, self.w2, padding=1)
+        x = ops.lean_leaky_relu(ops.quant_group_norm(x, 2, self.gn.weight, self.gn.bias, bits=4), inplace=True)
+        x = ops.quant_instance_norm(x, None, None, self.inorm.weight, self.inorm.bias, bits=8)
+        x = ops.quant_layer_norm(x.mean((2, 3)), [8], bits=8)
+        return ops.aop_linear(x, self.fc.weight, self.fc.bias, k=1.0)
+
+
+def test_every_inserted_op_survives_torch_save_and_load():
+    """fx re-traces a GraphModule's code when it is unpickled: each op comes back as its own node
+    (an in-place lean ReLU's autograd.Function cannot run on proxies) and computes the same."""
+    import io
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(_EveryOp())
+    buf = io.BytesIO()
+    torch.save(gm, buf)
+    buf.seek(0)
+    back = torch.load(buf, weights_only=False)
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert [n.target for n in back.graph.nodes if n.op == "call_function"] == targets
+    x = torch.randn(4, 3, 8, 8)
+    for m in (gm, back):
+        torch.manual_seed(1)
+        out = m(x)
+        out.sum().backward()
+    torch.manual_seed(1)
+    assert torch.equal(back(x), gm(x))
+    for p, q in zip(gm.parameters(), back.parameters()):
+        assert torch.equal(p.grad, q.grad)

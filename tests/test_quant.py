@@ -244,3 +244,44 @@ def test_packing_in_blocks_rounds_to_a_neighbour_unbiased_within_its_workspace(m
     assert torch.all((total / draws - x).abs() <= 5 * sigma + 1e-5)
     half = q.dequantize(codes, lo, step, bits, shape, torch.float16)
     assert torch.equal(half, q.dequantize(codes, lo, step, bits, shape).half())  # computed in fp32, then cast
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("kind, shape, train", [
+    ("batch", (10, 6, 7, 5), True), ("batch", (10, 6, 7, 5), False), ("batch", (64, 6), True),
+    ("batch", (1, 6, 9, 8), True), ("instance", (3, 6, 5, 4, 4), True), ("group", (9, 4, 5, 5), True),
+    ("layer", (11, 7, 6), True)])
+def test_backward_reads_x_a_chunk_at_a_time_and_equals_the_whole_x_backward(monkeypatch, bits, kind, shape, train):
+    """The backward dequantizes X in chunks of the batch (of the channels, batch 1): its gradients
+    are those of the backward that dequantizes X whole (same codes), and beside dY and dX it holds
+    backward_workspace_nbytes (a chunk of X, and of dX), not all of X."""
+    from fxsketch.measurement import LiveStorageTracker
+    torch.manual_seed(0)
+    x = torch.randn(shape) * 2 + 1
+    c = shape[-1] if kind == "layer" else shape[1]
+    w, b = torch.randn(c, requires_grad=True), torch.randn(c, requires_grad=True)
+    rm, rv = torch.randn(c), torch.rand(c) + 0.5
+    fn = {"batch": lambda t: q.quant_batch_norm(t, rm.clone(), rv.clone(), w, b, train, bits=bits),
+          "instance": lambda t: q.quant_instance_norm(t, None, None, w, b, bits=bits),
+          "group": lambda t: q.quant_group_norm(t, 2, w, b, bits=bits),
+          "layer": lambda t: q.quant_layer_norm(t, [c], w, b, bits=bits)}[kind]
+    dy = torch.randn(shape)
+
+    def run():
+        torch.manual_seed(1)  # the same codes
+        t, saved = x.clone().requires_grad_(), []
+        with torch.autograd.graph.saved_tensors_hooks(lambda s: saved.append(s) or s, lambda s: s):
+            y = fn(t)
+        with LiveStorageTracker([t, w, b, dy] + saved) as tr:
+            grads = torch.autograd.grad(y, (t, w, b), dy)
+        return grads, tr.peak_bytes - tr.resident_bytes - sum(g.nbytes for g in grads)
+    view = (1, shape[0] * shape[1], *shape[2:]) if kind == "instance" else shape
+    op_kind, k = "batch" if kind == "instance" else kind, 1 if kind == "layer" else 0
+    assert q.backward_chunks(op_kind, view, bits, k) is not None
+    stated = q.backward_workspace_nbytes(op_kind, view, bits, q.quant_groups(view, op_kind, k), normalized_dims=k)
+    chunked, held = run()
+    monkeypatch.setattr(q, "backward_chunks", lambda *a, **k: None)
+    whole, held_whole = run()
+    for got, want in zip(chunked, whole):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert held <= stated + 256 and held <= held_whole - x.nbytes // 2, (held, stated, held_whole)

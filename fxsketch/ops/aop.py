@@ -31,6 +31,7 @@ from ..errors import UnsupportedError
 from .conv import draw
 from .outer import POLICIES, ConvRows, LinearRows, kept_rows, memory_rows, outer_weight_grad
 from .probed import ConvGeometry, _input_and_bias_grad, conv_geometry
+from ._args import traceable
 
 __all__ = ["aop_linear", "aop_conv", "aop_weight_grad", "AopMemory", "reset_aop_memory", "POLICIES",
            "kept_rows", "memory_rows", "check_aop"]
@@ -158,6 +159,7 @@ class _AopConv(torch.autograd.Function):
         return dx, dw, db if need_db else None, *([None] * 10)
 
 
+@traceable
 def aop_linear(input, weight, bias=None, memory_a=None, memory_b=None, *, k: float = 0.5,
                policy: str = "topk", decay: float = 1.0, generator: torch.Generator | None = None):
     """``F.linear(input, weight, bias)`` whose dW uses K = ceil(k * D) of its D outer products
@@ -174,6 +176,7 @@ def aop_linear(input, weight, bias=None, memory_a=None, memory_b=None, *, k: flo
     return _AopLinear.apply(input, weight, bias, memory_a, memory_b, k, policy, decay, generator)
 
 
+@traceable
 def aop_conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, memory_a=None,
              memory_b=None, *, k: float = 0.5, policy: str = "topk", decay: float = 1.0,
              generator: torch.Generator | None = None):

@@ -53,6 +53,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import UnsupportedError
 from .probes import hash_positions
+from ._args import traceable
 
 __all__ = ["CHUNK", "MIN_CHUNK", "FEEDBACK_DIM", "Block", "DFA", "feedback", "feedback_matrix", "dfa_state", "dfa_cut", "dfa_tap"]
 
@@ -371,17 +372,20 @@ class DFA(nn.Module):
 
 # ---- plain DFA: functions the rewritten graph calls (the model's own nodes stay in between) ----
 
+@traceable
 def dfa_state(seed: int, *inputs) -> _State:
     """The start of a plain-DFA step: what its cuts and tap share (refuses inputs needing grad)."""
     _no_input_grad([f"input {i}" for i in range(len(inputs))], inputs)
     return _State(seed)
 
 
+@traceable
 def dfa_cut(value: Any, state: _State, keys: tuple[int, ...]) -> Any:
     """A crossing value as later blocks read it: each trainable tensor of it through ``_Cut``."""
     return _map(value, keys, lambda t, key: _Cut.apply(t, state, key))
 
 
+@traceable
 def dfa_tap(out: torch.Tensor, state: _State) -> torch.Tensor:
     """The model output; its gradient e is handed to the cuts."""
     return _Tap.apply(out, state) if _floating(out) and torch.is_grad_enabled() else out

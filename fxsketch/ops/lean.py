@@ -23,7 +23,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from ..errors import UnsupportedError
 
-from ._args import per_axis
+from ._args import traceable, per_axis
 
 __all__ = ["lean_relu", "lean_leaky_relu", "lean_max_pool", "pack_bits", "unpack_bits"]
 
@@ -196,6 +196,7 @@ def _lean_relu(x, negative_slope, inplace):
     return _relu_op(x, negative_slope)[0]
 
 
+@traceable
 def lean_relu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """``F.relu`` that saves a 1-bit mask (x.numel() / 8 bytes) for backward.
 
@@ -205,6 +206,7 @@ def lean_relu(x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     return _lean_relu(x, None, bool(inplace))
 
 
+@traceable
 def lean_leaky_relu(x: torch.Tensor, negative_slope: float = 0.01, inplace: bool = False) -> torch.Tensor:
     """``F.leaky_relu`` that saves a 1-bit mask; any slope works in place (the mask comes from x)."""
     return _lean_relu(x, float(negative_slope), bool(inplace))
@@ -316,6 +318,7 @@ def _max_pool_backward(ctx, grad, _grad_offset):
 _max_pool_op.register_autograd(_max_pool_backward, setup_context=_max_pool_setup)
 
 
+@traceable
 def lean_max_pool(x, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False):
     """``F.max_poolNd`` (N from ``kernel_size`` if a tuple, else from x) saving uint8 window offsets.
 

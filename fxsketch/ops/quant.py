@@ -90,8 +90,8 @@ def _layout(shape: Sequence[int], groups: Sequence[int], bits: int):
     bits each starts at an even element. ``whole``: one block of the whole tensor, where the groups
     are not x's leading dims (a 2-dim BatchNorm input: per channel over the batch) or 4-bit rows of
     an odd length cannot be cut at even elements."""
-    lead = 0
-    while lead < len(groups) and groups[lead] != 1:
+    lead = 0  # leading dims that the groups vary over (or of size 1)
+    while lead < len(groups) and (groups[lead] != 1 or shape[lead] == 1):
         lead += 1
     rows, per = math.prod(shape[:lead]), math.prod(shape[lead:])
     whole = (1, math.prod(shape), [(slice(0, 1), None)], True)
@@ -281,22 +281,155 @@ class _QuantNorm(torch.autograd.Function):
                 "gradient penalty): their backward reads a quantized copy of the input. Plan without "
                 "them: optimize(..., methods=('probe', 'lean', 'recompute')).")
         codes, lo, step, weight, bias, *stats = ctx.saved_tensors
-        x = quant_unpack(codes, lo, step, ctx.bits, list(ctx.shape), ctx.dtype)
         mask = [ctx.needs_input_grad[0], ctx.has_weight and ctx.needs_input_grad[1],
                 ctx.has_bias and ctx.needs_input_grad[2]]
-        if ctx.kind == "batch":
-            impl, training, eps = ctx.extra
-            mean, rstd, reserve, *running = stats
-            rm, rv = running if running else (None, None)
-            dx, dw, db = aten._batch_norm_impl_index_backward(
-                impl, x, dy.contiguous(), weight, rm, rv, mean, rstd, training, eps, mask, reserve)
-        elif ctx.kind == "group":
-            dx, dw, db = aten.native_group_norm_backward(dy.contiguous(), x, *stats, weight, *ctx.extra, mask)
-        else:
-            dx, dw, db = aten.native_layer_norm_backward(dy.contiguous(), x, ctx.extra[0], *stats, weight, bias, mask)
-        del x
+        dx, dw, db = _norm_backward(ctx.kind, ctx.extra, dy.contiguous(), (codes, lo, step), ctx.bits,
+                                    list(ctx.shape), ctx.dtype, weight, bias, stats, mask)
         return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None,
                 None, None, None, None, None)
+
+
+BACKWARD_CHUNKS = 8
+"""The norm backward dequantizes X in this many chunks (of the batch, or of the channels of a
+batch-1 BatchNorm input such as InstanceNorm's view), so it holds one chunk of X, not all of it,
+beside the gradients dY and dX."""
+
+
+def _native_backward(kind, extra, dy, x, weight, bias, stats, mask):
+    """torch's own norm backward of one (chunk of a) norm: (dX, dW, dB), None where not asked."""
+    if kind == "batch":
+        impl, training, eps = extra
+        mean, rstd, reserve, *running = stats
+        rm, rv = running if running else (None, None)
+        if reserve is None:  # a chunk: cuDNN's reserve space is of the whole input
+            return aten.native_batch_norm_backward(dy, x, weight, rm, rv, mean, rstd, training, eps, mask)
+        return aten._batch_norm_impl_index_backward(impl, x, dy, weight, rm, rv, mean, rstd, training, eps, mask, reserve)
+    if kind == "group":
+        return aten.native_group_norm_backward(dy, x, *stats, weight, *extra, mask)
+    return aten.native_layer_norm_backward(dy, x, extra[0], *stats, weight, bias, mask)
+
+
+def backward_chunks(kind: str, shape: Sequence[int], bits: int, normalized_dims: int = 0):
+    """(dim, [(start, stop), ...]): the chunks the backward dequantizes X in, along the batch (dim
+    0) or, for a batch-1 BatchNorm input, the channels (dim 1); None where X is read whole (a
+    dim of size 1, a LayerNorm over every dim, 4-bit chunks that would start inside a byte)."""
+    shape = list(shape)
+    dim = 1 if kind == "batch" and len(shape) >= 2 and shape[0] == 1 else 0
+    if kind == "layer" and len(shape) - max(1, normalized_dims) < 1 or shape[dim] < 2:
+        return None
+    per = -(-shape[dim] // BACKWARD_CHUNKS)
+    if bits == 4 and per * math.prod(shape[dim + 1:]) % 2:
+        return None
+    return dim, [(a, min(shape[dim], a + per)) for a in range(0, shape[dim], per)]
+
+
+def backward_workspace_nbytes(kind: str, shape: Sequence[int], bits: int, groups: Sequence[int],
+                              dtype=torch.float32, normalized_dims: int = 0) -> int:
+    """Bytes the norm backward allocates besides dX: the dequantized chunk of X and its unpacking's
+    buffers, and the chunk of dX torch's kernel returns before it is copied into dX (a training
+    BatchNorm over a batch writes dX in place); the whole X where it is read whole."""
+    size = torch.empty((), dtype=dtype).element_size()
+    plan = backward_chunks(kind, shape, bits, normalized_dims)
+    if plan is None:
+        return math.prod(shape) * size + unpack_workspace_nbytes(shape, bits, groups, dtype)
+    dim, ranges = plan
+    a, b = ranges[0]
+    cshape = list(shape)
+    cshape[dim] = b - a
+    cgroups = list(groups)
+    if cgroups[dim] != 1:
+        cgroups[dim] = b - a
+    chunk = math.prod(cshape) * size
+    in_place = kind == "batch" and dim == 0
+    return chunk + unpack_workspace_nbytes(cshape, bits, cgroups, dtype) + (0 if in_place else chunk)
+
+
+def _norm_backward(kind, extra, dy, packed, bits, shape, dtype, weight, bias, stats, mask):
+    """(dX, dW, dB) of a quantized norm, X dequantized chunk by chunk (:func:`backward_chunks`).
+
+    A BatchNorm over the batch needs sums over every sample: a first pass adds up dB = sum dY and
+    dW = sum dY X^ chunk by chunk (torch's kernel), a second writes dX = w rstd (dY - dB / M - X^ dW / M)
+    into dX chunk by chunk (in eval mode dX = w rstd dY, running statistics, X not read). Every other norm's chunks are
+    independent (per-sample statistics, or per channel of a batch-1 input): torch's kernel on
+    each, dW and dB added up (or placed, per channel)."""
+    codes, lo, step = packed
+    normalized = len(extra[0]) if kind == "layer" else 0
+    plan = backward_chunks(kind, shape, bits, normalized)
+    if plan is None:
+        x = quant_unpack(codes, lo, step, bits, shape, dtype)
+        return _native_backward(kind, extra, dy, x, weight, bias, stats, mask)
+    dim, ranges = plan
+    inner = math.prod(shape[dim + 1:])
+    groups = list(lo.shape)
+
+    def chunk_x(a, b):
+        cshape = list(shape)
+        cshape[dim] = b - a
+        c = codes[a * inner * bits // 8:(b * inner * bits + 7) // 8]
+        l, s = (lo.narrow(dim, a, b - a), step.narrow(dim, a, b - a)) if groups[dim] != 1 else (lo, step)
+        return quant_unpack(c, l.contiguous(), s.contiguous(), bits, cshape, dtype)
+
+    dx = torch.empty_like(dy) if mask[0] else None
+    sums: list = [None, None]  # dW, dB over the chunks
+
+    def add(k, t):
+        sums[k] = t.float() if sums[k] is None else sums[k].add_(t)
+    if kind == "batch" and dim == 0:  # statistics over the batch: dW, dB first, then dX in place
+        _, training, eps = extra
+        mean, rstd, _, *running = stats
+        rm, rv = running if running else (None, None)
+        for a, b in ranges:
+            _, gw, gb = aten.native_batch_norm_backward(dy[a:b], chunk_x(a, b), weight, rm, rv, mean, rstd,
+                                                        training, eps, [False, True, True])
+            add(0, gw), add(1, gb)
+        gw, gb = sums
+        if mask[0]:
+            view = [1, shape[1]] + [1] * (len(shape) - 2)
+            r = rstd.float() if training else rv.float().add(eps).rsqrt()
+            k = r if weight is None else r * weight.float()
+            if not training:  # running statistics: dX = w rstd dY
+                torch.mul(dy, k.to(dy.dtype).view(view), out=dx)
+            else:
+                coef_x = -k * r * gw / (math.prod(shape) // shape[1])
+                const = -k * gb / (math.prod(shape) // shape[1]) - coef_x * mean.float()
+                k, coef_x, const = (t.to(dy.dtype).view(view) for t in (k, coef_x, const))
+                for a, b in ranges:
+                    out = dx[a:b]
+                    torch.mul(dy[a:b], k, out=out)
+                    out.addcmul_(chunk_x(a, b), coef_x).add_(const)
+        return dx, gw.to(weight.dtype) if mask[1] else None, gb.to(bias.dtype) if mask[2] else None
+    per_channel = kind == "batch" and dim == 1
+    dw = torch.empty_like(weight) if mask[1] and per_channel else None
+    db = torch.empty_like(bias) if mask[2] and per_channel else None
+    for a, b in ranges:
+        if kind == "batch":
+            mean, rstd, _, *running = stats
+            if per_channel:
+                cut = [t[a:b] if t is not None else None for t in (weight, mean, rstd, *running)]
+                w, cstats = cut[0], (cut[1], cut[2], None, *cut[3:])
+            else:
+                w, cstats = weight, (mean, rstd, None, *running)
+        else:
+            w, cstats = weight, tuple(t[a:b] for t in stats)
+        cextra = (b - a, *extra[1:]) if kind == "group" else extra
+        gx, gw, gb = _native_backward(kind, cextra, dy.narrow(dim, a, b - a), chunk_x(a, b), w, bias, cstats, mask)
+        if mask[0]:
+            dx.narrow(dim, a, b - a).copy_(gx)
+        del gx
+        if per_channel:
+            if mask[1]:
+                dw[a:b] = gw
+            if mask[2]:
+                db[a:b] = gb
+        else:
+            if mask[1]:
+                add(0, gw)
+            if mask[2]:
+                add(1, gb)
+    if not per_channel:
+        dw = sums[0].to(weight.dtype) if mask[1] else None
+        db = sums[1].to(bias.dtype) if mask[2] else None
+    return dx, dw, db
 
 
 def _apply(x, weight, bias, kind, args, bits, generator, normalized_dims=0):
@@ -308,6 +441,7 @@ def _apply(x, weight, bias, kind, args, bits, generator, normalized_dims=0):
     return _QuantNorm.apply(x, weight, bias, draw_seed(generator, x), kind, args, bits, groups)
 
 
+@traceable
 def quant_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
                      eps=1e-5, *, bits: int = 8, generator: Optional[torch.Generator] = None):
     """``F.batch_norm`` (same arguments, same output bits) saving its input in ``bits`` bits.
@@ -334,6 +468,7 @@ def _low_precision_norm(input, weight, bias):
     return tuple(cast)
 
 
+@traceable
 def quant_group_norm(input, num_groups: int, weight=None, bias=None, eps: float = 1e-5, *, bits: int = 8,
                      generator: Optional[torch.Generator] = None):
     """``F.group_norm`` saving its input in ``bits`` bits."""
@@ -347,6 +482,7 @@ def quant_group_norm(input, num_groups: int, weight=None, bias=None, eps: float 
                       bits, generator)
 
 
+@traceable
 def quant_layer_norm(input, normalized_shape, weight=None, bias=None, eps: float = 1e-5, *, bits: int = 8,
                      generator: Optional[torch.Generator] = None):
     """``F.layer_norm`` saving its input in ``bits`` bits (scale and zero point per normalized row)."""
@@ -358,6 +494,7 @@ def quant_layer_norm(input, normalized_shape, weight=None, bias=None, eps: float
         return _apply(x, weight, bias, "layer", (normalized, eps), bits, generator, len(normalized))
 
 
+@traceable
 def quant_instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
                         momentum=0.1, eps=1e-5, *, bits: int = 8, generator: Optional[torch.Generator] = None):
     """``F.instance_norm`` saving its input in ``bits`` bits: as torch does it, a batch norm of the

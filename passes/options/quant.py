@@ -108,6 +108,16 @@ def _extra_seconds(ctx: ProposalContext, n: fx.Node, spec, xmeta) -> dict[int, f
     return {k: extra[f",bits={k}"] for k in q.QUANT_BITS}
 
 
+def _backward_workspace(gm, spec, shape, bits, dtype) -> int:
+    """What the quantized norm's backward allocates besides dX (:func:`fxsketch.ops.quant.backward_workspace_nbytes`),
+    for the input as the op sees it: an InstanceNorm's as the (1, N*C, ...) BatchNorm view."""
+    kind, k = spec["kind"], _normalized_dims(gm, spec)
+    if kind == "instance":
+        kind, shape = "batch", (1, shape[0] * shape[1], *shape[2:])
+    groups = q.quant_groups(shape, kind, k)
+    return q.backward_workspace_nbytes(kind, shape, bits, groups, dtype, k)
+
+
 @register
 class Quant(OptionKind):
     name = "quant"
@@ -123,10 +133,8 @@ class Quant(OptionKind):
                 or not any(k == n.name for k, _ in ctx.saved[ctx.saved_index[x]].savers):
             return
         shape = tuple(xmeta.shape)
-        kind = "layer" if spec["kind"] == "layer" else spec["kind"]
-        groups = q.quant_groups(shape, kind, _normalized_dims(ctx.gm, spec))
+        groups = q.quant_groups(shape, spec["kind"], _normalized_dims(ctx.gm, spec))
         x_bytes = ctx.schedule.storages[x].nbytes
-        size = torch.empty((), dtype=xmeta.dtype).element_size()
         if q.quant_nbytes(shape, 8, groups) > x_bytes // 2:
             return  # scales and zero points would eat the gain (tiny groups)
         noise = (ctx.settings.noise or {}).get(n.name)
@@ -136,10 +144,10 @@ class Quant(OptionKind):
         for bits in q.QUANT_BITS:
             nb = q.quant_nbytes(shape, bits, groups)
             level = noise.ratio(bits)
-            # forward: the packing's block buffers; backward: the dequantized X in X's dtype and
-            # the unpacking's block buffers
+            # forward: the packing's block buffers; backward: a chunk of the dequantized X (and of
+            # dX) at a time
             transients = (Span(q.pack_workspace_nbytes(shape, bits, groups), f, f),
-                          Span(math.prod(shape) * size + q.unpack_workspace_nbytes(shape, bits, groups, xmeta.dtype), b, b))
+                          Span(_backward_workspace(ctx.gm, spec, shape, bits, xmeta.dtype), b, b))
             detail = (f"{bits}-bit X ({nb / max(x_bytes, 1):.3g} of X), noise {level:.2f}x SGD"
                       + ("" if noise.calibrated else " (prior)"))
             yield (Choice(n.name, ctx.cost.fraction(extra[bits]), level, drops=((ctx.saved_index[x], n.name),),
