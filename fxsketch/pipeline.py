@@ -220,9 +220,14 @@ def _budget_error(analysis: Analysis, proposal: Proposal, config: Config, budget
         hints.insert(0, f"allow noisier probes: max_grad_noise={math.ceil(level * 100) / 100:g} (now "
                         f"{config.max_grad_noise:g}) reaches the budget on the planner's model")
     hints.append("raise the budget to at least the lowest reachable peak")
+    every = proposal.every or proposal.candidates
+    offered = {c.kind for c in every.candidates}
+    idle = [m for m in config.methods if m not in offered]
+    methods = tuple(m for m in config.methods if m in offered)
+    idle_text = f" ({', '.join(idle)}: no choice on this step)" if idle else ""
     return BudgetError(
         f"budget {format_bytes(budget)} cannot be met for {analysis.model_name}: the lowest reachable "
-        f"predicted peak with methods {tuple(config.methods)} and max_grad_noise={config.max_grad_noise:g} "
+        f"predicted peak with methods {methods}{idle_text} and max_grad_noise={config.max_grad_noise:g} "
         f"is {format_bytes(lowest)} (unmodified: {format_bytes(analysis.timeline.peak_bytes)}). "
         f"To go lower: {'; or '.join(hints)}.", lowest)
 
