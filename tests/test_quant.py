@@ -256,6 +256,7 @@ def test_backward_reads_x_a_chunk_at_a_time_and_equals_the_whole_x_backward(monk
     are those of the backward that dequantizes X whole (same codes), and beside dY and dX it holds
     backward_workspace_nbytes (a chunk of X, and of dX), not all of X."""
     from fxsketch.measurement import LiveStorageTracker
+    monkeypatch.setattr(q, "BACKWARD_MIN_ELEMENTS", 0)  # chunks at these small shapes too
     torch.manual_seed(0)
     x = torch.randn(shape) * 2 + 1
     c = shape[-1] if kind == "layer" else shape[1]

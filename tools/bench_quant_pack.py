@@ -1,6 +1,7 @@
 """What the quantized norm's packing costs on this machine (docs/quant.md): at ResNet-50's largest
 BatchNorm input (16x256x56x56, 51 MB fp32), the 8- and 4-bit packing and unpacking alone, a
-quantized BatchNorm forward + backward against the plain one, and the two passes that explain the
+quantized BatchNorm forward + backward against the plain one (also with the backward reading a
+whole dequantized X, as before its chunks), and the two passes that explain the
 block design (an in-place pass over X against a new result of X's size). Best of ``--rounds``
 after a warm-up.
 
@@ -52,6 +53,16 @@ def main(argv=None):
     for bits in q.QUANT_BITS:
         quant = best(lambda: step(lambda: quant_norm_module(xg, bn, bits=bits)), r)
         print(f"| {bits}-bit quantized BatchNorm forward + backward | {quant:.1f} ms ({quant - plain:+.1f}) |")
+    # the backward that dequantizes X whole (before the chunked backward), for comparison
+    chunks = q.backward_chunks
+    q.backward_chunks = lambda *a, **k: None
+    try:
+        for bits in q.QUANT_BITS:
+            quant = best(lambda: step(lambda: quant_norm_module(xg, bn, bits=bits)), r)
+            print(f"| {bits}-bit quantized BatchNorm forward + backward, X read whole in backward "
+                  f"| {quant:.1f} ms ({quant - plain:+.1f}) |")
+    finally:
+        q.backward_chunks = chunks
 
 
 if __name__ == "__main__":

@@ -258,12 +258,6 @@ def dw_channel(dy, xbar, seed, rank, probe, x_shape, weight_shape, geo) -> torch
     return dw
 
 
-DX_CHUNKS = 4
-"""The backward computes dX in this many batch chunks (a batch of at least this many samples):
-the transposed conv's kernel workspace (oneDNN's reorders on CPU, cuDNN's on CUDA) scales with
-the samples of one call, so it is a quarter of the whole batch's, and dX is the same per sample."""
-
-
 def _input_and_bias_grad(dy, x_shape, weight, has_bias, need_dx, need_db, geo):
     """Exact dX and db with torch's convolution backward (they need only W and dY)."""
     d = len(geo.stride)
@@ -277,18 +271,8 @@ def _input_and_bias_grad(dy, x_shape, weight, has_bias, need_dx, need_db, geo):
         k = weight.shape[2:]
         extra = [shape[2 + a] - ((dy.shape[2 + a] - 1) * geo.stride[a] - 2 * padding[a]
                                  + geo.dilation[a] * (k[a] - 1) + 1) for a in range(d)]
-
-        def transposed(g):
-            return torch.ops.aten.convolution(g, weight, None, list(geo.stride), padding, list(geo.dilation), True,
-                                              extra, geo.groups)
-        n = dy.shape[0]
-        if n < DX_CHUNKS:
-            dx = transposed(dy)
-        else:  # per sample: a chunk of the batch at a time holds a chunk's kernel workspace
-            per = -(-n // DX_CHUNKS)
-            dx = dy.new_empty([n, *shape[1:]])
-            for a in range(0, n, per):
-                dx[a:a + per].copy_(transposed(dy[a:a + per]))
+        dx = torch.ops.aten.convolution(dy, weight, None, list(geo.stride), padding, list(geo.dilation), True,
+                                        extra, geo.groups)
     if need_db and has_bias:
         db = dy.sum(dim=[0, *range(2, dy.dim())])
     if need_dx and not geo.symmetric:

@@ -295,6 +295,12 @@ batch-1 BatchNorm input such as InstanceNorm's view), so it holds one chunk of X
 beside the gradients dY and dX."""
 
 
+BACKWARD_MIN_ELEMENTS = 1 << 22
+"""Below this many elements of X (16 MiB of fp32) the backward reads X whole: what chunks would
+save is small there, and their calls cost more than they save (at 1x256x56x56 on a 2-core CPU,
+8 per-channel chunks took 0.5 ms more than one call; at 16x256x56x56 the chunks were faster)."""
+
+
 def _native_backward(kind, extra, dy, x, weight, bias, stats, mask):
     """torch's own norm backward of one (chunk of a) norm: (dX, dW, dB), None where not asked."""
     if kind == "batch":
@@ -312,10 +318,12 @@ def _native_backward(kind, extra, dy, x, weight, bias, stats, mask):
 def backward_chunks(kind: str, shape: Sequence[int], bits: int, normalized_dims: int = 0):
     """(dim, [(start, stop), ...]): the chunks the backward dequantizes X in, along the batch (dim
     0) or, for a batch-1 BatchNorm input, the channels (dim 1); None where X is read whole (a
-    dim of size 1, a LayerNorm over every dim, 4-bit chunks that would start inside a byte)."""
+    dim of size 1, a LayerNorm over every dim, 4-bit chunks that would start inside a byte, fewer
+    than BACKWARD_MIN_ELEMENTS elements)."""
     shape = list(shape)
     dim = 1 if kind == "batch" and len(shape) >= 2 and shape[0] == 1 else 0
-    if kind == "layer" and len(shape) - max(1, normalized_dims) < 1 or shape[dim] < 2:
+    if kind == "layer" and len(shape) - max(1, normalized_dims) < 1 or shape[dim] < 2 \
+            or math.prod(shape) < BACKWARD_MIN_ELEMENTS:
         return None
     per = -(-shape[dim] // BACKWARD_CHUNKS)
     if bits == 4 and per * math.prod(shape[dim + 1:]) % 2:
