@@ -1,7 +1,8 @@
 """What the quantized norm's packing costs on this machine (docs/quant.md): at ResNet-50's largest
 BatchNorm input (16x256x56x56, 51 MB fp32), the 8- and 4-bit packing and unpacking alone, a
-quantized BatchNorm forward + backward against the plain one (also with the backward reading a
-whole dequantized X, as before its chunks), and the two passes that explain the
+quantized BatchNorm forward + backward against the plain one (also with its backward forced into
+chunks, and reading a whole dequantized X as before its chunks: ``--shape 1 256 56 56`` shows why
+small inputs are read whole), and the two passes that explain the
 block design (an in-place pass over X against a new result of X's size). Best of ``--rounds``
 after a warm-up.
 
@@ -50,20 +51,21 @@ def main(argv=None):
         xg.grad = None
     plain = best(lambda: step(lambda: bn(xg)), r)
     print(f"| BatchNorm forward + backward | {plain:.1f} ms |")
-    for bits in q.QUANT_BITS:
-        quant = best(lambda: step(lambda: quant_norm_module(xg, bn, bits=bits)), r)
-        print(f"| {bits}-bit quantized BatchNorm forward + backward | {quant:.1f} ms ({quant - plain:+.1f}) |")
-    # the backward that dequantizes X whole (before the chunked backward), for comparison
-    chunks = q.backward_chunks
-    q.backward_chunks = lambda *a, **k: None
-    try:
-        for bits in q.QUANT_BITS:
-            quant = best(lambda: step(lambda: quant_norm_module(xg, bn, bits=bits)), r)
-            print(f"| {bits}-bit quantized BatchNorm forward + backward, X read whole in backward "
-                  f"| {quant:.1f} ms ({quant - plain:+.1f}) |")
-    finally:
-        q.backward_chunks = chunks
-
+    # the backward as it runs (chunked from BACKWARD_MIN_ELEMENTS on), forced into chunks, and
+    # reading a whole dequantized X (before its chunks)
+    forms = (("", {}), (", backward in chunks", {"BACKWARD_MIN_ELEMENTS": 0}),
+             (", X read whole in backward", {"backward_chunks": lambda *a, **k: None}))
+    for label, patch in forms:
+        saved = {k: getattr(q, k) for k in patch}
+        for k, v in patch.items():
+            setattr(q, k, v)
+        try:
+            for bits in q.QUANT_BITS:
+                quant = best(lambda: step(lambda: quant_norm_module(xg, bn, bits=bits)), r)
+                print(f"| {bits}-bit quantized BatchNorm forward + backward{label} | {quant:.1f} ms ({quant - plain:+.1f}) |")
+        finally:
+            for k, v in saved.items():
+                setattr(q, k, v)
 
 if __name__ == "__main__":
     main()

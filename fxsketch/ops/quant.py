@@ -297,8 +297,8 @@ beside the gradients dY and dX."""
 
 BACKWARD_MIN_ELEMENTS = 1 << 22
 """Below this many elements of X (16 MiB of fp32) the backward reads X whole: what chunks would
-save is small there, and their calls cost more than they save (at 1x256x56x56 on a 2-core CPU,
-8 per-channel chunks took 0.5 ms more than one call; at 16x256x56x56 the chunks were faster)."""
+save is small there, and their calls are overhead (``tools/bench_quant_pack.py --shape 1 256 56 56``;
+at 16x256x56x56 the chunks are faster than one call)."""
 
 
 def _native_backward(kind, extra, dy, x, weight, bias, stats, mask):
