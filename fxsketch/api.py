@@ -63,6 +63,7 @@ def _optimize_here(model, example_inputs, config: Config, loss_fn, leaf_modules,
     analysis = pipeline.analyse(model, example_inputs, loss_fn=loss_fn, leaf_modules=leaf_modules)
     if dfa.selected(config):  # replaces backprop over the whole graph: no solver (fxsketch/dfa.py)
         return dfa.optimize_dfa(model, analysis, config)
+    analysis = pipeline.relayout(analysis, config)
     proposal = pipeline.propose(model, analysis, config, **calibration)
     fitted = pipeline.fit(model, analysis, proposal, config)
     gm = fitted.verified.gm

@@ -18,6 +18,8 @@ from .units import parse_bytes
 
 __all__ = ["Config", "METHODS", "resolve_budget"]
 
+MEMORY_FORMATS = ("preserve", "channels_last")
+"""Values of ``Config.memory_format``."""
 METHODS = _options.default_methods()
 """The built-in option kinds, the default of ``methods``."""
 
@@ -88,6 +90,14 @@ class Config:
     workspace on CUDA; fxsketch.passes.workspace): "measure" runs each conv signature alone once
     per process (at full batch, or the most samples a byte budget allows) and caches it;
     "formula" uses a fitted rule instead (no runs); "off" plans tensor bytes only."""
+    memory_format: str = "preserve"
+    """The layout the planned step's convolutions run in. "preserve" (default): as the model and
+    inputs come. "channels_last": each 2-d/3-d conv's input is made channels_last (NHWC / NDHWC)
+    and the activations stay so; outputs that eager returns contiguous are returned contiguous.
+    On CPU this removes oneDNN's reorders (the conv kernels' workspace, up to the size of their
+    input or output) and runs the convs faster; values equal eager's up to floating-point rounding
+    (another summation order), not bit for bit. The unmodified peak in the report stays the step
+    as given; fxsketch's ops keep the layout (docs/layout.md)."""
     ratios: tuple[float, ...] = (1 / 4, 1 / 16, 1 / 64)
     """Sketch sizes the planner may choose from, as fractions of the conv input."""
     max_grad_noise: float = 8.0
@@ -164,6 +174,8 @@ class Config:
             raise ConfigError(str(e)) from None
         if self.workspace not in WORKSPACE_SOURCES:
             raise ConfigError(f"workspace must be one of {WORKSPACE_SOURCES}, got {self.workspace!r}")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ConfigError(f"memory_format must be one of {MEMORY_FORMATS}, got {self.memory_format!r}")
         if self.aop_layers not in ("auto", "all"):
             raise ConfigError(f"aop_layers must be 'auto' or 'all', got {self.aop_layers!r}")
         if self.offload not in ("auto", "on", "off"):

@@ -35,7 +35,7 @@ from .passes.rewrite import rewrite
 from .passes.saved import RESIDENT, Kind, profile_step
 from .passes.solve import Infeasible, Solution, Solver
 from .passes.sweep import live_bytes
-from .passes import workspace
+from .passes import layout, workspace
 from .passes.trace import check_inputs, trace
 from .report import Decision, MemoryPlan, NodeRow, Option, StorageSpan, TimelineData
 from .units import format_bytes
@@ -57,6 +57,16 @@ class Analysis:
     schedule: Schedule
     timeline: Timeline
     notes: tuple[str, ...] = ()  # how the model was captured, where not by torch.fx (passes.export)
+    unmodified: tuple[Schedule, Timeline] | None = None  # the step as given, where gm is relaid out
+
+    @property
+    def baseline(self) -> Timeline:
+        """The unmodified step's timeline: the step as the user gave it (before a layout pass)."""
+        return self.unmodified[1] if self.unmodified is not None else self.timeline
+
+    @property
+    def baseline_schedule(self) -> Schedule:
+        return self.unmodified[0] if self.unmodified is not None else self.schedule
 
     @property
     def meta_inputs(self) -> bool:
@@ -122,6 +132,24 @@ def analyse(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | None =
                     (captured,) if captured else ())
 
 
+def relayout(analysis: Analysis, config: Config) -> Analysis:
+    """``analysis`` with its graph's convolutions in ``config.memory_format`` (passes/layout.py),
+    profiled again; the step as given stays the baseline. Unchanged for "preserve" or a graph
+    without 2-d/3-d convs."""
+    if config.memory_format == "preserve":
+        return analysis
+    gm = analysis.gm
+    count = layout.to_channels_last(gm)
+    if not count:
+        return analysis
+    schedule, timeline = verify(gm, analysis.inputs, analysis.loss_fn)
+    note = (f"layout: {count} convolution(s) run channels_last (memory_format='channels_last'); "
+            f"unmodified peak {format_bytes(analysis.timeline.peak_bytes)} as given, "
+            f"{format_bytes(timeline.peak_bytes)} relaid out")
+    return replace(analysis, schedule=schedule, timeline=timeline, notes=(*analysis.notes, note),
+                   unmodified=(analysis.schedule, analysis.timeline))
+
+
 def admissible(cands: Candidates, max_grad_noise: float) -> Candidates:
     """The choices whose gradient noise is within ``max_grad_noise`` (the bound every plan keeps),
     and the required ones (the user asked for those by name)."""
@@ -144,7 +172,7 @@ def propose(model: nn.Module, analysis: Analysis, config: Config, *, calibration
         with _fork_rng():  # option kinds time their ops on random tensors
             return build_problem(analysis.gm, analysis.schedule, analysis.timeline, methods=config.methods,
                              settings=config.option_settings(noise), device=device, timings=timings)
-    limit = resolve_budget(config.budget, analysis.timeline.peak_bytes)
+    limit = resolve_budget(config.budget, analysis.baseline.peak_bytes)
     if limit is None and (not analysis.meta_inputs or calibration_inputs is not None):
         # without a budget, calibration stays under the lowest peak any plan could reach
         limit = Reachable(Solver(build().problem, config.solver_options()), config.max_overhead)
@@ -228,7 +256,7 @@ def _budget_error(analysis: Analysis, proposal: Proposal, config: Config, budget
     return BudgetError(
         f"budget {format_bytes(budget)} cannot be met for {analysis.model_name}: the lowest reachable "
         f"predicted peak with methods {methods}{idle_text} and max_grad_noise={config.max_grad_noise:g} "
-        f"is {format_bytes(lowest)} (unmodified: {format_bytes(analysis.timeline.peak_bytes)}). "
+        f"is {format_bytes(lowest)} (unmodified: {format_bytes(analysis.baseline.peak_bytes)}). "
         f"To go lower: {'; or '.join(hints)}.", lowest)
 
 
@@ -238,7 +266,7 @@ def _no_worse(v: Verified, model, analysis: Analysis, proposal: Proposal, config
     can miss a cost that only the rewritten graph's analysis shows, e.g. a lean op's workspace).
     A plan above it that meets ``budget`` and is estimated to save time (Mem-AOP-GD trades memory
     for time) is kept, and so is a plan with choices the user required."""
-    if not v.solution.chosen or v.timeline.peak_bytes <= analysis.timeline.peak_bytes:
+    if not v.solution.chosen or v.timeline.peak_bytes <= analysis.baseline.peak_bytes:
         return v
     if budget is not None and v.timeline.peak_bytes <= budget and v.solution.cost < 0:
         return v
@@ -277,7 +305,7 @@ def fit(model: nn.Module, analysis: Analysis, proposal: Proposal, config: Config
     with its own node limit), and the better verified plan is kept (see the comment below); with a
     budget, the second run only when the first plan misses it.
     """
-    budget = resolve_budget(config.budget, analysis.timeline.peak_bytes)
+    budget = resolve_budget(config.budget, analysis.baseline.peak_bytes)
     problem = proposal.candidates.problem
     alt = _without_kernel_workspace(problem, analysis)
     if alt is None:
@@ -527,7 +555,7 @@ def make_plan(analysis: Analysis, gm: fx.GraphModule, schedule: Schedule, timeli
         notes = (*notes, f"opaque node(s), run whole (torch.nn modules with submodules, RNNs, "
                          f"leaf_modules) with no option inside: {named}{more}")
     return MemoryPlan(model=analysis.model_name, parameter_bytes=params, input_bytes=inputs,
-                      baseline=_timeline_data(analysis.timeline, analysis.schedule),
+                      baseline=_timeline_data(analysis.baseline, analysis.baseline_schedule),
                       timeline=data,
                       rows=_rows(gm, schedule, timeline), alive_at_peak=alive, decisions=tuple(decisions),
                       budget_bytes=budget, notes=tuple(notes), cost_estimator=cost_estimator,

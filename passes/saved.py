@@ -67,6 +67,7 @@ class TensorMeta:
     dtype: torch.dtype
     storage: int
     requires_grad: bool
+    stride: tuple[int, ...] | None = None  # the layout (channels_last: fxsketch.ops._args.memory_order)
 
 
 @dataclass
@@ -289,7 +290,7 @@ class _StepInterpreter(fx.Interpreter):
                     sid = self.reg.add(t, Kind.BUFFER, str(n.target))
             else:
                 sid = self.reg.add(t, kind, n.name)
-            metas.append(TensorMeta(tuple(t.shape), t.dtype, sid, t.requires_grad))
+            metas.append(TensorMeta(tuple(t.shape), t.dtype, sid, t.requires_grad, tuple(t.stride())))
             if t.requires_grad and t.grad_fn is not None and n.op not in ("placeholder", "get_attr") \
                     and n.meta["fxsketch.alias"] is None:
                 self.grad_fns.append((n, len(metas) - 1, t.grad_fn, t.output_nr))

@@ -145,6 +145,57 @@ def test_max_pool_clear_errors():
         lean_max_pool(torch.randn(1, 1, 4, 4), (2, 2, 2, 2, 2))
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("slope", [None, 0.1])
+def test_channels_last_relu_packs_in_memory_order_without_copies(slope, inplace):
+    """A channels_last activation's mask is packed as the tensor lies, and its gradient comes back
+    in that layout: no copy of x or of the gradient into logical order, gradients as torch's."""
+    from fxsketch.measurement import LiveStorageTracker
+    x = torch.randn(4, 16, 16, 16).contiguous(memory_format=torch.channels_last)
+    fn = (lambda t: lean_relu(t, inplace)) if slope is None else (lambda t: lean_leaky_relu(t, slope, inplace))
+    ref = (lambda t: F.relu(t)) if slope is None else (lambda t: F.leaky_relu(t, slope))
+    leaf, leaf_ref = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    a, b = leaf * 1.0, leaf_ref * 1.0  # non-leaf, channels_last
+    with LiveStorageTracker(resident=[a]) as tr:  # a's storage counted once, not again as a view's
+        out = fn(a)
+    assert torch.equal(out, ref(b)) and out.is_contiguous(memory_format=torch.channels_last)
+    x_bytes = 4 * x.numel()
+    assert tr.peak_bytes - x_bytes - (0 if inplace else x_bytes) < x_bytes // 2  # a copy of x would be x_bytes more
+    layouts = []
+    a.register_hook(lambda grad: layouts.append(grad.is_contiguous(memory_format=torch.channels_last)))
+    g = torch.randn_like(x)  # channels_last as well
+    out.backward(g)
+    assert layouts == [True]
+    ref(b).backward(g)
+    assert torch.equal(leaf.grad, leaf_ref.grad)
+
+
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.channels_last_3d])
+def test_channels_last_max_pool_keeps_the_layout_and_torchs_gradient(fmt):
+    d = 2 if fmt == torch.channels_last else 3
+    x = torch.randn(3, 5, *[9] * d).contiguous(memory_format=fmt).requires_grad_()
+    ref = x.detach().clone().requires_grad_()
+    pool = F.max_pool2d if d == 2 else F.max_pool3d
+    y, want = lean_max_pool(x, (3,) * d, 2, 1), pool(ref, 3, 2, 1)
+    assert torch.equal(y, want) and y.is_contiguous(memory_format=fmt)
+    g = torch.randn_like(want)
+    y.backward(g)
+    want.backward(g)
+    assert torch.equal(x.grad, ref.grad) and x.grad.is_contiguous(memory_format=fmt)
+
+
+def test_relu_backward_holds_one_unpacked_mask_chunk_at_a_time():
+    """Besides its result, the backward holds one chunk's mask in the gradient's dtype (and its
+    int32 indices: 1/8 more), not the previous chunk's as well."""
+    from fxsketch.measurement import LiveStorageTracker
+    from fxsketch.ops.lean import mask_chunk
+    x = torch.randn(8, 16, 32, 32)
+    mask, g = pack_bits(x > 0), torch.randn_like(x)
+    with LiveStorageTracker([mask, g]) as tr:
+        out = torch.ops.fxsketch.lean_relu_backward(g, mask, None, [0, 1, 2, 3])
+    assert tr.peak_bytes - tr.resident_bytes - out.nbytes <= 1.2 * 4 * mask_chunk(x.numel())
+
+
 def test_custom_ops_pass_opcheck():
     """Schema, fake vs real outputs, autograd registration and AOT dispatch with dynamic shapes
     for every fxsketch::lean_* op (the in-place one declares its mutation)."""
@@ -153,13 +204,17 @@ def test_custom_ops_pass_opcheck():
     for slope in (None, 0.2):
         torch.library.opcheck(ops.lean_relu.default, (x.clone().requires_grad_(True), slope))
         torch.library.opcheck(ops.lean_relu_inplace.default, (x.clone(), slope))
-        torch.library.opcheck(ops.lean_relu_backward.default, (torch.randn_like(x), pack_bits(x > 0), slope))
+        torch.library.opcheck(ops.lean_relu_backward.default, (torch.randn_like(x), pack_bits(x > 0), slope, [0, 1, 2]))
     xp = torch.randn(2, 3, 7, 6, requires_grad=True)
     args = ([3, 2], [2, 2], [1, 1], [1, 1], True)
     torch.library.opcheck(ops.lean_max_pool.default, (xp,) + args)
     out, offset = ops.lean_max_pool(xp.detach(), *args)
     torch.library.opcheck(ops.lean_max_pool_backward.default,
-                          (torch.randn_like(out), offset, list(xp.shape)) + args[:4])
+                          (torch.randn_like(out), offset, list(xp.shape)) + args[:4] + ([0, 1, 2, 3],))
+    xc = xp.detach().contiguous(memory_format=torch.channels_last)
+    out, offset = ops.lean_max_pool(xc, *args)
+    torch.library.opcheck(ops.lean_max_pool_backward.default,
+                          (torch.randn_like(out), offset, list(xp.shape)) + args[:4] + ([0, 2, 3, 1],))
 
 
 def test_ops_run_on_fake_tensors_with_the_right_shapes():

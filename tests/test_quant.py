@@ -286,3 +286,43 @@ def test_backward_reads_x_a_chunk_at_a_time_and_equals_the_whole_x_backward(monk
     for got, want in zip(chunked, whole):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
     assert held <= stated + 256 and held <= held_whole - x.nbytes // 2, (held, stated, held_whole)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("train", [True, False])
+def test_channels_last_batch_norm_packs_as_it_lies(monkeypatch, bits, train):
+    """A channels_last BatchNorm input is packed in memory order (a scale per sample and channel
+    broadcast over its (H, W) rows, in blocks, not one block of the whole tensor nor a copy of X in
+    logical order); its backward dequantizes chunks in that layout: dX comes back channels_last,
+    close to eager's, and neither direction holds more than its stated workspace."""
+    from fxsketch.measurement import LiveStorageTracker
+    from fxsketch.ops._args import memory_order
+    monkeypatch.setattr(q, "BLOCK", 1 << 12)
+    monkeypatch.setattr(q, "BACKWARD_MIN_ELEMENTS", 0)
+    torch.manual_seed(0)
+    shape = (6, 8, 10, 14)
+    x = (torch.randn(shape) * 2 + 1).contiguous(memory_format=torch.channels_last)
+    order = memory_order(x)
+    mem_shape = [shape[d] for d in order]
+    mem_groups = [q.quant_groups(shape, "batch")[d] for d in order]
+    assert order == [0, 2, 3, 1] and not q._layout(mem_shape, mem_groups, bits)[4]  # blocks, not whole
+    w, b = torch.randn(8, requires_grad=True), torch.randn(8, requires_grad=True)
+    rm, rv = torch.randn(8), torch.rand(8) + 0.5
+    t, kept = x.clone().requires_grad_(), []
+    with LiveStorageTracker([t, w, b]) as tr, \
+            torch.autograd.graph.saved_tensors_hooks(lambda s: kept.append(s) or s, lambda s: s):
+        y = q.quant_batch_norm(t, rm.clone(), rv.clone(), w, b, train, bits=bits)
+    saved = q.quant_nbytes(shape, bits, mem_groups)
+    assert tr.peak_bytes - tr.resident_bytes - y.nbytes - saved <= q.pack_workspace_nbytes(mem_shape, bits, mem_groups) + 256
+    ref = F.batch_norm(x, rm.clone(), rv.clone(), w, b, train)
+    assert torch.equal(y, ref)
+    dy = torch.randn_like(x)  # channels_last
+    with LiveStorageTracker([t, w, b, dy] + kept) as tr:
+        got = torch.autograd.grad(y, (t, w, b), dy)
+    held = tr.peak_bytes - tr.resident_bytes - sum(g.nbytes for g in got)
+    assert held <= q.backward_workspace_nbytes("batch", shape, bits, mem_groups) + 256, held
+    assert got[0].is_contiguous(memory_format=torch.channels_last)
+    xe = x.clone().requires_grad_()
+    want = torch.autograd.grad(F.batch_norm(xe, rm.clone(), rv.clone(), w, b, train), (xe, w, b), dy)
+    for g, e in zip(got, want):
+        assert (g - e).norm() < (0.05 if bits == 8 else 0.5) * e.norm()

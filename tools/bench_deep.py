@@ -5,6 +5,7 @@ steps, measured ones on CPU, and where each plan's peak now sits (issue 15's acc
     .venv/bin/python tools/bench_deep.py --measure                 # CPU sizes, tracker-measured
     .venv/bin/python tools/bench_deep.py --predict --only resnet50 --methods probe lean recompute
     .venv/bin/python tools/bench_deep.py --predict --roofline       # GPU-like prices (no CPU node times)
+    .venv/bin/python tools/bench_deep.py --predict --channels-last  # memory_format="channels_last"
 
 Every row plans with ``budget=None, max_overhead`` (0.10 predicted, 0.15 measured) and
 ``seed=0``; probe (and quantized-norm) noise is calibrated on a real 2-sample batch
@@ -13,7 +14,7 @@ their ratio, the estimated overhead, the wall time of planning and of the solver
 solver's optimality gap (its note), the number of choices, how many replays run options inside
 or a nested replay, and the step where the peak sits with what is alive there. ``--measure`` also runs the optimized
 step under fxsketch's exact live-storage tracker (``fxsketch.measure``) and checks that the
-outputs equal eager.
+outputs equal eager (or how close they are: channels_last convs sum in another order).
 """
 from __future__ import annotations
 
@@ -73,7 +74,8 @@ class _SolverClock:
         S.Solver.solve = self._orig
 
 
-def _row(name, make, shape, meta: bool, max_overhead: float, methods, roofline: bool = False):
+def _row(name, make, shape, meta: bool, max_overhead: float, methods, roofline: bool = False,
+         memory_format: str = "preserve"):
     torch.manual_seed(0)
     model = make(shape[-1])
     x = torch.empty(shape, device="meta") if meta else torch.randn(shape)
@@ -83,6 +85,7 @@ def _row(name, make, shape, meta: bool, max_overhead: float, methods, roofline: 
         opts["methods"] = tuple(methods)
     if roofline:
         opts["time_nodes"] = False
+    opts["memory_format"] = memory_format
     t = time.perf_counter()
     with _SolverClock() as clock:
         if meta:
@@ -103,7 +106,8 @@ def _row(name, make, shape, meta: bool, max_overhead: float, methods, roofline: 
         eager = fxsketch.measure(model, (x,))
         got = fxsketch.measure(gm, (x,))
         with torch.no_grad():
-            same = torch.equal(gm.eval()(x[:2]), model.eval()(x[:2]))
+            a, b = gm.eval()(x[:2]), model.eval()(x[:2])
+            same = "yes" if torch.equal(a, b) else f"within {(a - b).abs().max().item() / b.abs().max().item():.1e} (max rel.)"
         print(f"|   measured | {format_bytes(eager.peak_bytes)} | {format_bytes(got.peak_bytes)} "
               f"| {eager.peak_bytes / got.peak_bytes:.2f}x | predicted/measured {plan.tensor_peak_bytes / got.peak_bytes:.3f} "
               f"| outputs equal eager (eval): {same} | | | | |", flush=True)
@@ -117,11 +121,14 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="*", default=None, help="option kinds (default: the default methods)")
     ap.add_argument("--roofline", action="store_true",
                     help="price extra time by the roofline (time_nodes=False), not this CPU's node times")
+    ap.add_argument("--channels-last", action="store_true",
+                    help="plan with memory_format='channels_last' (the convs in NHWC: no oneDNN reorders on CPU)")
     ap.add_argument("--max-overhead", type=float, default=None,
                     help="instead of 0.10 (predicted rows) and 0.15 (measured rows)")
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; methods {args.methods or fxsketch.Config().methods}; "
-          f"extra time {'roofline' if args.roofline else 'from node times'}")
+          f"extra time {'roofline' if args.roofline else 'from node times'}; "
+          f"memory_format {'channels_last' if args.channels_last else 'preserve'}")
     print("| step | unmodified | planned | reduction | est. overhead | plan time | solver | decisions | gap | peak at |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for meta, table, cap in ((True, PREDICT, 0.10), (False, MEASURE, 0.15)):
@@ -129,7 +136,8 @@ def main(argv=None):
             for name, (make, shape) in table.items():
                 if args.only is None or name in args.only:
                     try:
-                        _row(name, make, shape, meta, args.max_overhead or cap, args.methods, args.roofline)
+                        _row(name, make, shape, meta, args.max_overhead or cap, args.methods, args.roofline,
+                             "channels_last" if args.channels_last else "preserve")
                     except Exception as e:  # one row's failure is a row, not the end of the table
                         print(f"| {name} | {type(e).__name__}: {str(e).splitlines()[0][:200]} |", flush=True)
 

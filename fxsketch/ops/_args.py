@@ -1,12 +1,14 @@
 """Argument normalisation shared by the ops: one rule for "an int or a tuple per axis"; and one
-rule for an op called on fx proxies (a GraphModule re-traced when it is unpickled)."""
+rule for an op called on fx proxies (a GraphModule re-traced when it is unpickled); and one rule
+for a tensor's memory order (channels_last activations packed and unpacked without a copy)."""
 from __future__ import annotations
 
 import functools
 
+import torch
 import torch.fx as fx
 
-__all__ = ["per_axis", "traceable"]
+__all__ = ["per_axis", "traceable", "memory_order", "layout_order", "in_order", "from_order"]
 
 
 def traceable(fn):
@@ -39,3 +41,42 @@ def per_axis(value, d: int, name: str, what: str = "") -> tuple[int, ...]:
     if len(value) != d:
         raise ValueError(f"{name} must be an int or a tuple of {d} ints{what}, got {value}")
     return value
+
+
+def memory_order(t: torch.Tensor) -> list[int]:
+    """t's dims from the outermost to the innermost in memory, where ``t.permute(order)`` is then a
+    contiguous view ([0, 2, 3, 1] for a channels_last NCHW tensor); ``range(t.dim())`` where t is
+    contiguous or not dense (a strided slice: read in logical order, as ``reshape`` copies it).
+
+    >>> memory_order(torch.empty(2, 3, 4, 5).contiguous(memory_format=torch.channels_last))
+    [0, 2, 3, 1]
+    """
+    return layout_order(t.shape, t.stride())
+
+
+def layout_order(shape, stride) -> list[int]:
+    """:func:`memory_order` of a tensor of ``shape`` and ``stride`` (a planned node's layout)."""
+    order = list(range(len(shape)))
+    if stride is None:
+        return order
+    dense = sorted(order, key=lambda d: (-stride[d], d))
+    expect = 1
+    for d in reversed(dense):  # contiguous in that order: each stride the product of the sizes inside it
+        if shape[d] != 1 and stride[d] != expect:
+            return order
+        expect *= shape[d]
+    return dense if dense != order and any(shape[d] != 1 for d in order) else order
+
+
+def in_order(t: torch.Tensor, order) -> torch.Tensor:
+    """t's values permuted to ``order``, contiguous: a view where t is laid out in that order
+    (what :func:`memory_order` gave for a tensor of the same layout), else a copy."""
+    return t.permute(list(order)).contiguous()
+
+
+def from_order(t: torch.Tensor, order) -> torch.Tensor:
+    """Inverse of :func:`in_order`: the logical view of ``t`` (laid out in ``order``)."""
+    inverse = [0] * len(order)
+    for i, d in enumerate(order):
+        inverse[d] = i
+    return t.permute(inverse)

@@ -23,7 +23,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from ..errors import UnsupportedError
 
-from ._args import traceable, per_axis
+from ._args import from_order, in_order, memory_order, traceable, per_axis
 
 __all__ = ["lean_relu", "lean_leaky_relu", "lean_max_pool", "pack_bits", "unpack_bits"]
 
@@ -78,8 +78,10 @@ def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
 def _packed_keep(x: torch.Tensor, negative_slope: Optional[float]) -> torch.Tensor:
     """The packed mask of where the gradient passes, by torch's rules at 0 and NaN: relu passes
     it where not (out <= 0), leaky_relu where x > 0; taken from the input before any in-place
-    write. For relu the negation is done on the packed bytes (8x fewer); pad bits are ignored."""
-    flat = x.reshape(-1)
+    write. For relu the negation is done on the packed bytes (8x fewer); pad bits are ignored.
+    The mask is in x's memory order (:func:`memory_order`: a channels_last x is read as it lies,
+    not copied into logical order)."""
+    flat = in_order(x, memory_order(x)).view(-1)
     n = flat.numel()
     out = torch.empty((n + 7) // 8, dtype=torch.uint8, device=x.device)
     step = mask_chunk(n)  # a multiple of 8: each chunk packs into whole bytes
@@ -128,11 +130,15 @@ def mask_chunk(numel: int) -> int:
     return max(512, (numel // 4 + 7) // 8 * 8)
 
 
-def _relu_backward_op_impl(grad: torch.Tensor, mask: torch.Tensor, negative_slope: Optional[float]) -> torch.Tensor:
+def _relu_backward_op_impl(grad: torch.Tensor, mask: torch.Tensor, negative_slope: Optional[float],
+                           order: Sequence[int]) -> torch.Tensor:
     """grad where the mask is set, else 0 (relu) or negative_slope * grad (leaky_relu), chunk by
     chunk with torch's own backward kernels and the 0/1 mask as "self" (in grad's dtype, so no
-    cast copy inside the kernel): the same rules at 0 and NaN as relu's and leaky_relu's backward."""
-    g = grad.contiguous().view(-1)  # the mask is in logical order
+    cast copy inside the kernel): the same rules at 0 and NaN as relu's and leaky_relu's backward.
+    ``order``: the input's memory order, which the mask is in; the result is laid out in it."""
+    g = in_order(grad, order)  # a view where grad is laid out as the input was
+    shape = g.shape
+    g = g.view(-1)
     out = torch.empty_like(g)
     n = g.numel()
     step = mask_chunk(n)
@@ -143,34 +149,35 @@ def _relu_backward_op_impl(grad: torch.Tensor, mask: torch.Tensor, negative_slop
             torch.ops.aten.threshold_backward.grad_input(g[a:b], keep, 0, grad_input=out[a:b])
         else:
             torch.ops.aten.leaky_relu_backward.grad_input(g[a:b], keep, negative_slope, False, grad_input=out[a:b])
-    return out.view(grad.shape)
+        del keep  # before the next chunk's is unpacked: one chunk's mask alive at a time, not two
+    return from_order(out.view(shape), order)
 
 
 _relu_backward_op = _op("lean_relu_backward", _relu_backward_op_impl)
 
 
 def _relu_setup(ctx, inputs, output):
-    ctx.slope = inputs[1]
+    ctx.slope, ctx.order = inputs[1], memory_order(inputs[0])
     ctx.save_for_backward(output[1])
 
 
 def _relu_backward(ctx, grad, *_):
     (mask,) = ctx.saved_tensors
-    return _relu_backward_op(grad, mask, ctx.slope), None
+    return _relu_backward_op(grad, mask, ctx.slope, ctx.order), None
 
 
 _relu_op.register_autograd(_relu_backward, setup_context=_relu_setup)
 
 
 def _relu_backward_setup(ctx, inputs, output):
-    ctx.slope = inputs[2]
+    ctx.slope, ctx.order = inputs[2], list(inputs[3])
     ctx.save_for_backward(inputs[1])
 
 
 def _relu_double_backward(ctx, gg):
     # the backward is linear in its incoming gradient, with the same mask: double backward works
     (mask,) = ctx.saved_tensors
-    return _relu_backward_op(gg, mask, ctx.slope), None, None
+    return _relu_backward_op(gg, mask, ctx.slope, ctx.order), None, None, None
 
 
 _relu_backward_op.register_autograd(_relu_double_backward, setup_context=_relu_backward_setup)
@@ -244,6 +251,18 @@ _CHUNK = 1 << 14  # at least this many elements per chunk (fewer Python steps on
 _POOL_FN = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
 
+def _pool_order(x: torch.Tensor) -> list[int]:
+    """x's memory order where it is channels_last ([0, 2, .., 1]: the spatial dims of each channel
+    still merge into one), else logical."""
+    order = memory_order(x)
+    return order if order == [0, *range(2, x.dim()), 1] else list(range(x.dim()))
+
+
+def _empty_in(shape, order, dtype, device) -> torch.Tensor:
+    """An uninitialised tensor of ``shape`` laid out in ``order``."""
+    return from_order(torch.empty([shape[d] for d in order], dtype=dtype, device=device), order)
+
+
 def _batch_chunks(n: int, per_sample: int):
     """Up to 16 batch chunks: the int64 index temporaries stay ~1/16 of an int64 copy of the tensor."""
     step = max(1, max(_CHUNK, n * per_sample // 16) // max(1, per_sample))
@@ -267,8 +286,9 @@ def _max_pool_op_impl(x: torch.Tensor, kernel: Sequence[int], stride: Sequence[i
     """(max-pool of a batched x, each output's argmax offset inside its window, ravelled), in
     batch chunks so that torch's int64 indices stay small."""
     d = len(kernel)
-    out = x.new_empty(_pool_shape(x.shape, kernel, stride, padding, dilation, ceil_mode))
-    offset = torch.empty(out.shape, dtype=_offset_dtype(math.prod(kernel)), device=x.device)
+    order = _pool_order(x)  # out and offsets laid out as x is (channels_last stays channels_last)
+    out = _empty_in(_pool_shape(x.shape, kernel, stride, padding, dilation, ceil_mode), order, x.dtype, x.device)
+    offset = _empty_in(out.shape, order, _offset_dtype(math.prod(kernel)), x.device)
     base, _, offset_of = _window_tables(x.shape[2:], out.shape[2:], kernel, stride, padding, dilation,
                                         offset.dtype, x.device)
     for sl in _batch_chunks(x.shape[0], math.prod(x.shape[1:])):
@@ -283,10 +303,11 @@ _max_pool_op = _op("lean_max_pool", _max_pool_op_impl)
 
 def _max_pool_backward_op_impl(grad: torch.Tensor, offset: torch.Tensor, in_shape: Sequence[int],
                           kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
-                          dilation: Sequence[int]) -> torch.Tensor:
-    """The input gradient (``in_shape``): each output's gradient added at its window offset."""
+                          dilation: Sequence[int], order: Sequence[int]) -> torch.Tensor:
+    """The input gradient (``in_shape``, laid out in ``order``, the input's): each output's
+    gradient added at its window offset."""
     in_sp, (n, c) = in_shape[2:], in_shape[:2]
-    dx = torch.zeros(n, c, math.prod(in_sp), dtype=grad.dtype, device=grad.device)
+    dx = _empty_in(in_shape, order, grad.dtype, grad.device).zero_().view(n, c, math.prod(in_sp))
     base, delta, _ = _window_tables(in_sp, grad.shape[2:], kernel, stride, padding, dilation,
                                     offset.dtype, grad.device)
     for sl in _batch_chunks(n, math.prod(grad.shape[1:])):
@@ -301,7 +322,7 @@ _max_pool_backward_op = _op("lean_max_pool_backward", _max_pool_backward_op_impl
 
 def _max_pool_setup(ctx, inputs, output):
     x, kernel, stride, padding, dilation, _ = inputs
-    ctx.args, ctx.in_shape = (kernel, stride, padding, dilation), tuple(x.shape)
+    ctx.args, ctx.in_shape = (kernel, stride, padding, dilation, _pool_order(x)), tuple(x.shape)
     ctx.save_for_backward(output[1])
 
 

@@ -114,14 +114,14 @@ def sketch(x: torch.Tensor, seed: int, rank: int, mode: str, probe: str) -> torc
     """Xbar = Z^T X: (N, C, rank) in spatial mode, (N, rank) in channel mode, in x's dtype."""
     n, c = x.shape[:2]
     pixels = math.prod(x.shape[2:])
-    x3 = x.reshape(n, c, pixels)
+    x3 = x.view(n, c, pixels) if x.is_contiguous() else x  # a channels_last x: each chunk reshaped (copied) alone
     if mode == "spatial":
         order, bucket, value = _sorted_probe(seed, pixels, rank, probe, x.device)
         zt = _csr_sorted(bucket, order, value, (rank, pixels))
         out = torch.empty(n, c, rank, dtype=x.dtype, device=x.device)
         step = _chunk(n, c * pixels, _transient_elems(x.numel()))
         for i in range(0, n, step):
-            rows = x3[i:i + step].reshape(-1, pixels)
+            rows = x3[i:i + step].reshape(-1, pixels)  # (chunk * C, P)
             out[i:i + step] = _bucket_sum(zt, rows).reshape(-1, c, rank)
         return out
     out = torch.zeros(n, rank, dtype=torch.float32, device=x.device)
@@ -132,7 +132,7 @@ def sketch(x: torch.Tensor, seed: int, rank: int, mode: str, probe: str) -> torc
         step = _chunk(n, pos.numel(), _transient_elems(x.numel()))
         for i in range(0, n, step):
             # Few rows, many positions: a plain scatter beats sorting C*P positions for a CSR.
-            rows = x3[i:i + step, c0:c0 + step_c].reshape(-1, pos.numel()).float() * value
+            rows = x3[i:i + step, c0:c0 + step_c].reshape(-1, pos.numel()).float() * value  # (chunk, channels * P)
             out[i:i + step].scatter_add_(1, bucket.expand(rows.shape[0], -1), rows)
     return out.to(x.dtype)
 

@@ -30,7 +30,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import is_fake
 
 from ..errors import UnsupportedError
-from ._args import traceable
+from ._args import from_order, in_order, layout_order, traceable
 from .conv import draw_seed
 
 __all__ = ["QUANT_BITS", "quant_batch_norm", "quant_group_norm", "quant_layer_norm", "quant_instance_norm",
@@ -85,49 +85,62 @@ per element (a quarter of a 64-bit draw), so E[q] is X's position on the grid wi
 
 
 def _layout(shape: Sequence[int], groups: Sequence[int], bits: int):
-    """(rows, elements per row, blocks, whole) of x viewed as one row per group. Blocks are (row
-    slice, column slice or None) of about a quarter of x (at least 2**16 elements, at most BLOCK): whole rows, or pieces of one row; with 4
-    bits each starts at an even element. ``whole``: one block of the whole tensor, where the groups
-    are not x's leading dims (a 2-dim BatchNorm input: per channel over the batch) or 4-bit rows of
-    an odd length cannot be cut at even elements."""
-    lead = 0  # leading dims that the groups vary over (or of size 1)
-    while lead < len(groups) and (groups[lead] != 1 or shape[lead] == 1):
+    """(L, M, T, blocks, whole) of x viewed as (L, M, T): L over the leading dims the groups vary over
+    (or of size 1), T over the trailing ones (e.g. the channels of a channels_last BatchNorm input,
+    packed in memory order), M over the dims between, which every group spans; the statistics
+    broadcast as (L, 1, T). Blocks are (L slice, M slice or None) of about a quarter of x (at
+    least 2**16 elements, at most BLOCK): whole rows of L, or pieces of one; with 4 bits each
+    starts at an even element. One block of the whole tensor (L = M = 1, T = 1 or x's size) where
+    the groups vary over a dim between dims they span (a 2-dim BatchNorm input: per channel over
+    the batch), or 4-bit pieces cannot start at even elements."""
+    d = len(shape)
+    lead = 0
+    while lead < d and (groups[lead] == shape[lead] or shape[lead] == 1):
         lead += 1
-    rows, per = math.prod(shape[:lead]), math.prod(shape[lead:])
-    whole = (1, math.prod(shape), [(slice(0, 1), None)], True)
-    if any(g != 1 for g in groups[lead:]) or list(groups[:lead]) != list(shape[:lead]):
+    tail = d
+    while tail > lead and groups[tail - 1] == shape[tail - 1]:
+        tail -= 1
+    n = math.prod(shape)
+    whole = (1, 1, n, [(slice(0, 1), None)], True)
+    if any(g != 1 for g in groups[lead:tail]):
         return whole
-    block = min(BLOCK, max(1 << 16, rows * per // 4))
+    rows, mid, t = math.prod(shape[:lead]), math.prod(shape[lead:tail]), math.prod(shape[tail:])
+    per = mid * t
+    block = min(BLOCK, max(1 << 16, n // 4))
     if per <= block:
         k = max(1, block // per)
         k += bits == 4 and per % 2 and k % 2
-        return rows, per, [(slice(r, min(rows, r + k)), None) for r in range(0, rows, k)], False
-    if bits == 4 and per % 2:
+        return rows, mid, t, [(slice(r, min(rows, r + k)), None) for r in range(0, rows, k)], False
+    m = block // t
+    m -= bits == 4 and t % 2 and m % 2
+    if m < 1 or bits == 4 and per % 2:
         return whole
-    return rows, per, [(slice(r, r + 1), slice(c, min(per, c + block)))
-                       for r in range(rows) for c in range(0, per, block)], False
+    return rows, mid, t, [(slice(r, r + 1), slice(c, min(mid, c + m)))
+                          for r in range(rows) for c in range(0, mid, m)], False
 
 
 def _block_elems(shape: Sequence[int], groups: Sequence[int], bits: int) -> int:
     """Elements of the largest block (what the loops' buffers hold)."""
-    rows, per, blocks, _ = _layout(shape, groups, bits)
-    rs, cs = blocks[0]
-    return min(rs.stop, rows) * per if cs is None else cs.stop - cs.start
+    rows, mid, t, blocks, _ = _layout(shape, groups, bits)
+    rs, ms = blocks[0]
+    return (min(rs.stop, rows) * mid if ms is None else ms.stop - ms.start) * t
 
 
 def _views(t: torch.Tensor, shape, groups, bits, *stats):
-    """(t viewed as rows, the group statistics shaped to broadcast over it, the blocks, elements
-    per row); the whole-tensor layout views t as (1, *shape)."""
-    rows, per, blocks, whole = _layout(list(shape), list(groups), bits)
+    """(t viewed as (L, M, T), the group statistics shaped (L, 1, T), the blocks); the whole-tensor
+    layout views t as (1, *shape) and the statistics as (1, *groups)."""
+    rows, mid, tail, blocks, whole = _layout(list(shape), list(groups), bits)
     if whole:
-        return t.reshape(1, *shape), [s.unsqueeze(0) for s in stats], blocks, per
-    return t.reshape(rows, per), [s.reshape(rows, 1) for s in stats], blocks, per
+        return t.reshape(1, *shape), [s.unsqueeze(0) for s in stats], blocks
+    return t.reshape(rows, mid, tail), [s.reshape(rows, 1, tail) for s in stats], blocks
 
 
-def _part(xs: torch.Tensor, block, per: int):
-    """A block's view of ``xs``, its group statistics' row slice, its first flat element."""
-    rs, cs = block
-    return (xs[rs] if cs is None else xs[rs, cs]), rs, rs.start * per + (0 if cs is None else cs.start)
+def _part(xs: torch.Tensor, block):
+    """A block's view of ``xs`` (contiguous), its statistics' L slice, its first flat element."""
+    rs, ms = block
+    if ms is None:
+        return xs[rs], rs, rs.start * math.prod(xs.shape[1:])
+    return xs[rs, ms], rs, (rs.start * xs.shape[1] + ms.start) * xs.shape[2]
 
 
 def pack_workspace_nbytes(shape: Sequence[int], bits: int, groups: Sequence[int]) -> int:
@@ -172,7 +185,7 @@ def _pack_impl(x: torch.Tensor, seed: torch.Tensor, bits: int, groups: Sequence[
     out = torch.empty((n * bits + 7) // 8, dtype=torch.uint8, device=x.device)
     # u = 1/2 + 1/(2 K) + r / K, r a signed 16-bit draw: the constant goes into lo, once per group
     offset = lo - (0.5 + 0.5 / RNG_LEVELS) * step
-    xs, (offset, inv), blocks, per = _views(x, shape, groups, bits, offset, step.reciprocal())
+    xs, (offset, inv), blocks = _views(x, shape, groups, bits, offset, step.reciprocal())
     b = _block_elems(shape, groups, bits)
     buf = torch.empty(b, dtype=torch.float32, device=x.device)
     draws = torch.empty((b + 3) // 4, dtype=torch.int64, device=x.device)
@@ -181,7 +194,7 @@ def _pack_impl(x: torch.Tensor, seed: torch.Tensor, bits: int, groups: Sequence[
         return out, lo, step
     gen = torch.Generator(device=x.device).manual_seed(int(seed))
     for block in blocks:
-        part, rs, a = _part(xs, block, per)
+        part, rs, a = _part(xs, block)
         count = part.numel()
         t = buf[:count].view(part.shape)
         torch.sub(part, offset[rs], out=t)
@@ -208,14 +221,14 @@ def _unpack_impl(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits
     """lo + q step, of ``shape`` in ``dtype``, block by block, written into the result."""
     shape, groups = list(shape), list(lo.shape)
     out = torch.empty(shape, dtype=dtype, device=codes.device)
-    xs, (lo, step), blocks, per = _views(out, shape, groups, bits, lo, step)
+    xs, (lo, step), blocks = _views(out, shape, groups, bits, lo, step)
     b = _block_elems(shape, groups, bits)
     codes8 = torch.empty(b + b % 2, dtype=torch.uint8, device=codes.device) if bits == 4 else None
     buf = torch.empty(b, dtype=torch.float32, device=codes.device) if dtype != torch.float32 else None
     if _fake(codes):
         return out
     for block in blocks:
-        part, rs, a = _part(xs, block, per)
+        part, rs, a = _part(xs, block)
         count = part.numel()
         if bits == 8:
             q = codes[a:a + count]
@@ -267,8 +280,9 @@ class _QuantNorm(torch.autograd.Function):
             normalized, eps = args
             out, mean, rstd = aten.native_layer_norm(x, normalized, weight, bias, eps)
             ctx.extra, stats = (normalized,), (mean, rstd)
-        codes, lo, step = quant_pack(x, seed, bits, groups)
-        ctx.kind, ctx.bits, ctx.shape, ctx.dtype = kind, bits, tuple(x.shape), x.dtype
+        order = pack_order(kind, x.shape, x.stride())
+        codes, lo, step = quant_pack(in_order(x, order), seed, bits, [groups[d] for d in order])
+        ctx.kind, ctx.bits, ctx.shape, ctx.dtype, ctx.order = kind, bits, tuple(x.shape), x.dtype, order
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.save_for_backward(codes, lo, step, weight, bias, *stats)
         return out
@@ -283,10 +297,23 @@ class _QuantNorm(torch.autograd.Function):
         codes, lo, step, weight, bias, *stats = ctx.saved_tensors
         mask = [ctx.needs_input_grad[0], ctx.has_weight and ctx.needs_input_grad[1],
                 ctx.has_bias and ctx.needs_input_grad[2]]
-        dx, dw, db = _norm_backward(ctx.kind, ctx.extra, dy.contiguous(), (codes, lo, step), ctx.bits,
-                                    list(ctx.shape), ctx.dtype, weight, bias, stats, mask)
+        dy = from_order(in_order(dy, ctx.order), ctx.order)  # laid out as X was (a view where it is)
+        dx, dw, db = _norm_backward(ctx.kind, ctx.extra, dy, (codes, lo, step), ctx.bits,
+                                    list(ctx.shape), ctx.dtype, weight, bias, stats, mask, ctx.order)
         return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None,
                 None, None, None, None, None)
+
+
+def pack_order(kind: str, shape: Sequence[int], stride: Sequence[int] | None) -> list[int]:
+    """The dim order X is packed in: a BatchNorm input over a batch laid out channels_last (batch
+    dim outermost) as it lies in memory (:func:`fxsketch.ops._args.layout_order`; its scales are
+    then per sample and channel over (H, W) rows), no copy into logical order; otherwise logical."""
+    order = list(range(len(shape)))
+    if kind == "batch" and len(shape) > 2 and shape[0] > 1:
+        lay = layout_order(shape, stride)
+        if lay[0] == 0:
+            return lay
+    return order
 
 
 BACKWARD_CHUNKS = 8
@@ -352,19 +379,24 @@ def backward_workspace_nbytes(kind: str, shape: Sequence[int], bits: int, groups
     return chunk + unpack_workspace_nbytes(cshape, bits, cgroups, dtype) + (0 if in_place else chunk)
 
 
-def _norm_backward(kind, extra, dy, packed, bits, shape, dtype, weight, bias, stats, mask):
+def _norm_backward(kind, extra, dy, packed, bits, shape, dtype, weight, bias, stats, mask, order=None):
     """(dX, dW, dB) of a quantized norm, X dequantized chunk by chunk (:func:`backward_chunks`).
 
     A BatchNorm over the batch needs sums over every sample: a first pass adds up dB = sum dY and
     dW = sum dY X^ chunk by chunk (torch's kernel), a second writes dX = w rstd (dY - dB / M - X^ dW / M)
     into dX chunk by chunk (in eval mode dX = w rstd dY, running statistics, X not read). Every other norm's chunks are
     independent (per-sample statistics, or per channel of a batch-1 input): torch's kernel on
-    each, dW and dB added up (or placed, per channel)."""
+    each, dW and dB added up (or placed, per channel). ``order``: the memory order X was packed in
+    (:func:`fxsketch.ops._args.memory_order`; its batch dim first), which dY is laid out in."""
     codes, lo, step = packed
+    order = list(range(len(shape))) if order is None else list(order)
+
+    def unpack(c, l, s, cshape):
+        return from_order(quant_unpack(c, l, s, bits, [cshape[d] for d in order], dtype), order)
     normalized = len(extra[0]) if kind == "layer" else 0
     plan = backward_chunks(kind, shape, bits, normalized)
     if plan is None:
-        x = quant_unpack(codes, lo, step, bits, shape, dtype)
+        x = unpack(codes, lo, step, shape)
         return _native_backward(kind, extra, dy, x, weight, bias, stats, mask)
     dim, ranges = plan
     inner = math.prod(shape[dim + 1:])
@@ -375,7 +407,7 @@ def _norm_backward(kind, extra, dy, packed, bits, shape, dtype, weight, bias, st
         cshape[dim] = b - a
         c = codes[a * inner * bits // 8:(b * inner * bits + 7) // 8]
         l, s = (lo.narrow(dim, a, b - a), step.narrow(dim, a, b - a)) if groups[dim] != 1 else (lo, step)
-        return quant_unpack(c, l.contiguous(), s.contiguous(), bits, cshape, dtype)
+        return unpack(c, l.contiguous(), s.contiguous(), cshape)
 
     dx = torch.empty_like(dy) if mask[0] else None
     sums: list = [None, None]  # dW, dB over the chunks

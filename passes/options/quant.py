@@ -141,12 +141,13 @@ class Quant(OptionKind):
         noise = noise if isinstance(noise, QuantNoise) else QuantPrior(_group_elems(shape, groups))
         extra = _extra_seconds(ctx, n, spec, xmeta)
         f, b = ctx.fwd[n.name], ctx.bwd[n.name]
+        order = q.pack_order(spec["kind"], shape, xmeta.stride)  # channels_last: packed as it lies
         for bits in q.QUANT_BITS:
             nb = q.quant_nbytes(shape, bits, groups)
             level = noise.ratio(bits)
             # forward: the packing's block buffers; backward: a chunk of the dequantized X (and of
             # dX) at a time
-            transients = (Span(q.pack_workspace_nbytes(shape, bits, groups), f, f),
+            transients = (Span(q.pack_workspace_nbytes([shape[d] for d in order], bits, [groups[d] for d in order]), f, f),
                           Span(_backward_workspace(ctx.gm, spec, shape, bits, xmeta.dtype), b, b))
             detail = (f"{bits}-bit X ({nb / max(x_bytes, 1):.3g} of X), noise {level:.2f}x SGD"
                       + ("" if noise.calibrated else " (prior)"))
