@@ -18,7 +18,7 @@ from .units import parse_bytes
 
 __all__ = ["Config", "METHODS", "resolve_budget"]
 
-MEMORY_FORMATS = ("preserve", "channels_last")
+MEMORY_FORMATS = ("auto", "preserve", "channels_last")
 """Values of ``Config.memory_format``."""
 METHODS = _options.default_methods()
 """The built-in option kinds, the default of ``methods``."""
@@ -90,9 +90,10 @@ class Config:
     workspace on CUDA; fxsketch.passes.workspace): "measure" runs each conv signature alone once
     per process (at full batch, or the most samples a byte budget allows) and caches it;
     "formula" uses a fitted rule instead (no runs); "off" plans tensor bytes only."""
-    memory_format: str = "preserve"
-    """The layout the planned step's convolutions run in. "preserve" (default): as the model and
-    inputs come. "channels_last": each 2-d/3-d conv's input is made channels_last (NHWC / NDHWC)
+    memory_format: str = "auto"
+    """The layout the planned step's convolutions run in. "auto" (default): "channels_last" for a
+    step on CPU, "preserve" on CUDA (not yet measured there). "preserve": as the model and inputs
+    come. "channels_last": each 2-d/3-d conv's input is made channels_last (NHWC / NDHWC)
     and the activations stay so; outputs that eager returns contiguous are returned contiguous.
     On CPU this removes oneDNN's reorders (the conv kernels' workspace, up to the size of their
     input or output) and runs the convs faster; values equal eager's up to floating-point rounding

@@ -135,15 +135,19 @@ def analyse(model: nn.Module, example_inputs: Any, *, loss_fn: Callable | None =
 def relayout(analysis: Analysis, config: Config) -> Analysis:
     """``analysis`` with its graph's convolutions in ``config.memory_format`` (passes/layout.py),
     profiled again; the step as given stays the baseline. Unchanged for "preserve" or a graph
-    without 2-d/3-d convs."""
-    if config.memory_format == "preserve":
+    without 2-d/3-d convs; "auto" relays out a step on CPU only."""
+    fmt = config.memory_format
+    if fmt == "auto":
+        device = next((p.device for p in analysis.gm.parameters()), analysis.inputs[0].device)
+        fmt = "channels_last" if device.type == "cpu" else "preserve"
+    if fmt == "preserve":
         return analysis
     gm = analysis.gm
     count = layout.to_channels_last(gm)
     if not count:
         return analysis
     schedule, timeline = verify(gm, analysis.inputs, analysis.loss_fn)
-    note = (f"layout: {count} convolution(s) run channels_last (memory_format='channels_last'); "
+    note = (f"layout: {count} convolution(s) run channels_last (memory_format={config.memory_format!r}); "
             f"unmodified peak {format_bytes(analysis.timeline.peak_bytes)} as given, "
             f"{format_bytes(timeline.peak_bytes)} relaid out")
     return replace(analysis, schedule=schedule, timeline=timeline, notes=(*analysis.notes, note),

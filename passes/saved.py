@@ -456,6 +456,13 @@ def profile_step(
         workspace.enter(("backward", "loss"))
         loss.backward()
         workspace.finish()
+        for name, t in leaves:
+            # AccumulateGrad keeps a copy in the leaf's layout where the gradient came in another
+            # (a conv's dW channels_last beside a contiguous weight); the hook saw the original,
+            # which dies in its step: the copy is what the leaf keeps
+            g = t.grad
+            if g is not None and reg.find(g) is not None and reg.find(g) != leaf_grads.get(id(t)):
+                leaf_grads[id(t)] = reg.mark(g, Kind.PARAM_GRAD, name)
 
     for n in gm.graph.nodes:
         metas = n.meta.get("fxsketch.tensor", ())

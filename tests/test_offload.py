@@ -19,7 +19,7 @@ from fxsketch.passes.options import offload as kind
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-QUIET = dict(time_nodes=False, calibrate=False, workspace="off")
+QUIET = dict(time_nodes=False, calibrate=False, workspace="off", memory_format="preserve")  # bitwise-exact against eager
 
 
 def net():

@@ -111,7 +111,7 @@ def optimized_without_quant():
     model, x = net_and_input()
     methods = ("probe", "lean", "recompute")
     gm = fxsketch.optimize(model, (x,), budget_between(model, x, 0.2, methods), max_overhead=1.0,
-                           calibrate=False, methods=methods)
+                           calibrate=False, methods=methods, memory_format="preserve")  # bitwise-exact
     return model, x, gm
 
 
@@ -298,7 +298,8 @@ def test_deepcopy_and_pickle_keep_the_plan(optimized):
 
 def test_probe_note_counts_calibrated_and_refused_convs():
     model, x = net_and_input()
-    plan = fxsketch.optimize(model, (x,), max_overhead=1.0, progress=False).memory_plan
+    # in NCHW: channels_last's lower reachable peak leaves no room for a calibration batch here
+    plan = fxsketch.optimize(model, (x,), max_overhead=1.0, progress=False, memory_format="preserve").memory_plan
     assert any(n.startswith("probing: ") and ("(calibrated)" in n or "calibrated probe" in n)
                for n in plan.notes), plan.notes
 

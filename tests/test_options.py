@@ -108,7 +108,7 @@ def test_rewritten_nodes_show_their_option_in_the_node_table():
                           nn.ReLU(), nn.Flatten(), nn.Linear(16 * 32 * 32, 4))
     # tensor bytes only: with oneDNN's workspace the peak is a conv backward no option here moves
     gm = fxsketch.optimize(model, (torch.randn(16, 3, 32, 32),), methods=("probe", "lean"), probe_rank=4,
-                           max_overhead=10.0, workspace="off")
+                           max_overhead=10.0, workspace="off", memory_format="preserve")
     plan = gm.memory_plan
     shown = {r.name: r.option for r in plan.rows}
     for d in plan.decisions:
@@ -126,7 +126,7 @@ def test_freed_bytes_are_read_off_the_verified_graph():
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1),
                           nn.ReLU(), nn.Flatten(), nn.Linear(16 * 32 * 32, 4))
     plan = fxsketch.optimize(model, (torch.randn(16, 3, 32, 32),), methods=("lean",), max_overhead=10.0,
-                             calibrate=False, workspace="off").memory_plan
+                             calibrate=False, workspace="off", memory_format="preserve").memory_plan
     assert plan.decisions
     for d in plan.decisions:
         assert 0 <= d.freed_bytes and plan.peak_bytes + d.freed_bytes <= plan.baseline_peak_bytes

@@ -13,8 +13,9 @@ Every row plans with ``budget=None, max_overhead`` (0.10 predicted, 0.15 measure
 their ratio, the estimated overhead, the wall time of planning and of the solver alone, the
 solver's optimality gap (its note), the number of choices, how many replays run options inside
 or a nested replay, and the step where the peak sits with what is alive there. ``--measure`` also runs the optimized
-step under fxsketch's exact live-storage tracker (``fxsketch.measure``) and checks that the
-outputs equal eager (or how close they are: channels_last convs sum in another order).
+step under fxsketch's exact live-storage tracker (``fxsketch.measure``; tensor level, and process
+level: peak RSS of a fresh process, kernel workspace included, against the plan's full peak) and
+checks that the outputs equal eager (or how close they are: channels_last convs sum in another order).
 """
 from __future__ import annotations
 
@@ -103,14 +104,17 @@ def _row(name, make, shape, meta: bool, max_overhead: float, methods, roofline: 
           f"| {100 * plan.extra_time:.1f} % | {seconds:.1f} s | {clock.seconds:.1f} s | {len(plan.decisions)} "
           f"({inside} replays with options inside, {nested} nested) | {gap} | {plan.peak_node}: {alive} |", flush=True)
     if gm is not None:
-        eager = fxsketch.measure(model, (x,))
-        got = fxsketch.measure(gm, (x,))
+        eager = fxsketch.measure(model, (x,), level="process")
+        got = fxsketch.measure(gm, (x,), level="process")
         with torch.no_grad():
             a, b = gm.eval()(x[:2]), model.eval()(x[:2])
             same = "yes" if torch.equal(a, b) else f"within {(a - b).abs().max().item() / b.abs().max().item():.1e} (max rel.)"
         print(f"|   measured | {format_bytes(eager.peak_bytes)} | {format_bytes(got.peak_bytes)} "
               f"| {eager.peak_bytes / got.peak_bytes:.2f}x | predicted/measured {plan.tensor_peak_bytes / got.peak_bytes:.3f} "
               f"| outputs equal eager (eval): {same} | | | | |", flush=True)
+        print(f"|   measured, process | {format_bytes(eager.process_peak_bytes)} | {format_bytes(got.process_peak_bytes)} "
+              f"| {eager.process_peak_bytes / got.process_peak_bytes:.2f}x | predicted/measured "
+              f"{plan.peak_bytes / got.process_peak_bytes:.3f} | kernel workspace included | | | | |", flush=True)
 
 
 def main(argv=None):
