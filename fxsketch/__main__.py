@@ -142,8 +142,7 @@ def _planning_options(args: argparse.Namespace) -> dict | None:
         opts["methods"] = tuple(m for m in args.methods.split(",") if m)
     if args.max_grad_noise is not None:
         opts["max_grad_noise"] = args.max_grad_noise
-    if args.channels_last:
-        opts["memory_format"] = "channels_last"
+    opts["memory_format"] = args.memory_format
     return opts
 
 
@@ -211,9 +210,11 @@ def _add_planning_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None, help="seed of a private generator for the probes")
     p.add_argument("--max-grad-noise", type=float, default=Config.max_grad_noise,
                    help="gradient noise allowed, in units of each layer's SGD noise (docs/training.md)")
-    p.add_argument("--channels-last", action="store_true",
-                   help="run the convs channels_last (memory_format='channels_last': on CPU no oneDNN "
-                        "reorders, less workspace, faster convs; outputs equal eager up to rounding)")
+    from .config import MEMORY_FORMATS
+    p.add_argument("--memory-format", default=Config.memory_format, choices=MEMORY_FORMATS,
+                   help="layout of the planned step's convs: auto = channels_last on CPU (no oneDNN "
+                        "reorders: less workspace, faster convs; outputs equal eager up to rounding), "
+                        "preserve = as given (bitwise-equal outputs)")
 
 
 def _add_model_arguments(p: argparse.ArgumentParser, *, required: bool = True) -> None:

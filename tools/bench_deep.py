@@ -5,7 +5,7 @@ steps, measured ones on CPU, and where each plan's peak now sits (issue 15's acc
     .venv/bin/python tools/bench_deep.py --measure                 # CPU sizes, tracker-measured
     .venv/bin/python tools/bench_deep.py --predict --only resnet50 --methods probe lean recompute
     .venv/bin/python tools/bench_deep.py --predict --roofline       # GPU-like prices (no CPU node times)
-    .venv/bin/python tools/bench_deep.py --predict --channels-last  # memory_format="channels_last"
+    .venv/bin/python tools/bench_deep.py --predict --memory-format preserve  # NCHW convs (default: auto)
 
 Every row plans with ``budget=None, max_overhead`` (0.10 predicted, 0.15 measured) and
 ``seed=0``; probe (and quantized-norm) noise is calibrated on a real 2-sample batch
@@ -76,7 +76,7 @@ class _SolverClock:
 
 
 def _row(name, make, shape, meta: bool, max_overhead: float, methods, roofline: bool = False,
-         memory_format: str = "preserve"):
+         memory_format: str = "auto"):
     torch.manual_seed(0)
     model = make(shape[-1])
     x = torch.empty(shape, device="meta") if meta else torch.randn(shape)
@@ -125,14 +125,14 @@ def main(argv=None):
     ap.add_argument("--methods", nargs="*", default=None, help="option kinds (default: the default methods)")
     ap.add_argument("--roofline", action="store_true",
                     help="price extra time by the roofline (time_nodes=False), not this CPU's node times")
-    ap.add_argument("--channels-last", action="store_true",
-                    help="plan with memory_format='channels_last' (the convs in NHWC: no oneDNN reorders on CPU)")
+    ap.add_argument("--memory-format", default="auto", choices=fxsketch.config.MEMORY_FORMATS,
+                    help="Config.memory_format (auto: channels_last convs on CPU, no oneDNN reorders)")
     ap.add_argument("--max-overhead", type=float, default=None,
                     help="instead of 0.10 (predicted rows) and 0.15 (measured rows)")
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; methods {args.methods or fxsketch.Config().methods}; "
           f"extra time {'roofline' if args.roofline else 'from node times'}; "
-          f"memory_format {'channels_last' if args.channels_last else 'preserve'}")
+          f"memory_format {args.memory_format}")
     print("| step | unmodified | planned | reduction | est. overhead | plan time | solver | decisions | gap | peak at |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for meta, table, cap in ((True, PREDICT, 0.10), (False, MEASURE, 0.15)):
@@ -141,7 +141,7 @@ def main(argv=None):
                 if args.only is None or name in args.only:
                     try:
                         _row(name, make, shape, meta, args.max_overhead or cap, args.methods, args.roofline,
-                             "channels_last" if args.channels_last else "preserve")
+                             args.memory_format)
                     except Exception as e:  # one row's failure is a row, not the end of the table
                         print(f"| {name} | {type(e).__name__}: {str(e).splitlines()[0][:200]} |", flush=True)
 
