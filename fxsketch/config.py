@@ -92,7 +92,8 @@ class Config:
     "formula" uses a fitted rule instead (no runs); "off" plans tensor bytes only."""
     memory_format: str = "auto"
     """The layout the planned step's convolutions run in. "auto" (default): "channels_last" for a
-    step on CPU, "preserve" on CUDA (not yet measured there). "preserve": as the model and inputs
+    step on CPU unless the relaid-out unmodified step peaks more than 5 % above the step as given
+    (weight-dominated small inputs), "preserve" on CUDA (not yet measured there). "preserve": as the model and inputs
     come. "channels_last": each 2-d/3-d conv's input is made channels_last (NHWC / NDHWC)
     and the activations stay so; outputs that eager returns contiguous are returned contiguous.
     On CPU this removes oneDNN's reorders (the conv kernels' workspace, up to the size of their

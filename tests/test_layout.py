@@ -146,3 +146,19 @@ def test_a_weight_gradient_kept_in_the_weights_layout_is_counted_kept():
     assert a.timeline.live_bytes[last] >= 2 * sum(p.nbytes for p in model.parameters())  # weights + their grads
     measured = fxsketch.measure(model, (x,), repeat=1).peak_bytes
     assert abs(a.timeline.tensor_peak_bytes / measured - 1) < 0.01
+
+
+def test_auto_keeps_channels_last_only_where_the_unmodified_step_peaks_no_higher():
+    torch.manual_seed(0)
+    # weights dominate: channels_last's weight-gradient copies outweigh the reorders it saves
+    heavy = nn.Sequential(nn.Conv2d(64, 256, 3, padding=1), nn.ReLU(), nn.Conv2d(256, 256, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(256, 8, 3, padding=1))
+    p = fxsketch.plan(heavy, (torch.randn(2, 64, 6, 6),), None, optimized=True, calibrate=False, methods=("lean",))
+    assert any(n.startswith("layout: convolutions left as given") for n in p.notes), p.notes
+    # a 3-d UNet: its NCHW step peaks in a conv's reorders (kernel workspace): relaid out
+    monai = pytest.importorskip("monai")
+    unet = monai.networks.nets.UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(8, 16, 32, 64),
+                                    strides=(2, 2, 2), num_res_units=2)
+    p = fxsketch.plan(unet, (torch.randn(2, 1, 24, 24, 24),), None, optimized=True, calibrate=False, methods=("lean",))
+    note = next(n for n in p.notes if n.startswith("layout: "))
+    assert "run channels_last (memory_format='auto')" in note, note
