@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..ops._args import dense_in
+
 __all__ = ["to_channels_last", "conv_nodes"]
 
 _MODULES = (nn.Conv2d, nn.Conv3d)
@@ -40,15 +42,7 @@ def conv_nodes(gm: fx.GraphModule) -> list[fx.Node]:
 
 
 def _is_contiguous(meta) -> bool:
-    shape, stride = meta.shape, meta.stride
-    if stride is None:
-        return True
-    expect = 1
-    for size, st in zip(reversed(shape), reversed(stride)):
-        if size != 1 and st != expect:
-            return False
-        expect *= size
-    return True
+    return meta.stride is None or dense_in(meta.shape, meta.stride, range(len(meta.shape)))
 
 
 def to_channels_last(gm: fx.GraphModule) -> int:

@@ -180,6 +180,18 @@ def train(name, seed, gm, model, opt, data, loss, metric: Metric, *, epochs, bat
     return rec
 
 
+def call_times(fn, rounds: int) -> list[float]:
+    """Seconds of ``rounds`` calls of ``fn()`` after one warm-up call (benchmarks take their min or
+    median of it)."""
+    fn()
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return times
+
+
 def _timed(fn, *args) -> float:
     """Seconds fn(*args) took."""
     t = time.time()

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 import fxsketch
+from _harness import call_times
 from fxsketch.passes import workspace as ws
 from fxsketch.units import format_bytes
 
@@ -36,13 +36,7 @@ def _fmt(dim: int):
 
 
 def _median_seconds(fn, repeat: int) -> float:
-    fn()
-    ts = []
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
+    return statistics.median(call_times(fn, repeat))
 
 
 def conv_rows(repeat: int):

@@ -9,22 +9,16 @@ after a warm-up.
     .venv/bin/python tools/bench_quant_pack.py
 """
 import argparse
-import time
 
 import torch
 
+from _harness import call_times
 from fxsketch.ops import quant as q
 from fxsketch.ops.quant import quant_norm_module
 
 
 def best(fn, rounds):
-    fn()
-    times = []
-    for _ in range(rounds):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * min(times)
+    return 1e3 * min(call_times(fn, rounds))
 
 
 def main(argv=None):

@@ -8,7 +8,7 @@ import functools
 import torch
 import torch.fx as fx
 
-__all__ = ["per_axis", "traceable", "memory_order", "layout_order", "in_order", "from_order"]
+__all__ = ["per_axis", "traceable", "memory_order", "layout_order", "dense_in", "in_order", "from_order"]
 
 
 def traceable(fn):
@@ -60,12 +60,20 @@ def layout_order(shape, stride) -> list[int]:
     if stride is None:
         return order
     dense = sorted(order, key=lambda d: (-stride[d], d))
-    expect = 1
-    for d in reversed(dense):  # contiguous in that order: each stride the product of the sizes inside it
-        if shape[d] != 1 and stride[d] != expect:
-            return order
-        expect *= shape[d]
+    if not dense_in(shape, stride, dense):
+        return order
     return dense if dense != order and any(shape[d] != 1 for d in order) else order
+
+
+def dense_in(shape, stride, order) -> bool:
+    """Whether a tensor of ``shape`` and ``stride`` is contiguous when its dims are read in
+    ``order``: each stride the product of the sizes inside it (size-1 dims are free)."""
+    expect = 1
+    for d in reversed(list(order)):
+        if shape[d] != 1 and stride[d] != expect:
+            return False
+        expect *= shape[d]
+    return True
 
 
 def in_order(t: torch.Tensor, order) -> torch.Tensor:
