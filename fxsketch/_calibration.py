@@ -127,7 +127,8 @@ def calibrate_for_plan(model, analysis, config, limit: int | Reachable | None, n
     else:  # meta inputs give shapes only: node times are taken on synthetic inputs anyway
         source, have, full = analysis.inputs, batch // 2, batch
         loss, pad_to = calibration_loss_fn or analysis.loss_fn, batch
-    wanted = "probe" in config.methods and config.probe_rank is None and config.calibrate and real
+    wanted = ("probe" in config.methods and config.probe_rank is None or "quant" in config.methods) \
+        and config.calibrate and real
     targets = probe_targets(analysis.gm) if wanted else {}
     if not real and "probe" in config.methods and config.probe_rank is None and config.calibrate:
         notes.append("uncalibrated (meta inputs, no calibration_inputs): probe noise from the stated prior "

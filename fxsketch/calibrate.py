@@ -51,6 +51,8 @@ from .errors import InputError
 from .measurement import default_loss
 from .ops.probed import conv_geometry, dw_channel, dw_spatial, exact_weight_grad, sketch
 from .ops.probes import check_rank_mode_probe
+from .ops.quant import QUANT_BITS
+from .ops.qconv import quant_conv_noise_sq
 from .passes.patterns import CONV_FUNCS as _CONV_FUNCS
 from .passes.trace import check_inputs
 
@@ -93,6 +95,18 @@ class ConvNoise(_Ratios):
     shape: tuple[int, ...] = field(default=())
     """Shape of the conv's input X at its first call (calibration batch)."""
     calibrated: bool = True
+    quant_sq: Mapping[int, float] = field(default_factory=dict)
+    """bits -> E||d dW||^2 on the calibration batch of saving X in that many bits
+    (:func:`fxsketch.ops.qconv.quant_conv_noise_sq`, summed over the conv's calls)."""
+
+    def quant_ratio(self, bits: int) -> float:
+        """The dW error of a conv input saved in ``bits`` bits (:mod:`fxsketch.ops.qconv`) at
+        batch B over sgd_noise: a sum over samples of independent terms, so it grows like B, as
+        the SGD variance does (the ratio is the calibration batch's)."""
+        err = self.batch / self.calibration_batch * self.quant_sq[int(bits)]
+        if self.sgd_noise > 0:
+            return math.sqrt(max(err, 0.0)) / self.sgd_noise
+        return 0.0 if err <= 0 else math.inf
 
     def probe_noise(self, rank: int) -> float:
         """RMS Frobenius error of the probed dW estimate at ``rank`` (its std: it is unbiased),
@@ -175,6 +189,7 @@ class _ConvStats:
         self.shape: tuple[int, ...] = ()
         self.batch = 0
         self.sq_sum = self.sum_sq = 0.0   # sum_n ||g_n||^2 and ||sum_n g_n||^2 once complete
+        self.quant_sq = dict.fromkeys(QUANT_BITS, 0.0)  # E||d dW||^2 of a quantized X, per width
 
 
 def _per_sample_grads(x, dy, geo, weight_shape) -> torch.Tensor:
@@ -240,6 +255,8 @@ class _Capture(TorchFunctionMode):
             g = _per_sample_grads(x, dy, geo, st.weight_shape)
             st.per_sample = g if st.per_sample is None else st.per_sample.add_(g)
             del g
+        for bits in QUANT_BITS:
+            st.quant_sq[bits] += quant_conv_noise_sq(x, dy, st.weight_shape, geo, bits)
         terms = probe_variance_terms(x, dy, st.weight_shape, geo, self.mode, self.probe, st.ranks)
         st.terms = terms if st.terms is None else st.terms + terms
         st.done += 1
@@ -262,7 +279,10 @@ def hook_workspace_nbytes(x_shape, y_shape, weight_shape, calls: int = 1, mode: 
     b, w = x_shape[0], math.prod(weight_shape)
     grads = 2 * w if calls == 1 else 2 * b * w
     sample = (math.prod(x_shape) + math.prod(y_shape)) // max(b, 1)
-    return 4 * (grads + sample) + workspace_nbytes(x_shape, y_shape, weight_shape, mode, probe, ranks)
+    # the quantized-input error (one sample at a time): X's rounding variances and their
+    # temporaries (4 of X's sample), dY squared, one dW
+    quant = 4 * math.prod(x_shape) // max(b, 1) + math.prod(y_shape) // max(b, 1) + w
+    return 4 * (grads + max(sample, quant)) + workspace_nbytes(x_shape, y_shape, weight_shape, mode, probe, ranks)
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,7 +408,7 @@ def calibrate_convs(model: nn.Module, calibration_inputs: Any, convs: Mapping[st
         grad_sq = batch / n * st.sq_sum + pairs * (st.sum_sq - st.sq_sum)
         result[name] = ConvNoise(sgd_noise=math.sqrt(max(batch * var, 0.0)), terms=st.terms, batch=batch,
                                  calibration_batch=n, grad_norm=math.sqrt(max(grad_sq, 0.0)),
-                                 calls=st.calls, shape=st.shape)
+                                 calls=st.calls, shape=st.shape, quant_sq=dict(st.quant_sq))
     if cache:
         _CACHE[key] = (weakref.ref(model, lambda _, k=key: _CACHE.pop(k, None)), dict(result))
     log.debug("calibrated %d conv(s) on %d samples for batch %d", len(result), b, batch)

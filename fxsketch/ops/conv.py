@@ -168,6 +168,18 @@ def draw(generator: torch.Generator | None, kind: str, shape, like: torch.Tensor
     return generator_draw(like if like is not None else torch.empty(0), key, kind, list(shape))
 
 
+def check_conv_args(input: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``input`` is unbatched; a ValueError naming the shapes where the weight is not a
+    1d/2d/3d conv's or the input does not fit it."""
+    if weight.dim() - 2 not in _CONV_FN:
+        raise ValueError(f"weight must be 3-, 4- or 5-dimensional (1d/2d/3d conv), got shape {tuple(weight.shape)}")
+    d = weight.dim() - 2
+    if input.dim() not in (d + 1, d + 2):
+        raise ValueError(f"a {d}d conv (weight {tuple(weight.shape)}) needs input of {d + 2} dims "
+                         f"(N, C, *spatial) or {d + 1} unbatched, got input shape {tuple(input.shape)}")
+    return input.dim() == d + 1
+
+
 class _ProbedConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, seed, stride, padding, dilation, groups, rank, mode, probe):
@@ -222,13 +234,7 @@ def probed_conv(input, weight, bias=None, stride=1, padding=0, dilation=1, group
     torch.Size([2, 4, 8, 8])
     """
     check_rank_mode_probe(rank, mode, probe)
-    if weight.dim() - 2 not in _CONV_FN:
-        raise ValueError(f"weight must be 3-, 4- or 5-dimensional (1d/2d/3d conv), got shape {tuple(weight.shape)}")
-    d = weight.dim() - 2
-    if input.dim() not in (d + 1, d + 2):
-        raise ValueError(f"a {d}d conv (weight {tuple(weight.shape)}) needs input of {d + 2} dims "
-                         f"(N, C, *spatial) or {d + 1} unbatched, got input shape {tuple(input.shape)}")
-    unbatched = input.dim() == d + 1
+    unbatched = check_conv_args(input, weight)
     x = input.unsqueeze(0) if unbatched else input
     seed = None
     if weight.requires_grad and torch.is_grad_enabled():

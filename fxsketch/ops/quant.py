@@ -379,6 +379,32 @@ def backward_workspace_nbytes(kind: str, shape: Sequence[int], bits: int, groups
     return chunk + unpack_workspace_nbytes(cshape, bits, cgroups, dtype) + (0 if in_place else chunk)
 
 
+def unpack_slice(packed, bits: int, shape: Sequence[int], dtype, order: Sequence[int] | None = None,
+                 dim: int = 0, start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """The dequantized X[start:stop] along ``dim`` (all of X by default) from ``packed`` = (codes,
+    lo, step) of X of ``shape`` packed in ``order`` (:func:`fxsketch.ops._args.memory_order`), in
+    X's layout. The slice must be contiguous in the packing (every dim before ``dim`` in ``order``
+    of size 1, as the batch dim of a channels_last tensor is outermost) and, with 4 bits, start at
+    a whole byte."""
+    codes, lo, step = packed
+    shape = list(shape)
+    order = list(range(len(shape))) if order is None else list(order)
+    stop = shape[dim] if stop is None else stop
+    pos = order.index(dim)
+    if any(shape[d] != 1 for d in order[:pos]):
+        raise ValueError(f"dim {dim} is not outermost in the packing order {order} of shape {shape}")
+    inner = math.prod(shape[d] for d in order[pos + 1:])
+    if bits == 4 and start * inner % 2:
+        raise ValueError(f"a 4-bit slice must start at a whole byte: element {start * inner}")
+    cshape = list(shape)
+    cshape[dim] = stop - start
+    if (start, stop) != (0, shape[dim]):
+        codes = codes[start * inner * bits // 8:(stop * inner * bits + 7) // 8]
+        if lo.shape[pos] != 1:
+            lo, step = lo.narrow(pos, start, stop - start).contiguous(), step.narrow(pos, start, stop - start).contiguous()
+    return from_order(quant_unpack(codes, lo, step, bits, [cshape[d] for d in order], dtype), order)
+
+
 def _norm_backward(kind, extra, dy, packed, bits, shape, dtype, weight, bias, stats, mask, order=None):
     """(dX, dW, dB) of a quantized norm, X dequantized chunk by chunk (:func:`backward_chunks`).
 
@@ -388,26 +414,16 @@ def _norm_backward(kind, extra, dy, packed, bits, shape, dtype, weight, bias, st
     independent (per-sample statistics, or per channel of a batch-1 input): torch's kernel on
     each, dW and dB added up (or placed, per channel). ``order``: the memory order X was packed in
     (:func:`fxsketch.ops._args.memory_order`; its batch dim first), which dY is laid out in."""
-    codes, lo, step = packed
     order = list(range(len(shape))) if order is None else list(order)
-
-    def unpack(c, l, s, cshape):
-        return from_order(quant_unpack(c, l, s, bits, [cshape[d] for d in order], dtype), order)
     normalized = len(extra[0]) if kind == "layer" else 0
     plan = backward_chunks(kind, shape, bits, normalized)
     if plan is None:
-        x = unpack(codes, lo, step, shape)
+        x = unpack_slice(packed, bits, shape, dtype, order)
         return _native_backward(kind, extra, dy, x, weight, bias, stats, mask)
     dim, ranges = plan
-    inner = math.prod(shape[dim + 1:])
-    groups = list(lo.shape)
 
     def chunk_x(a, b):
-        cshape = list(shape)
-        cshape[dim] = b - a
-        c = codes[a * inner * bits // 8:(b * inner * bits + 7) // 8]
-        l, s = (lo.narrow(dim, a, b - a), step.narrow(dim, a, b - a)) if groups[dim] != 1 else (lo, step)
-        return unpack(c, l.contiguous(), s.contiguous(), cshape)
+        return unpack_slice(packed, bits, shape, dtype, order, dim, a, b)
 
     dx = torch.empty_like(dy) if mask[0] else None
     sums: list = [None, None]  # dW, dB over the chunks

@@ -27,7 +27,7 @@ from ..solve import Choice, Span
 from ..timing import op_extra_seconds, own_rng
 from . import Candidate, OptionKind, ProposalContext, RewriteContext, register
 
-__all__ = ["Probe", "conv_spec", "conv_ranks", "probe_targets"]
+__all__ = ["Probe", "conv_spec", "conv_ranks", "probe_targets", "saved_conv_input"]
 
 
 def conv_spec(gm: fx.GraphModule, n: fx.Node) -> dict[str, Any] | None:
@@ -98,6 +98,20 @@ def _weight_shape(ctx: ProposalContext, n: fx.Node):
     return ctx.module(n).weight.shape if n.op == "call_module" else n.args[1].meta["fxsketch.tensor"][0].shape
 
 
+def saved_conv_input(ctx: ProposalContext, n: fx.Node):
+    """(conv spec, input storage, input meta) of a conv node whose own backward saves its batched
+    floating-point input, or None: what a probe or a quantized input can replace."""
+    spec = conv_spec(ctx.gm, n)
+    x = ctx.input_storage(n) if spec is not None else None
+    if x is None or x not in ctx.saved_index:
+        return None
+    xmeta = n.all_input_nodes[0].meta["fxsketch.tensor"][0]
+    if not any(k == n.name for k, _ in ctx.saved[ctx.saved_index[x]].savers) \
+            or len(xmeta.shape) < 3 or not xmeta.dtype.is_floating_point:
+        return None
+    return spec, x, xmeta
+
+
 @register
 class Probe(OptionKind):
     name = "probe"
@@ -106,14 +120,10 @@ class Probe(OptionKind):
     in_replays = True
 
     def node_choices(self, ctx: ProposalContext, n: fx.Node):
-        spec = conv_spec(ctx.gm, n)
-        x = ctx.input_storage(n) if spec is not None else None
-        if x is None or x not in ctx.saved_index:
+        found = saved_conv_input(ctx, n)
+        if found is None:
             return
-        xmeta = n.all_input_nodes[0].meta["fxsketch.tensor"][0]
-        if not any(k == n.name for k, _ in ctx.saved[ctx.saved_index[x]].savers) \
-                or len(xmeta.shape) < 3 or not xmeta.dtype.is_floating_point:
-            return
+        spec, x, xmeta = found
         st, out = ctx.settings, n.meta["fxsketch.tensor"][0]
         x_bytes = ctx.schedule.storages[x].nbytes
         taps = math.prod(_weight_shape(ctx, n)[2:])  # the estimate scatters dY once per tap
@@ -156,17 +166,24 @@ PROBE_ELEMENTS = 1 << 20
 """Largest conv input (elements) a probed conv is timed at (fewer samples beyond it)."""
 
 
-def _measured_extra(ctx: ProposalContext, n: fx.Node, spec, xmeta, ranks, st) -> dict[int, float]:
-    """Extra seconds of the probed conv over the conv, forward + backward (dX and dW), timed on
-    this machine (fxsketch.passes.timing, cached) at the smallest and largest rank, linear in r
-    between them (the sketch and the dW scatter grow with r)."""
+def timing_conv(ctx: ProposalContext, n: fx.Node, spec, xmeta):
+    """(device, a random weight of the conv's shape needing a gradient, its geometry as keywords,
+    ``F.convNd``): the plain conv that a replacement op is timed against."""
     w_shape = _weight_shape(ctx, n)
     device = next((p.device for p in ctx.gm.parameters()), torch.device("cpu"))
     device = torch.device("cpu") if device.type == "meta" else device
     with own_rng(device):
         w = torch.randn(w_shape, dtype=xmeta.dtype, device=device, requires_grad=True)
     geo = dict(stride=spec["stride"], padding=spec["padding"], dilation=spec["dilation"], groups=spec["groups"])
-    conv = (F.conv1d, F.conv2d, F.conv3d)[len(w_shape) - 3]
+    return device, w, geo, (F.conv1d, F.conv2d, F.conv3d)[len(w_shape) - 3]
+
+
+def _measured_extra(ctx: ProposalContext, n: fx.Node, spec, xmeta, ranks, st) -> dict[int, float]:
+    """Extra seconds of the probed conv over the conv, forward + backward (dX and dW), timed on
+    this machine (fxsketch.passes.timing, cached) at the smallest and largest rank, linear in r
+    between them (the sketch and the dW scatter grow with r)."""
+    device, w, geo, conv = timing_conv(ctx, n, spec, xmeta)
+    w_shape = w.shape
     key = f"probe:{st.mode},{st.probe},w={list(w_shape)}," + ",".join(f"{k}={v}" for k, v in geo.items())
     lo, hi = min(ranks), max(ranks)
     variants = {f",r={r}": (lambda x, r=r: ops.probed_conv(x, w, None, **geo, rank=r, mode=st.mode, probe=st.probe))

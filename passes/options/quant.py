@@ -1,11 +1,14 @@
-"""Quantize a norm's saved input: BatchNorm / GroupNorm / InstanceNorm / LayerNorm save X in 8 or 4 bits.
+"""Quantize a saved input: norms (BatchNorm / GroupNorm / InstanceNorm / LayerNorm) and convolutions
+save X in 8 or 4 bits.
 
-The output is exact; the backward reads a stochastically rounded copy of X with the exact
-statistics (:mod:`fxsketch.ops.quant`). It frees X only if nothing else keeps it (a conv after a
+The output is exact; a norm's backward reads a stochastically rounded copy of X with the exact
+statistics (:mod:`fxsketch.ops.quant`), a conv's computes dX and db exactly and dW from the
+rounded copy (:mod:`fxsketch.ops.qconv`, unbiased). It frees X only if nothing else keeps it (a conv after a
 norm-ReLU pair does not: the ReLU's output is the conv's input, not the norm's). Both widths are
 offered in the node's group, each with its gradient noise in units of SGD noise
-(:mod:`fxsketch.quant_noise`): calibrated on the calibration batch where the plan has one, else
-the stated prior. The planner admits only choices within ``max_grad_noise``.
+(:mod:`fxsketch.quant_noise` for norms; for convs the dW error against the layer's SGD noise,
+:meth:`fxsketch.calibrate.ConvNoise.quant_ratio`): calibrated on the calibration batch where the
+plan has one, else the stated prior (:class:`fxsketch.quant_noise.QuantPrior`). The planner admits only choices within ``max_grad_noise``.
 """
 from __future__ import annotations
 
@@ -19,12 +22,13 @@ from torch import nn
 
 from ... import ops
 from ...ops import quant as q
+from ...ops import qconv as qc
 from ...quant_noise import QuantNoise, QuantPrior
 from ..patterns import NORM_FUNCS, NORM_MODULES
 from ..solve import Choice, Span
 from ..timing import op_extra_seconds
 from . import Candidate, OptionKind, ProposalContext, RewriteContext, register
-from .probe import _attr
+from .probe import PROBE_ELEMENTS, _attr, _weight_shape, saved_conv_input, timing_conv
 
 __all__ = ["Quant", "norm_spec", "norm_targets", "noise_params"]
 
@@ -127,6 +131,9 @@ class Quant(OptionKind):
 
     def node_choices(self, ctx: ProposalContext, n: fx.Node):
         spec = norm_spec(ctx.gm, n)
+        if spec is None:
+            yield from _conv_choices(self.name, ctx, n)
+            return
         xmeta = _norm_input(n) if spec is not None else None
         x = ctx.input_storage(n) if xmeta is not None else None
         if x is None or x not in ctx.saved_index or not xmeta.dtype.is_floating_point or not xmeta.shape \
@@ -160,10 +167,17 @@ class Quant(OptionKind):
 
     def rewrite(self, rw: RewriteContext, cand: Candidate) -> fx.Node:
         n = rw.by_name[cand.nodes[0]]
-        spec = norm_spec(rw.gm, n)
         kw = dict(bits=cand.params["bits"])
         if rw.generator:
             kw["generator"] = _attr(rw, rw.generator, n)
+        if cand.params["kind"] == "conv":
+            p = cand.params
+            w, b = _attr(rw, p["weight"], n), _attr(rw, p["bias"], n)
+            with rw.graph.inserting_before(n):
+                new = rw.graph.call_function(ops.quant_conv, (n.args[0], w, b), dict(
+                    stride=p["stride"], padding=p["padding"], dilation=p["dilation"], groups=p["groups"], **kw))
+            return rw.replace(n, new)
+        spec = norm_spec(rw.gm, n)
         with rw.graph.inserting_before(n):
             if spec["module"] is not None:
                 args = (spec["input"], rw.graph.get_attr(spec["module"]))
@@ -181,6 +195,54 @@ class Quant(OptionKind):
                                                                             "bias", "eps"))
             new = rw.graph.call_function(fn, args, kw)
         return rw.replace(n, new)
+
+
+def _conv_choices(kind: str, ctx: ProposalContext, n: fx.Node):
+    """8- and 4-bit choices of a conv that saves its input (:mod:`fxsketch.ops.qconv`): each
+    drops the conv's hold on X and adds the codes from its forward to its backward, the packing's
+    buffers at its forward and a chunk of the dequantized X (and of dX, and a dW) at its backward."""
+    found = saved_conv_input(ctx, n)
+    if found is None:
+        return
+    spec, x, xmeta = found
+    shape, x_bytes = tuple(xmeta.shape), ctx.schedule.storages[x].nbytes
+    if qc.conv_quant_nbytes(shape, 8) > x_bytes // 2:
+        return  # scales and zero points would eat the gain (tiny spatial extent)
+    noise = (ctx.settings.noise or {}).get(n.name)
+    calibrated = getattr(noise, "quant_sq", None)
+    prior = QuantPrior(math.prod(shape[2:]))
+    extra = _conv_extra_seconds(ctx, n, spec, xmeta)
+    f, b = ctx.fwd[n.name], ctx.bwd[n.name]
+    w_shape = tuple(_weight_shape(ctx, n))
+    for bits in q.QUANT_BITS:
+        nb = qc.conv_quant_nbytes(shape, bits)
+        level = noise.quant_ratio(bits) if calibrated else prior.ratio(bits)
+        transients = (Span(qc.forward_workspace_nbytes(shape, xmeta.stride, bits), f, f),
+                      Span(qc.backward_workspace_nbytes(shape, w_shape, bits, xmeta.dtype), b, b))
+        detail = (f"{bits}-bit conv input ({nb / max(x_bytes, 1):.3g} of X), dW noise {level:.2f}x SGD"
+                  + ("" if calibrated else " (prior)"))
+        yield (Choice(n.name, ctx.cost.fraction(extra[bits]), level, drops=((ctx.saved_index[x], n.name),),
+                      adds=(Span(nb, f, b),) + transients),
+               Candidate(kind, (n.name,), dict(spec, bits=bits, kind="conv"), detail))
+
+
+def _conv_extra_seconds(ctx: ProposalContext, n: fx.Node, spec, xmeta) -> dict[int, float]:
+    """Extra seconds of the quantized-input conv over the conv, forward + backward, timed on this
+    machine in the input's layout (cached) when the plan measures node times; else the bytes it
+    moves (X read twice and its copy written, at the machine's copy rate)."""
+    x_bytes = math.prod(xmeta.shape) * torch.empty((), dtype=xmeta.dtype).element_size()
+    if ctx.cost.estimator != "measured":
+        return dict.fromkeys(q.QUANT_BITS, 4 * x_bytes / ctx.cost.device.bandwidth)
+    device, w, geo, conv = timing_conv(ctx, n, spec, xmeta)
+    w_shape = w.shape
+    cl = qc.conv_pack_order(xmeta.shape, xmeta.stride) != list(range(len(xmeta.shape)))
+    fmt = (torch.channels_last, torch.channels_last_3d)[len(w_shape) - 4] if cl and len(w_shape) in (4, 5) else None
+    lay = (lambda x: x.contiguous(memory_format=fmt)) if fmt is not None else (lambda x: x)
+    key = f"quant:conv,w={list(w_shape)},cl={fmt is not None}," + ",".join(f"{k}={v}" for k, v in geo.items())
+    variants = {f",bits={k}": (lambda x, k=k: ops.quant_conv(lay(x), w, None, **geo, bits=k)) for k in q.QUANT_BITS}
+    extra = op_extra_seconds(key, xmeta.shape, xmeta.dtype, device, lambda x: conv(lay(x), w, None, **geo),
+                             variants, repeat=2, wrt=(w,), elements=PROBE_ELEMENTS)
+    return {k: extra[f",bits={k}"] for k in q.QUANT_BITS}
 
 
 def norm_targets(gm: fx.GraphModule) -> dict[str, dict[str, Any]]:
