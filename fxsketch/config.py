@@ -67,6 +67,9 @@ class Config:
     memory it holds and its noise); "all", every linear and conv layer whose weight trains, whatever
     the cost model says and above ``max_grad_noise`` too (to study its accuracy, or where the cost
     model is wrong): the plan still minimises the peak or meets the budget around them."""
+    quant_inputs: str = "all"
+    """Which saved inputs method "quant" may keep in 8 or 4 bits: "all", norms' and convolutions'
+    (a conv's dW then reads the rounded copy; docs/quant.md); "norms", norms' only."""
     offload: str = "auto"
     """Activation offload (method "offload": saved activations to host memory, prefetched back
     before their backward use; exact). "auto": offered on CUDA, and on a CPU step only when
@@ -180,6 +183,8 @@ class Config:
             raise ConfigError(f"memory_format must be one of {MEMORY_FORMATS}, got {self.memory_format!r}")
         if self.aop_layers not in ("auto", "all"):
             raise ConfigError(f"aop_layers must be 'auto' or 'all', got {self.aop_layers!r}")
+        if self.quant_inputs not in ("all", "norms"):
+            raise ConfigError(f"quant_inputs must be 'all' or 'norms', got {self.quant_inputs!r}")
         if self.offload not in ("auto", "on", "off"):
             raise ConfigError(f"offload must be 'auto', 'on' or 'off', got {self.offload!r}")
         if not (isinstance(self.offload_bandwidth, (int, float)) and 0 < self.offload_bandwidth < float("inf")):
@@ -237,7 +242,8 @@ class Config:
                               probe=self.probe, max_grad_noise=self.max_grad_noise, noise=noise,
                               aop_k=self.aop_k, aop_policy=self.aop_policy, aop_decay=self.aop_decay,
                               aop_layers=self.aop_layers, offload=self._offload(),
-                              offload_bandwidth=float(self.offload_bandwidth), offload_nodes=self.offload_nodes)
+                              offload_bandwidth=float(self.offload_bandwidth), offload_nodes=self.offload_nodes,
+                              quant_inputs=self.quant_inputs)
 
     def _offload(self) -> str:
         """When offload is offered (where "offload" is among the methods): "auto" becomes "on" for

@@ -198,3 +198,16 @@ def test_planned_peak_matches_the_measured_one_and_exact_parts_stay_exact():
                              + [gm.get_parameter("7.weight")])
     for a, b in zip(gg, ge):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_quant_inputs_norms_offers_no_conv_choice_and_bad_values_are_named():
+    from fxsketch.pipeline import analyse, propose
+    model, x = _cnn(), torch.randn(8, 3, 16, 16)
+    kinds = {}
+    for value in ("all", "norms"):
+        proposal = propose(model, analyse(model, (x,)), fxsketch.Config(methods=("quant",), workspace="off",
+                                                                         quant_inputs=value))
+        kinds[value] = [c.params["kind"] for c in proposal.every.candidates if c.kind == "quant"]
+    assert kinds["all"] and set(kinds["all"]) == {"conv"} and kinds["norms"] == []
+    with pytest.raises(fxsketch.ConfigError, match="quant_inputs"):
+        fxsketch.Config(quant_inputs="convs")

@@ -6,6 +6,7 @@ steps, measured ones on CPU, and where each plan's peak now sits (issue 15's acc
     .venv/bin/python tools/bench_deep.py --predict --only resnet50 --methods probe lean recompute
     .venv/bin/python tools/bench_deep.py --predict --roofline       # GPU-like prices (no CPU node times)
     .venv/bin/python tools/bench_deep.py --predict --memory-format preserve  # NCHW convs (default: auto)
+    .venv/bin/python tools/bench_deep.py --predict --quant-inputs norms      # no quantized conv inputs
 
 Every row plans with ``budget=None, max_overhead`` (0.10 predicted, 0.15 measured) and
 ``seed=0``; probe (and quantized-norm) noise is calibrated on a real 2-sample batch
@@ -76,7 +77,7 @@ class _SolverClock:
 
 
 def _row(name, make, shape, meta: bool, max_overhead: float, methods, roofline: bool = False,
-         memory_format: str = "auto"):
+         memory_format: str = "auto", quant_inputs: str = "all"):
     torch.manual_seed(0)
     model = make(shape[-1])
     x = torch.empty(shape, device="meta") if meta else torch.randn(shape)
@@ -87,6 +88,7 @@ def _row(name, make, shape, meta: bool, max_overhead: float, methods, roofline: 
     if roofline:
         opts["time_nodes"] = False
     opts["memory_format"] = memory_format
+    opts["quant_inputs"] = quant_inputs
     t = time.perf_counter()
     with _SolverClock() as clock:
         if meta:
@@ -127,12 +129,14 @@ def main(argv=None):
                     help="price extra time by the roofline (time_nodes=False), not this CPU's node times")
     ap.add_argument("--memory-format", default="auto", choices=fxsketch.config.MEMORY_FORMATS,
                     help="Config.memory_format (auto: channels_last convs on CPU, no oneDNN reorders)")
+    ap.add_argument("--quant-inputs", default="all", choices=("all", "norms"),
+                    help="Config.quant_inputs (norms: no quantized conv inputs, the A/B of docs/quant.md)")
     ap.add_argument("--max-overhead", type=float, default=None,
                     help="instead of 0.10 (predicted rows) and 0.15 (measured rows)")
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; methods {args.methods or fxsketch.Config().methods}; "
           f"extra time {'roofline' if args.roofline else 'from node times'}; "
-          f"memory_format {args.memory_format}")
+          f"memory_format {args.memory_format}; quant_inputs {args.quant_inputs}")
     print("| step | unmodified | planned | reduction | est. overhead | plan time | solver | decisions | gap | peak at |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for meta, table, cap in ((True, PREDICT, 0.10), (False, MEASURE, 0.15)):
@@ -141,7 +145,7 @@ def main(argv=None):
                 if args.only is None or name in args.only:
                     try:
                         _row(name, make, shape, meta, args.max_overhead or cap, args.methods, args.roofline,
-                             args.memory_format)
+                             args.memory_format, args.quant_inputs)
                     except Exception as e:  # one row's failure is a row, not the end of the table
                         print(f"| {name} | {type(e).__name__}: {str(e).splitlines()[0][:200]} |", flush=True)
 

@@ -61,6 +61,7 @@ class OptionSettings:
     offload: str = "auto"                    # offload: "auto" (CUDA), "on" (any device) or "off"
     offload_bandwidth: float = 50e9          # offload: host<->device bytes/s (PCIe Gen5 x16, measured-like)
     offload_nodes: tuple[str, ...] | None = None  # offload: exactly these nodes (required), None: the solver's pick
+    quant_inputs: str = "all"                # quant: "all" (norms' and convs' inputs) or "norms"
 
 
 @dataclass

@@ -132,7 +132,8 @@ class Quant(OptionKind):
     def node_choices(self, ctx: ProposalContext, n: fx.Node):
         spec = norm_spec(ctx.gm, n)
         if spec is None:
-            yield from _conv_choices(self.name, ctx, n)
+            if ctx.settings.quant_inputs == "all":
+                yield from _conv_choices(self.name, ctx, n)
             return
         xmeta = _norm_input(n) if spec is not None else None
         x = ctx.input_storage(n) if xmeta is not None else None
