@@ -168,7 +168,8 @@ def calibrate_for_plan(model, analysis, config, limit: int | Reachable | None, n
         by_weight = calibrate_convs(model, sub, {name: targets[name][0] for name in first.values()},
                                     batch=batch, loss_fn=_padded_loss(loss or default_loss, chosen, pad_to),
                                     mode=config.mode, probe=config.probe, progress=config.progress,
-                                    ranks={name: ranks[name] for name in first.values()})
+                                    ranks={name: ranks[name] for name in first.values()},
+                                    quant="quant" in config.methods and config.quant_inputs == "all")
         noise = {name: by_weight[first[id(w)]] for name, (w, _) in targets.items()}
         notes.append(f"probe noise calibrated on {chosen} of {batch} samples (predicted peak of calibration "
                      f"{format_bytes(predicted)}) and stated for batch {batch} by the 1/B law")

@@ -206,10 +206,11 @@ class _Capture(TorchFunctionMode):
     """See every F.convNd call whose weight is listed; in backward, fold each call's (X, dY) into
     its conv's running sums and drop them."""
 
-    def __init__(self, weights: dict[int, str], mode: str, probe: str, bar=None, ranks=None):
+    def __init__(self, weights: dict[int, str], mode: str, probe: str, bar=None, ranks=None, quant: bool = True):
         super().__init__()
         self.weights, self.mode, self.probe, self.bar = weights, mode, probe, bar
         self.ranks = ranks or {}
+        self.quant = quant
         self.stats: dict[str, _ConvStats] = {}
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
@@ -255,7 +256,7 @@ class _Capture(TorchFunctionMode):
             g = _per_sample_grads(x, dy, geo, st.weight_shape)
             st.per_sample = g if st.per_sample is None else st.per_sample.add_(g)
             del g
-        for bits in QUANT_BITS:
+        for bits in QUANT_BITS if self.quant else ():
             st.quant_sq[bits] += quant_conv_noise_sq(x, dy, st.weight_shape, geo, bits)
         terms = probe_variance_terms(x, dy, st.weight_shape, geo, self.mode, self.probe, st.ranks)
         st.terms = terms if st.terms is None else st.terms + terms
@@ -332,7 +333,7 @@ def _cache_key(model, inputs, names, batch, mode, probe, loss_fn) -> tuple:
 def calibrate_convs(model: nn.Module, calibration_inputs: Any, convs: Mapping[str, Any], *,
                     batch: int | None = None, loss_fn: Callable | None = None, mode: str = "spatial",
                     probe: str = "gaussian", ranks: Mapping[str, Sequence[int]] | None = None,
-                    cache: bool = True, progress: bool | None = None) -> dict[str, ConvNoise]:
+                    cache: bool = True, progress: bool | None = None, quant: bool = True) -> dict[str, ConvNoise]:
     """Measure, per conv, the SGD noise of dW and the closed-form probe noise, for batch ``batch``.
 
     ``calibration_inputs``: a small real batch (b >= 2 samples along dim 0). ``convs`` maps a name
@@ -343,6 +344,8 @@ def calibrate_convs(model: nn.Module, calibration_inputs: Any, convs: Mapping[st
     ``ranks``: name -> candidate ranks; needed for orthogonal probes only (their noise is computed
     per rank; gaussian and rademacher serve every rank). ``progress``: a bar over the conv calls folded in backward: True always, False never, None
     only when stderr is a terminal (tqdm's convention).
+    ``quant``: also state the dW error of saving each conv's input in 8 and 4 bits
+    (:attr:`ConvNoise.quant_sq`; the planner asks for it where quantized conv inputs are offered).
 
     The model is not modified: no ``.grad`` is written, buffers (BatchNorm running statistics)
     and train/eval flags are restored, torch's RNG streams are left alone.
@@ -367,7 +370,7 @@ def calibrate_convs(model: nn.Module, calibration_inputs: Any, convs: Mapping[st
         by_id[id(w)] = name
     if not weights:
         return {}
-    key = _cache_key(model, inputs, sorted(weights), batch, mode, probe, loss_fn) \
+    key = _cache_key(model, inputs, sorted(weights), batch, mode, probe, loss_fn) + (quant,) \
         + (tuple(sorted((k, tuple(v)) for k, v in (ranks or {}).items())) if probe == "orthogonal" else (),)
     hit = _CACHE.get(key)
     if cache and hit is not None and hit[0]() is model:
@@ -382,7 +385,7 @@ def calibrate_convs(model: nn.Module, calibration_inputs: Any, convs: Mapping[st
     bar = tqdm(desc="calibrating convs", unit="call", leave=False,
                disable=None if progress is None else not progress) if tqdm else None
     with preserved(model), torch.random.fork_rng(devices=[]), torch.enable_grad():
-        capture = _Capture(by_id, mode, probe, bar, ranks)
+        capture = _Capture(by_id, mode, probe, bar, ranks, quant)
         with capture, forward_context(inputs[0].device.type if inputs else "cpu"):
             out = model(*inputs)
             loss = loss_fn(out)
@@ -408,7 +411,8 @@ def calibrate_convs(model: nn.Module, calibration_inputs: Any, convs: Mapping[st
         grad_sq = batch / n * st.sq_sum + pairs * (st.sum_sq - st.sq_sum)
         result[name] = ConvNoise(sgd_noise=math.sqrt(max(batch * var, 0.0)), terms=st.terms, batch=batch,
                                  calibration_batch=n, grad_norm=math.sqrt(max(grad_sq, 0.0)),
-                                 calls=st.calls, shape=st.shape, quant_sq=dict(st.quant_sq))
+                                 calls=st.calls, shape=st.shape,
+                                 quant_sq=dict(st.quant_sq) if quant else {})
     if cache:
         _CACHE[key] = (weakref.ref(model, lambda _, k=key: _CACHE.pop(k, None)), dict(result))
     log.debug("calibrated %d conv(s) on %d samples for batch %d", len(result), b, batch)
