@@ -67,6 +67,11 @@ class Config:
     memory it holds and its noise); "all", every linear and conv layer whose weight trains, whatever
     the cost model says and above ``max_grad_noise`` too (to study its accuracy, or where the cost
     model is wrong): the plan still minimises the peak or meets the budget around them."""
+    chunked_replays: bool = True
+    """Method "recompute" also offers, for a segment whose every op treats each sample on its own
+    (no BatchNorm, no random op), a replay that runs the segment's forward and its backward replay
+    a chunk of the batch at a time (fxsketch.ops.chunked_replay): a chunk's activations are alive
+    at once instead of the batch's. Exact up to rounding (a conv's sums on another batch size)."""
     quant_inputs: str = "all"
     """Which saved inputs method "quant" may keep in 8 or 4 bits: "all", norms' and convolutions'
     (a conv's dW then reads the rounded copy; docs/quant.md); "norms", norms' only."""
@@ -185,6 +190,8 @@ class Config:
             raise ConfigError(f"aop_layers must be 'auto' or 'all', got {self.aop_layers!r}")
         if self.quant_inputs not in ("all", "norms"):
             raise ConfigError(f"quant_inputs must be 'all' or 'norms', got {self.quant_inputs!r}")
+        if not isinstance(self.chunked_replays, bool):
+            raise ConfigError(f"chunked_replays must be True or False, got {self.chunked_replays!r}")
         if self.offload not in ("auto", "on", "off"):
             raise ConfigError(f"offload must be 'auto', 'on' or 'off', got {self.offload!r}")
         if not (isinstance(self.offload_bandwidth, (int, float)) and 0 < self.offload_bandwidth < float("inf")):
@@ -243,7 +250,7 @@ class Config:
                               aop_k=self.aop_k, aop_policy=self.aop_policy, aop_decay=self.aop_decay,
                               aop_layers=self.aop_layers, offload=self._offload(),
                               offload_bandwidth=float(self.offload_bandwidth), offload_nodes=self.offload_nodes,
-                              quant_inputs=self.quant_inputs)
+                              quant_inputs=self.quant_inputs, chunked_replays=bool(self.chunked_replays))
 
     def _offload(self) -> str:
         """When offload is offered (where "offload" is among the methods): "auto" becomes "on" for

@@ -216,13 +216,14 @@ def build_schedule(gm: fx.GraphModule) -> Schedule:
         steps.append(Step("backward", name, allocs=tuple(made.get(key, ())),
                           reads=tuple(saved) + tuple(died.get(key, ()))))
     schedule = Schedule(steps, dict(storages), set(record.output_storages))
-    _add_workspace(schedule, record.step_peaks, record.kernel_peaks, record.net_peaks)
+    _add_workspace(schedule, record.step_peaks, record.kernel_peaks, record.net_peaks, record.net_kernel_peaks)
     return schedule
 
 
 def _add_workspace(schedule: Schedule, step_peaks: dict[tuple[str, str], int],
                    kernel_peaks: dict[tuple[str, str], int],
-                   net_peaks: dict[tuple[str, str], int] | None = None) -> None:
+                   net_peaks: dict[tuple[str, str], int] | None = None,
+                   net_kernel_peaks: dict[tuple[str, str], int] | None = None) -> None:
     """Give each step a workspace storage for what its ops held beyond the step's new storages,
     and a kernel-workspace storage for what its kernels held beyond that; where ``net_peaks``
     has the step (an opaque node's backward: its most bytes at once net of the saved tensors
@@ -238,10 +239,11 @@ def _add_workspace(schedule: Schedule, step_peaks: dict[tuple[str, str], int],
             ws = schedule.new_storage(extra, Kind.WORKSPACE, step.node)
             schedule.edit(i, allocs=schedule.steps[i].allocs + (ws,))
         if net_peaks and key in net_peaks:
-            # a kernel's workspace peak comes at its call, before the step frees anything: the
-            # step then holds the larger of that and its net peak
+            # a kernel's workspace comes at its call, net of what the step had freed by then (all
+            # of it before any free, for one opaque op; a micro-batched segment frees chunk by chunk)
             kpeak = kernel_peaks.get(key, 0)
-            schedule.released[key] = max(accounted, step_peaks.get(key, 0), kpeak) - max(net_peaks[key], kpeak)
+            knet = (net_kernel_peaks or {}).get(key, kpeak)
+            schedule.released[key] = max(accounted, step_peaks.get(key, 0), kpeak) - max(net_peaks[key], knet)
         kernel = kernel_peaks.get(key, 0) - max(accounted, step_peaks.get(key, 0))
         if kernel > 0:
             ks = schedule.new_storage(kernel, Kind.KERNEL, step.node)

@@ -89,6 +89,8 @@ class StepRecord:
     kernel_calls: dict[tuple[str, str], tuple] = field(default_factory=dict)
     # opaque nodes' backward steps: most bytes at once, new storages less the saved ones it freed
     net_peaks: dict[tuple[str, str], int] = field(default_factory=dict)
+    # the same steps' kernel peaks net of the saved tensors freed by each call
+    net_kernel_peaks: dict[tuple[str, str], int] = field(default_factory=dict)
     kernel_sources: dict[str, int] = field(default_factory=dict)
     # backward as autograd ran it: step order, and each storage it created -> (made in, died in)
     backward_order: tuple[tuple[str, str], ...] = ()
@@ -214,26 +216,30 @@ class _StepTracker(TorchDispatchMode):
                     self.created[sid] = self.step
                     self._backward[sid] = ref
         self._local = {k: v for k, v in self._local.items() if not v[0].expired()}
-        live = sum(n for _, n in self._local.values())
+        live = net = sum(n for _, n in self._local.values())
         self.peak[self.step] = max(self.peak.get(self.step, 0), live)
         if self._may_free:
             net = live - sum(n for r, n in self._may_free if r.expired())
             self.net_peak[self.step] = max(self.net_peak[self.step], net)
         if self._kernels and (call := kernel_call(func, args)) is not None:
-            self.kernel_calls.append((self.step, live, call))
+            self.kernel_calls.append((self.step, live, call, net))
         return out
 
-    def kernel_peaks(self) -> tuple[dict[tuple[str, str], int], dict[str, int]]:
-        """Per step, the most bytes alive within it with a kernel's workspace during its call;
-        and how many calls' workspace each source gave."""
-        found = workspace_bytes(call for _, _, call in self.kernel_calls)
+    def kernel_peaks(self) -> tuple[dict[tuple[str, str], int], dict[str, int], dict[tuple[str, str], int]]:
+        """Per step, the most bytes alive within it with a kernel's workspace during its call; how
+        many calls' workspace each source gave; and, for the steps that free saved tensors while
+        they run (:meth:`enter`'s ``may_free``), the same net of what they had freed by each call."""
+        found = workspace_bytes(call for _, _, call, _ in self.kernel_calls)
         peaks: dict[tuple[str, str], int] = {}
+        nets: dict[tuple[str, str], int] = {}
         sources: dict[str, int] = {}
-        for step, live, call in self.kernel_calls:
+        for step, live, call, net in self.kernel_calls:
             nbytes, how = found[call]
             peaks[step] = max(peaks.get(step, 0), live + nbytes)
+            if step in self.net_peak:
+                nets[step] = max(nets.get(step, 0), net + nbytes)
             sources[how] = sources.get(how, 0) + 1
-        return peaks, sources
+        return peaks, sources, nets
 
 
 def _tensors(x: Any) -> list[torch.Tensor]:
@@ -473,8 +479,8 @@ def profile_step(
         n.meta["fxsketch.grad"] = grads
     record.storages = dict(reg.infos)
     record.step_peaks = dict(workspace.peak)
-    record.kernel_peaks, record.kernel_sources = workspace.kernel_peaks()
-    for step, _, call in workspace.kernel_calls:
+    record.kernel_peaks, record.kernel_sources, record.net_kernel_peaks = workspace.kernel_peaks()
+    for step, _, call, _ in workspace.kernel_calls:
         record.kernel_calls[step] = record.kernel_calls.get(step, ()) + (call,)
     record.net_peaks = dict(workspace.net_peak)
     record.backward_order = tuple(k for k in workspace.order if k[0] == "backward")

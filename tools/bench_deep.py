@@ -77,7 +77,7 @@ class _SolverClock:
 
 
 def _row(name, make, shape, meta: bool, max_overhead: float, methods, roofline: bool = False,
-         memory_format: str = "auto", quant_inputs: str = "all"):
+         memory_format: str = "auto", quant_inputs: str = "all", chunked_replays: bool = True):
     torch.manual_seed(0)
     model = make(shape[-1])
     x = torch.empty(shape, device="meta") if meta else torch.randn(shape)
@@ -89,6 +89,7 @@ def _row(name, make, shape, meta: bool, max_overhead: float, methods, roofline: 
         opts["time_nodes"] = False
     opts["memory_format"] = memory_format
     opts["quant_inputs"] = quant_inputs
+    opts["chunked_replays"] = chunked_replays
     t = time.perf_counter()
     with _SolverClock() as clock:
         if meta:
@@ -100,11 +101,12 @@ def _row(name, make, shape, meta: bool, max_overhead: float, methods, roofline: 
     gap = next((n for n in plan.notes if n.startswith("solver:")), "-")
     inside = sum("inside:" in d.detail for d in plan.decisions)
     nested = sum("nested replay" in d.detail for d in plan.decisions)
+    chunked = sum(" chunks of " in d.detail for d in plan.decisions)
     alive = ", ".join(f"{o} ({c}, {format_bytes(b)})" for o, c, b in plan.alive_at_peak[:3])
     print(f"| {name} {'x'.join(map(str, shape))}{' meta' if meta else ''} | {format_bytes(plan.baseline_peak_bytes)} "
           f"| {format_bytes(plan.peak_bytes)} | {plan.baseline_peak_bytes / plan.peak_bytes:.2f}x "
           f"| {100 * plan.extra_time:.1f} % | {seconds:.1f} s | {clock.seconds:.1f} s | {len(plan.decisions)} "
-          f"({inside} replays with options inside, {nested} nested) | {gap} | {plan.peak_node}: {alive} |", flush=True)
+          f"({inside} replays with options inside, {nested} nested, {chunked} in batch chunks) | {gap} | {plan.peak_node}: {alive} |", flush=True)
     if gm is not None:
         eager = fxsketch.measure(model, (x,), level="process")
         got = fxsketch.measure(gm, (x,), level="process")
@@ -131,12 +133,15 @@ def main(argv=None):
                     help="Config.memory_format (auto: channels_last convs on CPU, no oneDNN reorders)")
     ap.add_argument("--quant-inputs", default="all", choices=("all", "norms"),
                     help="Config.quant_inputs (norms: no quantized conv inputs, the A/B of docs/quant.md)")
+    ap.add_argument("--no-chunked-replays", action="store_true",
+                    help="Config.chunked_replays=False (no replays in batch chunks: the A/B of docs/replays.md)")
     ap.add_argument("--max-overhead", type=float, default=None,
                     help="instead of 0.10 (predicted rows) and 0.15 (measured rows)")
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; methods {args.methods or fxsketch.Config().methods}; "
           f"extra time {'roofline' if args.roofline else 'from node times'}; "
-          f"memory_format {args.memory_format}; quant_inputs {args.quant_inputs}")
+          f"memory_format {args.memory_format}; quant_inputs {args.quant_inputs}; "
+          f"chunked_replays {not args.no_chunked_replays}")
     print("| step | unmodified | planned | reduction | est. overhead | plan time | solver | decisions | gap | peak at |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for meta, table, cap in ((True, PREDICT, 0.10), (False, MEASURE, 0.15)):
@@ -145,7 +150,7 @@ def main(argv=None):
                 if args.only is None or name in args.only:
                     try:
                         _row(name, make, shape, meta, args.max_overhead or cap, args.methods, args.roofline,
-                             args.memory_format, args.quant_inputs)
+                             args.memory_format, args.quant_inputs, not args.no_chunked_replays)
                     except Exception as e:  # one row's failure is a row, not the end of the table
                         print(f"| {name} | {type(e).__name__}: {str(e).splitlines()[0][:200]} |", flush=True)
 

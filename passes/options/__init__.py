@@ -13,7 +13,7 @@ Adding a kind is adding a file: subclass :class:`OptionKind`, decorate it with :
 import the module (the built-ins are imported below).
 
 >>> sorted(registered())
-['aop', 'dfa', 'dfa-plain', 'lean', 'offload', 'probe', 'quant', 'recompute']
+['aop', 'chunk', 'dfa', 'dfa-plain', 'lean', 'microbatch', 'offload', 'probe', 'quant', 'recompute']
 """
 from __future__ import annotations
 
@@ -62,6 +62,7 @@ class OptionSettings:
     offload_bandwidth: float = 50e9          # offload: host<->device bytes/s (PCIe Gen5 x16, measured-like)
     offload_nodes: tuple[str, ...] | None = None  # offload: exactly these nodes (required), None: the solver's pick
     quant_inputs: str = "all"                # quant: "all" (norms' and convs' inputs) or "norms"
+    chunked_replays: bool = True             # recompute: per-sample segments also replayed in batch chunks
 
 
 @dataclass
@@ -193,3 +194,4 @@ from . import aop  # noqa: E402,F401  (Mem-AOP-GD: registered, not a default met
 from . import quant  # noqa: E402,F401  (norm inputs saved in 8 or 4 bits)
 from . import offload  # noqa: E402,F401  (saved activations to host memory; offered on CUDA)
 from . import chunk  # noqa: E402,F401  (conv backward chunk by chunk: a fraction of its workspace)
+from . import microbatch  # noqa: E402,F401  (per-sample segments run a batch chunk at a time)

@@ -13,9 +13,11 @@ import torch
 import torch.fx as fx
 
 from ...ops.recompute import Recompute as RecomputeModule
+from ...ops.chunked_replay import ChunkedRecompute
 from ..saved import RESIDENT
 from ..solve import Choice, Span
 from . import Candidate, OptionKind, ProposalContext, RewriteContext, get, register
+from .per_sample import batch_of_segment, batched_inputs, chunkings, segment_bytes
 
 __all__ = ["Recompute", "segments"]
 
@@ -79,6 +81,12 @@ def _inplace(ctx: ProposalContext, n: fx.Node) -> bool:
         return _mutates(n)
     name = getattr(n.target, "__name__", str(n.target))
     return name.endswith("_") and not name.endswith("__") or bool(n.kwargs.get("inplace"))
+
+
+def writes_input(ctx: ProposalContext, seg: list[fx.Node]) -> bool:
+    """Whether a node of ``seg`` writes in place into one of the segment's inputs."""
+    names = {n.name for n in seg}
+    return any(_inplace(ctx, n) and any(a.name not in names for a in n.all_input_nodes) for n in seg)
 
 
 _STATS_OPS = (torch.ops.aten.batch_norm.default, torch.ops.aten.instance_norm.default)
@@ -175,7 +183,7 @@ class Recompute(OptionKind):
             return None
         ext_inputs = {m.storage for n in seg for a in n.all_input_nodes if a.name not in names
                       for m in a.meta.get("fxsketch.tensor", ())}
-        if any(_inplace(ctx, n) and any(a.name not in names for a in n.all_input_nodes) for n in seg):
+        if writes_input(ctx, seg):
             return None  # replaying an in-place op on a segment input would apply it twice
         if any(n.meta.get("fxsketch.guard") for n in seg):
             return None  # an exported graph's input check (passes.export): stays in the forward
@@ -242,6 +250,42 @@ class Recompute(OptionKind):
                 cost_n = cost + ctx.cost.fraction(sum(ctx.cost.seconds[n.name] for n in p_nodes))
                 out.append(self._choice(ctx, seg, group, nodes, cost_n, drops, adds_n, holds_n, inner,
                                         tuple(n.name for n in p_nodes)))
+        if ctx.settings.chunked_replays:
+            out += self._chunked(ctx, replay, group, nodes, cost, drops, holds)
+        return out
+
+    def _chunked(self, ctx: ProposalContext, replay, group, nodes, cost, drops, holds):
+        """Chunked replays of a per-sample segment (:mod:`fxsketch.ops.chunked_replay`): its forward
+        and its replay run a chunk of the batch at a time. Against the plain replay: the segment's
+        inner activations are a chunk's in forward, its replay holds one chunk's copies and
+        transient, and its backward is one step, so the base schedule's full-size activation
+        gradients inside the segment are a chunk's and the input gradients are alive from the
+        replay on (:class:`~.per_sample.SegmentBytes`)."""
+        from .chunk import CALL_SECONDS  # here: importing it first would register "chunk" before this kind
+        seg, ext_inputs, rec, keys, largest = replay
+        batch = batch_of_segment(ctx.gm, seg)
+        if batch is None:
+            return []
+        sb = segment_bytes(ctx, seg)
+        copies = sum(ctx.saved[i].nbytes for i in _copies(ctx, keys, set()))
+        storages = ctx.schedule.storages
+        biggest = max((storages[m.storage].nbytes for n in seg for m in n.meta.get("fxsketch.tensor", ())), default=0)
+        out = []
+        for k, chunk in chunkings(batch):
+            frac = chunk / batch
+            # one chunk's replay: its copies, its transient, its activation gradients (two at once)
+            held = int(frac * (copies + largest + 2 * biggest))
+            if held + sb.dx > INNER_GAIN * (copies + largest):
+                continue  # holds about what the plain replay holds at once: not worth a column
+            adds = sb.smaller(frac, set(drops)) + sb.early_grads() + [Span(sb.out_bytes, sb.first_fwd, sb.out_fwd), Span(held, rec, rec),
+                                       Span(sb.dx, rec, sb.last_bwd)]
+            # per-op calls of each chunk, and the copies of the chunks into the outputs and dX
+            moved = 2 * (sb.out_bytes + sb.dx)
+            calls = ctx.cost.fraction(2 * k * len(seg) * CALL_SECONDS + moved / ctx.cost.device.bandwidth)
+            out.append((Choice(group, cost + calls, 0.0, drops=drops, adds=tuple(adds), holds=holds,
+                               covers=nodes),
+                        Candidate(self.name, nodes, dict(inner=(), nested=(), chunk=chunk, batched=batched_inputs(seg)),
+                                  f"{seg[0].name} .. {seg[-1].name} ({len(seg)} nodes, in {k} chunks of {chunk})")))
         return out
 
     def _choice(self, ctx, seg, group, nodes, cost, drops, adds, holds, inner: dict, nested=()):
@@ -292,6 +336,8 @@ class Recompute(OptionKind):
 
     def label(self, cand: Candidate) -> str:
         inner, nested = cand.params.get("inner", ()), cand.params.get("nested", ())
+        if cand.params.get("chunk"):
+            return f"recompute {len(cand.nodes)} nodes in chunks of {cand.params['chunk']}"
         return f"recompute {len(cand.nodes)} nodes" + (f" ({len(inner)} options inside)" if inner else "") \
             + (f" (nested replay of {len(nested)})" if nested else "")
 
@@ -301,41 +347,56 @@ class Recompute(OptionKind):
             kind.rewrite(rw, inner).meta["fxsketch.option"] = kind.label(inner)
         nested = cand.params.get("nested", ())
         inner_call = self._cut(rw, nested) if nested else None
-        call = self._cut(rw, cand.nodes)
+        call = self._cut(rw, cand.nodes, cand.params.get("chunk"), cand.params.get("batched", ()))
         if inner_call is not None:  # the outer segment's module holds it now
             rw.gm.delete_submodule(inner_call.target)
         return call
 
-    def _cut(self, rw: RewriteContext, names) -> fx.Node:
+    def _cut(self, rw: RewriteContext, names, chunk: int | None = None, batched=()) -> fx.Node:
         """Move the nodes ``names`` (or what stands for them) into a Recompute module called in
-        their place; returns the call."""
-        graph = rw.graph
-        seg = list(dict.fromkeys(_current(rw, name) for name in names))
-        inside = set(seg)
-        inputs = list(dict.fromkeys(a for n in seg for a in n.all_input_nodes if a not in inside))
-        outputs = [n for n in seg if any(u not in inside for u in n.users)]
-        sub = fx.Graph()
-        env = {a: sub.placeholder(a.name) for a in inputs}
-        for n in seg:
-            env[n] = sub.node_copy(n, lambda a: env[a])
-        sub.output(tuple(env[o] for o in outputs) if len(outputs) != 1 else env[outputs[0]])
-        index = next(rw.counter)
-        name = f"fxsketch_recompute_{index}"
-        # rooted at the new module: a nested replay's module is there, the model's own ones too
-        rw.gm.add_submodule(name, RecomputeModule(fx.GraphModule(rw.gm, sub, f"segment_{index}")))
-        for a in inputs:
-            if a.op == "get_attr":  # a weight fetched inside the range: fetch it before the call
-                seg[0].prepend(a)
-        with graph.inserting_before(seg[0]):
-            call = graph.call_module(name, tuple(inputs))
-            if len(outputs) == 1:
-                outputs[0].replace_all_uses_with(call)
-            else:
-                for k, o in enumerate(outputs):
-                    o.replace_all_uses_with(graph.call_function(operator.getitem, (call, k)))
-        for n in reversed(seg):
-            graph.erase_node(n)
-            rw.by_name.pop(n.name, None)
-            rw.standing[n.name] = call
-        rw.by_name[call.name] = call
-        return call
+        their place (a ChunkedRecompute of ``chunk`` samples, splitting the inputs ``batched`` names,
+        where ``chunk`` is given); returns the call."""
+        if not chunk:
+            return cut(rw, names, lambda segment, inputs: RecomputeModule(segment))
+        return cut(rw, names, lambda segment, inputs: ChunkedRecompute(segment, chunk, split_flags(rw, inputs, batched)))
+
+
+def split_flags(rw: RewriteContext, inputs, batched) -> tuple[bool, ...]:
+    """Per input node of a cut segment: whether it is one of the inputs ``batched`` names."""
+    split = {_current(rw, b) for b in batched}
+    return tuple(a in split for a in inputs)
+
+
+def cut(rw: RewriteContext, names, make) -> fx.Node:
+    """Move the nodes ``names`` (or what stands for them) into the module ``make(segment graph
+    module, input nodes)`` called in their place; returns the call."""
+    graph = rw.graph
+    seg = list(dict.fromkeys(_current(rw, name) for name in names))
+    inside = set(seg)
+    inputs = list(dict.fromkeys(a for n in seg for a in n.all_input_nodes if a not in inside))
+    outputs = [n for n in seg if any(u not in inside for u in n.users)]
+    sub = fx.Graph()
+    env = {a: sub.placeholder(a.name) for a in inputs}
+    for n in seg:
+        env[n] = sub.node_copy(n, lambda a: env[a])
+    sub.output(tuple(env[o] for o in outputs) if len(outputs) != 1 else env[outputs[0]])
+    index = next(rw.counter)
+    name = f"fxsketch_recompute_{index}"
+    # rooted at the new module: a nested replay's module is there, the model's own ones too
+    rw.gm.add_submodule(name, make(fx.GraphModule(rw.gm, sub, f"segment_{index}"), inputs))
+    for a in inputs:
+        if a.op == "get_attr":  # a weight fetched inside the range: fetch it before the call
+            seg[0].prepend(a)
+    with graph.inserting_before(seg[0]):
+        call = graph.call_module(name, tuple(inputs))
+        if len(outputs) == 1:
+            outputs[0].replace_all_uses_with(call)
+        else:
+            for k, o in enumerate(outputs):
+                o.replace_all_uses_with(graph.call_function(operator.getitem, (call, k)))
+    for n in reversed(seg):
+        graph.erase_node(n)
+        rw.by_name.pop(n.name, None)
+        rw.standing[n.name] = call
+    rw.by_name[call.name] = call
+    return call
