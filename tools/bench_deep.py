@@ -53,6 +53,7 @@ PREDICT = {  # name -> (factory, meta input shape)
 MEASURE = {
     "resnet50": (_tv("resnet50"), (16, 3, 224, 224)),
     "unet": (_unet, (2, 1, 96, 96, 96)),
+    "vgg16": (_tv("vgg16"), (16, 3, 224, 224)),
 }
 
 

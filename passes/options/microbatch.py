@@ -6,9 +6,9 @@ what its nodes' own choices say (a lean ReLU's mask, a probe's sketch, the input
 chunks together, but its other activations in forward and its activation gradients in backward
 are a chunk's at a time. Exact (a conv's sums on a smaller batch: within rounding).
 
-Like a replay, a micro-batched segment takes its nodes' options inside itself (one variant with
-the exact ones, one with the most compressed within ``max_grad_noise``: the replays' choice), so
-what it keeps is known to the solver; its choices exclude the nodes' own.
+Like a replay, a micro-batched segment takes its nodes' options inside itself (variants: the
+exact ones, and the most compressed within three noise levels up to ``max_grad_noise``), so what
+it keeps is known to the solver; its choices exclude the nodes' own.
 
 Segments offered: those a replay is offered on (:func:`.recompute.segments`) and the longest runs
 of nodes that treat each sample on their own (:mod:`.per_sample`), in 4 and 16 chunks. A micro-batched segment excludes replays over
@@ -41,6 +41,16 @@ def _runs(ctx: ProposalContext) -> set[tuple[int, int]]:
     return out
 
 
+def _noise_levels(ctx: ProposalContext, seg: list[fx.Node]) -> list[float]:
+    """Noise bounds of the variants with options inside: 0 (exact options only), and the levels
+    that split the segment's noisy options (within ``max_grad_noise``) into thirds, so the solver
+    can take e.g. 8-bit codes without probes (a price and a noise between exact and the most
+    compressed)."""
+    noises = sorted({ch.noise for n in seg for ch, cand in ctx.node_pairs.get(n.name, ())
+                     if get(cand.kind).in_replays and 0 < ch.noise <= ctx.settings.max_grad_noise})
+    return [0.0] + sorted({noises[min(len(noises) - 1, len(noises) * k // 3)] for k in (1, 2, 3)} if noises else set())
+
+
 @register
 class MicroBatch(OptionKind):
     name = "microbatch"
@@ -60,7 +70,7 @@ class MicroBatch(OptionKind):
             sb = segment_bytes(ctx, seg)
             nodes = tuple(n.name for n in seg)
             seen = set()
-            for inner in ({}, *(_inner_choices(ctx, seg, exact) for exact in (True, False))):
+            for inner in ({}, *(_inner_choices(ctx, seg, False, bound) for bound in _noise_levels(ctx, seg))):
                 dropped = frozenset(d for ch, _ in inner.values() for d in ch.drops)
                 if dropped in seen:
                     continue

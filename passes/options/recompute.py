@@ -133,14 +133,15 @@ def _most_at_once(spans) -> int:
     return max((sum(sp.nbytes for sp in spans if sp.start <= t <= sp.end) for t in {sp.start for sp in spans}), default=0)
 
 
-def _inner_choices(ctx: ProposalContext, seg: list[fx.Node], exact: bool) -> dict:
+def _inner_choices(ctx: ProposalContext, seg: list[fx.Node], exact: bool, bound: float | None = None) -> dict:
     """Node name -> the single-node (choice, candidate) a replay of ``seg`` applies inside: per
     node, of the kinds that work inside a replay (``OptionKind.in_replays``), the admissible
     choice (noise within ``max_grad_noise``; none at all with ``exact``) that adds the fewest
     bytes (then the cheapest). A replay cannot offer every combination of its nodes' options;
     these two (exact, and the most compressed within the noise bound) are the ones that shrink
-    what the replay re-saves most."""
-    bound = 0.0 if exact else ctx.settings.max_grad_noise
+    what the replay re-saves most. ``bound``: another noise bound than those two."""
+    if bound is None:
+        bound = 0.0 if exact else ctx.settings.max_grad_noise
     inner = {}
     for n in seg:
         pairs = [(ch, cand) for ch, cand in ctx.node_pairs.get(n.name, ())
