@@ -41,6 +41,12 @@ def _runs(ctx: ProposalContext) -> set[tuple[int, int]]:
     return out
 
 
+def _activations(ctx: ProposalContext, seg: list[fx.Node]):
+    """The storages of ``seg``'s outputs (at least one: every node of a per-sample segment has one)."""
+    storages = ctx.schedule.storages
+    return [storages[m.storage] for n in seg for m in n.meta.get("fxsketch.tensor", ()) if m.storage in storages]
+
+
 def _noise_levels(ctx: ProposalContext, seg: list[fx.Node]) -> list[float]:
     """Noise bounds of the variants with options inside: 0 (exact options only), and the levels
     that split the segment's noisy options (within ``max_grad_noise``) into thirds, so the solver
@@ -68,6 +74,9 @@ class MicroBatch(OptionKind):
             if batch is None:
                 continue
             sb = segment_bytes(ctx, seg)
+            biggest = max(m.nbytes for m in _activations(ctx, seg))
+            if sb.most_freed() < biggest:
+                continue  # frees less than one of its activations at any step: not worth the columns
             nodes = tuple(n.name for n in seg)
             seen = set()
             for inner in ({}, *(_inner_choices(ctx, seg, False, bound) for bound in _noise_levels(ctx, seg))):

@@ -122,6 +122,12 @@ class SegmentBytes:
     saved_outputs: tuple[tuple[int, int, tuple], ...] = ()  # (bytes, last backward step, the drops that let
     #   go of it) of the outputs its own nodes save
 
+    def most_freed(self) -> int:
+        """The most bytes chunking could take off one step (every inner activation let go of,
+        chunks of one): what decides whether a segment is worth offering."""
+        spans = [(b, a, e) for b, a, e, _ in self.inner] + list(self.grads)
+        return max((sum(b for b, a, e in spans if a <= t <= e) for t in {a for _, a, _ in spans}), default=0)
+
     def early_grads(self) -> list[Span]:
         """Its backward runs as one step: the first chunk's backward makes every parameter
         gradient of the segment, at its first backward step, not at each node's."""
