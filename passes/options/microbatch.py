@@ -119,4 +119,5 @@ class MicroBatch(OptionKind):
             kind = get(inner.kind)
             kind.rewrite(rw, inner).meta["fxsketch.option"] = kind.label(inner)
         chunk, batched = cand.params["chunk"], cand.params["batched"]
-        return cut(rw, cand.nodes, lambda segment, inputs: MicroBatched(segment, chunk, split_flags(rw, inputs, batched)))
+        return cut(rw, cand.nodes, lambda segment, inputs: MicroBatched(segment, chunk, split_flags(rw, inputs, batched)),
+                   "fxsketch_microbatch")

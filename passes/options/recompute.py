@@ -278,8 +278,8 @@ class Recompute(OptionKind):
             held = int(frac * (copies + largest + 2 * biggest))
             if held + sb.dx > INNER_GAIN * (copies + largest):
                 continue  # holds about what the plain replay holds at once: not worth a column
-            adds = sb.smaller(frac, set(drops)) + sb.early_grads() + [Span(sb.out_bytes, sb.first_fwd, sb.out_fwd), Span(held, rec, rec),
-                                       Span(sb.dx, rec, sb.last_bwd)]
+            adds = sb.smaller(frac, set(drops)) + sb.early_grads()
+            adds += [Span(sb.out_bytes, sb.first_fwd, sb.out_fwd), Span(held, rec, rec), Span(sb.dx, rec, sb.last_bwd)]
             # per-op calls of each chunk, and the copies of the chunks into the outputs and dX
             moved = 2 * (sb.out_bytes + sb.dx)
             calls = ctx.cost.fraction(2 * k * len(seg) * CALL_SECONDS + moved / ctx.cost.device.bandwidth)
@@ -368,9 +368,9 @@ def split_flags(rw: RewriteContext, inputs, batched) -> tuple[bool, ...]:
     return tuple(a in split for a in inputs)
 
 
-def cut(rw: RewriteContext, names, make) -> fx.Node:
+def cut(rw: RewriteContext, names, make, prefix: str = "fxsketch_recompute") -> fx.Node:
     """Move the nodes ``names`` (or what stands for them) into the module ``make(segment graph
-    module, input nodes)`` called in their place; returns the call."""
+    module, input nodes)``, named ``prefix_<n>``, called in their place; returns the call."""
     graph = rw.graph
     seg = list(dict.fromkeys(_current(rw, name) for name in names))
     inside = set(seg)
@@ -382,7 +382,7 @@ def cut(rw: RewriteContext, names, make) -> fx.Node:
         env[n] = sub.node_copy(n, lambda a: env[a])
     sub.output(tuple(env[o] for o in outputs) if len(outputs) != 1 else env[outputs[0]])
     index = next(rw.counter)
-    name = f"fxsketch_recompute_{index}"
+    name = f"{prefix}_{index}"
     # rooted at the new module: a nested replay's module is there, the model's own ones too
     rw.gm.add_submodule(name, make(fx.GraphModule(rw.gm, sub, f"segment_{index}"), inputs))
     for a in inputs:
