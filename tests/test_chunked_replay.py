@@ -177,7 +177,7 @@ def test_optimize_measures_what_it_predicts_with_batch_chunks():
         return [nn.Conv2d(ci, co, 3, padding=1), nn.ReLU(), nn.Conv2d(co, co, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
     model = nn.Sequential(*block(3, 16), *block(16, 32), *block(32, 64), nn.Flatten(), nn.Linear(64 * 8 * 8, 10))
     x = torch.randn(16, 3, 64, 64)
-    opts = dict(max_overhead=0.3, seed=0, time_nodes=False)
+    opts = dict(max_overhead=10.0, seed=0, time_nodes=False)  # the lowest peak: no dependence on the prices
     gm = fxsketch.optimize(model, (x,), methods=("lean", "recompute", "microbatch"), **opts)
     plan = gm.memory_plan
     assert any(" chunks of " in d.detail for d in plan.decisions), plan.decisions
