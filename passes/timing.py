@@ -22,12 +22,13 @@ import torch
 import torch.fx as fx
 
 from .._state import preserved
+from ..ops import cpu_kernels
 from . import diskcache
 from .precision import current, forward_context
 
 __all__ = ["StepTimes", "time_step", "op_extra_seconds", "OP_ELEMENTS", "synthetic_inputs", "own_rng"]
 
-VERSION = 12
+VERSION = 13
 """Part of every cache key: raise it when fxsketch's ops or the timing rule change."""
 
 OP_ELEMENTS = 1 << 22
@@ -151,7 +152,8 @@ def op_extra_seconds(name: str, shape: Sequence[int], dtype: torch.dtype, device
     samples = max(1, min(shape[0], elements // max(per_sample, 1))) if shape else 1
     cut = (samples, *shape[1:]) if shape else shape
     dev = torch.device("cpu") if device.type == "meta" else device
-    keys = {label: f"v{VERSION}|{diskcache.machine_key(dev)}|{name}{label}|{list(cut)}|{dtype}" for label in variants}
+    loops = "|fused cpu loops" if dev.type == "cpu" and cpu_kernels.library() is not None else ""  # quantized saves
+    keys = {label: f"v{VERSION}|{diskcache.machine_key(dev)}{loops}|{name}{label}|{list(cut)}|{dtype}" for label in variants}
     known = diskcache.read("timing")
     hits = {label: known.get(key) for label, key in keys.items()}
     if any(v is None for v in hits.values()):

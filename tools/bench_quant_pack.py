@@ -4,11 +4,14 @@ quantized BatchNorm forward + backward against the plain one (also with its back
 chunks, and reading a whole dequantized X as before its chunks: ``--shape 1 256 56 56`` shows why
 small inputs are read whole), and the two passes that explain the
 block design (an in-place pass over X against a new result of X's size). Best of ``--rounds``
-after a warm-up.
+after a warm-up. The ops take the fused CPU loops (fxsketch.ops.cpu_kernels) where they built;
+``--torch-path`` times the torch path instead (``FXSKETCH_CPU_KERNELS=0``), ``--channels-last``
+lays X out as the convs of a CPU plan leave it (packed in memory order).
 
-    .venv/bin/python tools/bench_quant_pack.py
+    .venv/bin/python tools/bench_quant_pack.py [--torch-path] [--channels-last]
 """
 import argparse
+import os
 
 import torch
 
@@ -25,19 +28,30 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--shape", type=int, nargs="*", default=[16, 256, 56, 56])
+    ap.add_argument("--torch-path", action="store_true", help="FXSKETCH_CPU_KERNELS=0: no fused CPU loops")
+    ap.add_argument("--channels-last", action="store_true", help="X channels_last (packed as it lies)")
     args = ap.parse_args(argv)
+    if args.torch_path:
+        os.environ["FXSKETCH_CPU_KERNELS"] = "0"
     torch.manual_seed(0)
     x = torch.randn(args.shape)
-    groups, seed, r = q.quant_groups(x.shape, "batch"), torch.tensor(3), args.rounds
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, X {tuple(x.shape)}")
+    if args.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    order = q.pack_order("batch", x.shape, x.stride())
+    xo = x.permute(order)  # what the norm packs: X in its memory order, a view
+    groups = [q.quant_groups(x.shape, "batch")[d] for d in order]
+    seed, r = torch.tensor(3), args.rounds
+    path = "fused CPU loops" if q.fused(x.device, x.dtype) else "torch path"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, X {tuple(x.shape)}"
+          f"{' channels_last' if args.channels_last else ''}, {path}")
     print(f"| in-place pass over X (mul_) | {best(lambda: x.mul_(1.0), r):.1f} ms |")
     print(f"| new result of X's size (x - 1) | {best(lambda: x - 1.0, r):.1f} ms |")
     for bits in q.QUANT_BITS:
-        packed = q.quant_pack(x, seed, bits, groups)
-        print(f"| {bits}-bit pack | {best(lambda: q.quant_pack(x, seed, bits, groups), r):.1f} ms |")
-        print(f"| {bits}-bit unpack | {best(lambda: q.quant_unpack(*packed, bits, list(x.shape), x.dtype), r):.1f} ms |")
+        packed = q.quant_pack(xo, seed, bits, groups)
+        print(f"| {bits}-bit pack | {best(lambda: q.quant_pack(xo, seed, bits, groups), r):.1f} ms |")
+        print(f"| {bits}-bit unpack | {best(lambda: q.quant_unpack(*packed, bits, list(xo.shape), x.dtype), r):.1f} ms |")
     xg = x.clone().requires_grad_()
-    g = torch.randn_like(x)
+    g = torch.randn_like(x)  # laid out as x
     bn = torch.nn.BatchNorm2d(x.shape[1])
 
     def step(fn):

@@ -51,16 +51,17 @@ def conv_quant_nbytes(shape: Sequence[int], bits: int) -> int:
     return quant_nbytes(shape, bits, quant_groups(shape, "batch"))
 
 
-def forward_workspace_nbytes(shape: Sequence[int], stride: Sequence[int] | None, bits: int) -> int:
+def forward_workspace_nbytes(shape: Sequence[int], stride: Sequence[int] | None, bits: int,
+                             dtype=torch.float32, device="cpu") -> int:
     """What the forward allocates besides Y and the codes: the packing's buffers (and a copy of X
     where it is not dense in its packing order, i.e. a strided slice)."""
     order = conv_pack_order(shape, stride)
     groups = quant_groups(shape, "batch")
-    return pack_workspace_nbytes([shape[d] for d in order], bits, [groups[d] for d in order])
+    return pack_workspace_nbytes([shape[d] for d in order], bits, [groups[d] for d in order], device, dtype)
 
 
 def backward_workspace_nbytes(shape: Sequence[int], weight_shape: Sequence[int], bits: int,
-                              dtype=torch.float32) -> int:
+                              dtype=torch.float32, device="cpu") -> int:
     """What the backward allocates besides dX and dW: one chunk's dequantized X and its unpacking's
     buffers, the chunk's dX before it is copied into dX (none where X is read whole), and one
     chunk's dW before it is added in."""
@@ -69,11 +70,11 @@ def backward_workspace_nbytes(shape: Sequence[int], weight_shape: Sequence[int],
     n = math.prod(shape)
     w = math.prod(weight_shape) * size
     if plan is None:
-        return n * size + unpack_workspace_nbytes(shape, bits, quant_groups(shape, "batch"), dtype)
+        return n * size + unpack_workspace_nbytes(shape, bits, quant_groups(shape, "batch"), dtype, device)
     a, b = plan[1][0]
     cshape = [b - a, *shape[1:]]
     chunk = math.prod(cshape) * size
-    return 2 * chunk + unpack_workspace_nbytes(cshape, bits, quant_groups(cshape, "batch"), dtype) + w
+    return 2 * chunk + unpack_workspace_nbytes(cshape, bits, quant_groups(cshape, "batch"), dtype, device) + w
 
 
 def quant_conv_noise_sq(x: torch.Tensor, dy: torch.Tensor, weight_shape, geo, bits: int) -> float:

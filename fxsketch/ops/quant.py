@@ -16,9 +16,11 @@ second-order bias of relative size O(step**2 rstd**2 / M), M the elements a stat
 
 The packing and unpacking are torch custom ops (``fxsketch::quant_pack``, ``fxsketch::quant_unpack``)
 that are their own fake implementation (plain tensor ops reading no values but the seed), so a
-plan on fake tensors sees their temporaries and torch.compile one opaque op each. The uniforms come
-from a local generator seeded by one draw (:func:`fxsketch.ops.conv.draw_seed`) from torch's RNG
-or the plan's private generator (``optimize(..., seed=)``): reproducible like the probes.
+plan on fake tensors sees their temporaries and torch.compile one opaque op each. On CPU (fp32)
+they run fused C loops (:mod:`fxsketch.ops.cpu_kernels`: uniforms from a counter-based hash of
+each element's position), elsewhere block by block in torch (uniforms from a local generator).
+Either is seeded by one draw (:func:`fxsketch.ops.conv.draw_seed`) from torch's RNG or the plan's
+private generator (``optimize(..., seed=)``): reproducible like the probes.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from ..errors import UnsupportedError
 from ._args import from_order, in_order, layout_order, traceable
+from . import cpu_kernels
 from .conv import draw_seed
 
 __all__ = ["QUANT_BITS", "quant_batch_norm", "quant_group_norm", "quant_layer_norm", "quant_instance_norm",
@@ -143,17 +146,28 @@ def _part(xs: torch.Tensor, block):
     return xs[rs, ms], rs, (rs.start * xs.shape[1] + ms.start) * xs.shape[2]
 
 
-def pack_workspace_nbytes(shape: Sequence[int], bits: int, groups: Sequence[int]) -> int:
-    """Bytes the packing allocates besides its outputs: one block's fp32 values and 16-bit uniforms
-    (and its 8-bit codes, for 4 bits), and fp32 statistics per group (max, 1 / step, the offset
-    minimum)."""
+def fused(device, dtype) -> bool:
+    """Whether :mod:`fxsketch.ops.cpu_kernels`' loops pack or unpack (fp32 ``dtype``) on ``device``."""
+    return torch.device(device).type in ("cpu", "meta") and dtype == torch.float32 and cpu_kernels.library() is not None
+
+
+def pack_workspace_nbytes(shape: Sequence[int], bits: int, groups: Sequence[int], device="cpu",
+                          dtype=torch.float32) -> int:
+    """Bytes the packing allocates besides its outputs. The fused CPU loops: the offset minimum and
+    1 / step per group. The torch path: one block's fp32 values and 16-bit uniforms (and its 8-bit
+    codes, for 4 bits), and fp32 statistics per group (max, 1 / step, the offset minimum)."""
+    if fused(device, dtype) and not _layout(list(shape), list(groups), bits)[4]:
+        return 8 * math.prod(groups)
     b = _block_elems(shape, groups, bits)
     return 4 * b + 8 * ((b + 3) // 4) + (b + b % 2 if bits == 4 else 0) + 12 * math.prod(groups)
 
 
-def unpack_workspace_nbytes(shape: Sequence[int], bits: int, groups: Sequence[int], dtype=torch.float32) -> int:
-    """Bytes the unpacking allocates besides the dequantized X: one block's 8-bit codes (4 bits),
-    and its fp32 values where X is not fp32."""
+def unpack_workspace_nbytes(shape: Sequence[int], bits: int, groups: Sequence[int], dtype=torch.float32,
+                            device="cpu") -> int:
+    """Bytes the unpacking allocates besides the dequantized X: none in the fused CPU loops; in the
+    torch path one block's 8-bit codes (4 bits), and its fp32 values where X is not fp32."""
+    if fused(device, dtype) and not _layout(list(shape), list(groups), bits)[4]:
+        return 0
     b = _block_elems(shape, groups, bits)
     return (b + b % 2 if bits == 4 else 0) + (4 * b if dtype != torch.float32 else 0)
 
@@ -177,12 +191,26 @@ def _fake(t: torch.Tensor) -> bool:
 def _pack_impl(x: torch.Tensor, seed: torch.Tensor, bits: int, groups: Sequence[int]
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes as flat uint8, lo, step) of x with stochastic rounding from ``seed`` (0-d int64):
-    q = floor((x - lo) / step + u) block by block, u from 16 random bits per element. On fake
-    tensors the buffers are allocated and the loop, which allocates nothing, is skipped."""
+    q = floor((x - lo) / step + u), u = (r + 1/2) / 2**16 with r 16 random bits per element. The
+    fused CPU loops take r from a hash of the element's position (one pass for the range, one for
+    the codes); the torch path, block by block, from a generator seeded by ``seed``. On fake
+    tensors the buffers are allocated and the loops, which allocate nothing, are skipped."""
     levels = (1 << bits) - 1
-    lo, step = _range(x, groups, levels)
     shape, n = list(x.shape), x.numel()
     out = torch.empty((n * bits + 7) // 8, dtype=torch.uint8, device=x.device)
+    rows, mid, tail, blocks, whole = _layout(shape, groups, bits)
+    if not whole and fused(x.device, x.dtype):
+        x3 = x.reshape(rows, mid, tail).contiguous()
+        if _fake(x):
+            lo, step = (torch.empty(rows, tail, dtype=torch.float32, device=x.device) for _ in range(2))
+        else:
+            lo, step = cpu_kernels.group_range(x3, levels)
+        offset = lo - (0.5 / RNG_LEVELS) * step  # u's half level goes into lo, once per group
+        inv = step.reciprocal()
+        if not _fake(x):
+            cpu_kernels.pack(x3, offset, inv, out, cpu_kernels.mix32_key(int(seed)), bits)
+        return out, lo.reshape(groups), step.reshape(groups)
+    lo, step = _range(x, groups, levels)
     # u = 1/2 + 1/(2 K) + r / K, r a signed 16-bit draw: the constant goes into lo, once per group
     offset = lo - (0.5 + 0.5 / RNG_LEVELS) * step
     xs, (offset, inv), blocks = _views(x, shape, groups, bits, offset, step.reciprocal())
@@ -221,6 +249,12 @@ def _unpack_impl(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits
     """lo + q step, of ``shape`` in ``dtype``, block by block, written into the result."""
     shape, groups = list(shape), list(lo.shape)
     out = torch.empty(shape, dtype=dtype, device=codes.device)
+    rows, mid, tail, _, whole = _layout(shape, groups, bits)
+    if not whole and fused(codes.device, dtype):
+        lo, step = lo.contiguous(), step.contiguous()
+        if not _fake(codes):
+            cpu_kernels.unpack(codes, lo, step, out.view(rows, mid, tail), bits)
+        return out
     xs, (lo, step), blocks = _views(out, shape, groups, bits, lo, step)
     b = _block_elems(shape, groups, bits)
     codes8 = torch.empty(b + b % 2, dtype=torch.uint8, device=codes.device) if bits == 4 else None
@@ -359,14 +393,14 @@ def backward_chunks(kind: str, shape: Sequence[int], bits: int, normalized_dims:
 
 
 def backward_workspace_nbytes(kind: str, shape: Sequence[int], bits: int, groups: Sequence[int],
-                              dtype=torch.float32, normalized_dims: int = 0) -> int:
+                              dtype=torch.float32, normalized_dims: int = 0, device="cpu") -> int:
     """Bytes the norm backward allocates besides dX: the dequantized chunk of X and its unpacking's
     buffers, and the chunk of dX torch's kernel returns before it is copied into dX (a training
     BatchNorm over a batch writes dX in place); the whole X where it is read whole."""
     size = torch.empty((), dtype=dtype).element_size()
     plan = backward_chunks(kind, shape, bits, normalized_dims)
     if plan is None:
-        return math.prod(shape) * size + unpack_workspace_nbytes(shape, bits, groups, dtype)
+        return math.prod(shape) * size + unpack_workspace_nbytes(shape, bits, groups, dtype, device)
     dim, ranges = plan
     a, b = ranges[0]
     cshape = list(shape)
@@ -376,7 +410,7 @@ def backward_workspace_nbytes(kind: str, shape: Sequence[int], bits: int, groups
         cgroups[dim] = b - a
     chunk = math.prod(cshape) * size
     in_place = kind == "batch" and dim == 0
-    return chunk + unpack_workspace_nbytes(cshape, bits, cgroups, dtype) + (0 if in_place else chunk)
+    return chunk + unpack_workspace_nbytes(cshape, bits, cgroups, dtype, device) + (0 if in_place else chunk)
 
 
 def unpack_slice(packed, bits: int, shape: Sequence[int], dtype, order: Sequence[int] | None = None,

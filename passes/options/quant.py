@@ -103,13 +103,18 @@ def _extra_seconds(ctx: ProposalContext, n: fx.Node, spec, xmeta) -> dict[int, f
     x_bytes = math.prod(xmeta.shape) * torch.empty((), dtype=xmeta.dtype).element_size()
     if ctx.cost.estimator != "measured":
         return dict.fromkeys(q.QUANT_BITS, 4 * x_bytes / ctx.cost.device.bandwidth)
-    device = next((p.device for p in ctx.gm.parameters()), torch.device("cpu"))
-    device = torch.device("cpu") if device.type == "meta" else device
+    device = _device(ctx.gm)
     plain, variants, wrt = _twin(spec, xmeta.shape, xmeta.dtype, device, ctx.gm)
     key = f"quant:{spec['kind']},k={_normalized_dims(ctx.gm, spec)},g={spec.get('num_groups')}"
     extra = op_extra_seconds(key, xmeta.shape, xmeta.dtype, device, plain, variants, repeat=2, wrt=wrt,
                              elements=TIMING_ELEMENTS)
     return {k: extra[f",bits={k}"] for k in q.QUANT_BITS}
+
+
+def _device(gm) -> torch.device:
+    """The device the step runs on: its parameters' (CPU for a meta model, or none)."""
+    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    return torch.device("cpu") if device.type == "meta" else device
 
 
 def _backward_workspace(gm, spec, shape, bits, dtype) -> int:
@@ -119,7 +124,7 @@ def _backward_workspace(gm, spec, shape, bits, dtype) -> int:
     if kind == "instance":
         kind, shape = "batch", (1, shape[0] * shape[1], *shape[2:])
     groups = q.quant_groups(shape, kind, k)
-    return q.backward_workspace_nbytes(kind, shape, bits, groups, dtype, k)
+    return q.backward_workspace_nbytes(kind, shape, bits, groups, dtype, k, _device(gm))
 
 
 @register
@@ -155,7 +160,8 @@ class Quant(OptionKind):
             level = noise.ratio(bits)
             # forward: the packing's block buffers; backward: a chunk of the dequantized X (and of
             # dX) at a time
-            transients = (Span(q.pack_workspace_nbytes([shape[d] for d in order], bits, [groups[d] for d in order]), f, f),
+            transients = (Span(q.pack_workspace_nbytes([shape[d] for d in order], bits, [groups[d] for d in order],
+                                                       _device(ctx.gm), xmeta.dtype), f, f),
                           Span(_backward_workspace(ctx.gm, spec, shape, bits, xmeta.dtype), b, b))
             detail = (f"{bits}-bit X ({nb / max(x_bytes, 1):.3g} of X), noise {level:.2f}x SGD"
                       + ("" if noise.calibrated else " (prior)"))
@@ -218,8 +224,9 @@ def _conv_choices(kind: str, ctx: ProposalContext, n: fx.Node):
     for bits in q.QUANT_BITS:
         nb = qc.conv_quant_nbytes(shape, bits)
         level = noise.quant_ratio(bits) if calibrated else prior.ratio(bits)
-        transients = (Span(qc.forward_workspace_nbytes(shape, xmeta.stride, bits), f, f),
-                      Span(qc.backward_workspace_nbytes(shape, w_shape, bits, xmeta.dtype), b, b))
+        device = _device(ctx.gm)
+        transients = (Span(qc.forward_workspace_nbytes(shape, xmeta.stride, bits, xmeta.dtype, device), f, f),
+                      Span(qc.backward_workspace_nbytes(shape, w_shape, bits, xmeta.dtype, device), b, b))
         detail = (f"{bits}-bit conv input ({nb / max(x_bytes, 1):.3g} of X), dW noise {level:.2f}x SGD"
                   + ("" if calibrated else " (prior)"))
         yield (Choice(n.name, ctx.cost.fraction(extra[bits]), level, drops=((ctx.saved_index[x], n.name),),
