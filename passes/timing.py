@@ -23,12 +23,13 @@ import torch.fx as fx
 
 from .._state import preserved
 from ..ops import cpu_kernels
+from ..ops._args import layout_order
 from . import diskcache
 from .precision import current, forward_context
 
 __all__ = ["StepTimes", "time_step", "op_extra_seconds", "OP_ELEMENTS", "synthetic_inputs", "own_rng"]
 
-VERSION = 13
+VERSION = 14
 """Part of every cache key: raise it when fxsketch's ops or the timing rule change."""
 
 OP_ELEMENTS = 1 << 22
@@ -137,37 +138,56 @@ def own_rng(device: torch.device):
 def op_extra_seconds(name: str, shape: Sequence[int], dtype: torch.dtype, device: torch.device,
                      original: Callable[[torch.Tensor], torch.Tensor],
                      replacement: Callable[[torch.Tensor], torch.Tensor] | dict[str, Callable],
-                     repeat: int = 5, wrt: Sequence[torch.Tensor] = (), elements: int = OP_ELEMENTS):
+                     repeat: int = 5, wrt: Sequence[torch.Tensor] = (), elements: int = OP_ELEMENTS,
+                     min_samples: int = 1, stride: Sequence[int] | None = None):
     """Seconds ``replacement`` takes beyond ``original`` for one forward + backward at ``shape``
     (>= 0; the gradient of the input and of the leaves ``wrt``, e.g. a conv weight the two close
     over). ``replacement`` may be a dict label -> op (several variants, e.g. probe ranks, timed
     against one ``original``): then the answer is a dict label -> seconds. Every op is warmed up
     once, then all are timed in turn ``repeat`` times (drift of the machine hits each alike) and
     each keeps its best. ``name`` (with the label) names the figure in the cache: include every
-    argument that changes the time."""
+    argument that changes the time. The input is cut to at most ``elements`` elements, or to
+    ``min_samples`` samples where they hold at most :data:`OP_ELEMENTS` (a one-sample tensor can
+    take another code path than the batch's), and laid out channels_last where ``stride`` (the
+    planned tensor's) is."""
     many = isinstance(replacement, dict)
     variants = replacement if many else {"": replacement}
     shape = tuple(shape)
     per_sample = math.prod(shape[1:]) if len(shape) > 1 else 1
-    samples = max(1, min(shape[0], elements // max(per_sample, 1))) if shape else 1
+    least = min_samples if min_samples * per_sample <= OP_ELEMENTS else 1
+    samples = min(shape[0], max(1, least, elements // max(per_sample, 1))) if shape else 1
     cut = (samples, *shape[1:]) if shape else shape
+    fmt = memory_format_of(shape, stride)
     dev = torch.device("cpu") if device.type == "meta" else device
     loops = "|fused cpu loops" if dev.type == "cpu" and cpu_kernels.library() is not None else ""  # quantized saves
-    keys = {label: f"v{VERSION}|{diskcache.machine_key(dev)}{loops}|{name}{label}|{list(cut)}|{dtype}" for label in variants}
+    lay = f"|{fmt}" if fmt is not None else ""
+    keys = {label: f"v{VERSION}|{diskcache.machine_key(dev)}{loops}|{name}{label}|{list(cut)}{lay}|{dtype}"
+            for label in variants}
     known = diskcache.read("timing")
     hits = {label: known.get(key) for label, key in keys.items()}
     if any(v is None for v in hits.values()):
         with own_rng(dev):
-            hits = _time_variants(cut, dtype, dev, original, variants, repeat, wrt)
+            hits = _time_variants(cut, dtype, dev, original, variants, repeat, wrt, fmt)
         diskcache.update("timing", {keys[label]: v for label, v in hits.items()})
     scale = shape[0] / samples if shape else 1.0
     out = {label: v * scale for label, v in hits.items()}
     return out if many else out[""]
 
 
-def _time_variants(cut, dtype, dev, original, variants, repeat, wrt) -> dict[str, float]:
-    """Best-of-``repeat`` seconds of each variant minus ``original``, forward + backward."""
-    x = torch.randn(cut, dtype=dtype, device=dev).requires_grad_()
+def memory_format_of(shape: Sequence[int], stride: Sequence[int] | None):
+    """torch.channels_last(_3d) where a 4-d (5-d) tensor of ``shape`` and ``stride`` is laid out
+    so, else None (contiguous, other ranks, no stride known)."""
+    fmt = {4: torch.channels_last, 5: torch.channels_last_3d}.get(len(shape))
+    if fmt is None or stride is None:
+        return None
+    return fmt if layout_order(shape, stride) == [0, *range(2, len(shape)), 1] else None
+
+
+def _time_variants(cut, dtype, dev, original, variants, repeat, wrt, fmt=None) -> dict[str, float]:
+    """Best-of-``repeat`` seconds of each variant minus ``original``, forward + backward, on an
+    input laid out in memory format ``fmt`` (None: contiguous)."""
+    x = torch.randn(cut, dtype=dtype, device=dev)
+    x = (x if fmt is None else x.contiguous(memory_format=fmt)).requires_grad_()
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     g = torch.randn_like(original(x.detach()))
     runs = {None: original} | variants

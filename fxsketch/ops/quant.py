@@ -151,12 +151,19 @@ def fused(device, dtype) -> bool:
     return torch.device(device).type in ("cpu", "meta") and dtype == torch.float32 and cpu_kernels.library() is not None
 
 
+def _fused_layout(shape, groups, bits, device, dtype):
+    """(rows, mid, tail) of the (L, M, T) view the fused loops run on, or None where they do not
+    serve (the whole-tensor layout, another device or dtype, no compiled library)."""
+    rows, mid, tail, _, whole = _layout(list(shape), list(groups), bits)
+    return None if whole or not fused(device, dtype) else (rows, mid, tail)
+
+
 def pack_workspace_nbytes(shape: Sequence[int], bits: int, groups: Sequence[int], device="cpu",
                           dtype=torch.float32) -> int:
     """Bytes the packing allocates besides its outputs. The fused CPU loops: the offset minimum and
     1 / step per group. The torch path: one block's fp32 values and 16-bit uniforms (and its 8-bit
     codes, for 4 bits), and fp32 statistics per group (max, 1 / step, the offset minimum)."""
-    if fused(device, dtype) and not _layout(list(shape), list(groups), bits)[4]:
+    if _fused_layout(shape, groups, bits, device, dtype):
         return 8 * math.prod(groups)
     b = _block_elems(shape, groups, bits)
     return 4 * b + 8 * ((b + 3) // 4) + (b + b % 2 if bits == 4 else 0) + 12 * math.prod(groups)
@@ -166,7 +173,7 @@ def unpack_workspace_nbytes(shape: Sequence[int], bits: int, groups: Sequence[in
                             device="cpu") -> int:
     """Bytes the unpacking allocates besides the dequantized X: none in the fused CPU loops; in the
     torch path one block's 8-bit codes (4 bits), and its fp32 values where X is not fp32."""
-    if fused(device, dtype) and not _layout(list(shape), list(groups), bits)[4]:
+    if _fused_layout(shape, groups, bits, device, dtype):
         return 0
     b = _block_elems(shape, groups, bits)
     return (b + b % 2 if bits == 4 else 0) + (4 * b if dtype != torch.float32 else 0)
@@ -198,9 +205,10 @@ def _pack_impl(x: torch.Tensor, seed: torch.Tensor, bits: int, groups: Sequence[
     levels = (1 << bits) - 1
     shape, n = list(x.shape), x.numel()
     out = torch.empty((n * bits + 7) // 8, dtype=torch.uint8, device=x.device)
-    rows, mid, tail, blocks, whole = _layout(shape, groups, bits)
-    if not whole and fused(x.device, x.dtype):
-        x3 = x.reshape(rows, mid, tail).contiguous()
+    view = _fused_layout(shape, groups, bits, x.device, x.dtype)
+    if view:
+        rows, mid, tail = view
+        x3 = x.reshape(view).contiguous()
         if _fake(x):
             lo, step = (torch.empty(rows, tail, dtype=torch.float32, device=x.device) for _ in range(2))
         else:
@@ -249,11 +257,11 @@ def _unpack_impl(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits
     """lo + q step, of ``shape`` in ``dtype``, block by block, written into the result."""
     shape, groups = list(shape), list(lo.shape)
     out = torch.empty(shape, dtype=dtype, device=codes.device)
-    rows, mid, tail, _, whole = _layout(shape, groups, bits)
-    if not whole and fused(codes.device, dtype):
+    view = _fused_layout(shape, groups, bits, codes.device, dtype)
+    if view:
         lo, step = lo.contiguous(), step.contiguous()
         if not _fake(codes):
-            cpu_kernels.unpack(codes, lo, step, out.view(rows, mid, tail), bits)
+            cpu_kernels.unpack(codes, lo, step, out.view(view), bits)
         return out
     xs, (lo, step), blocks = _views(out, shape, groups, bits, lo, step)
     b = _block_elems(shape, groups, bits)

@@ -86,7 +86,7 @@ def _extra_seconds(ctx: ProposalContext, n: fx.Node, spec: dict[str, Any]) -> fl
     meta = n.all_input_nodes[0].meta["fxsketch.tensor"][0]
     device = next((p.device for p in ctx.gm.parameters()), torch.device("cpu"))
     name = "lean:" + ",".join(f"{k}={v}" for k, v in sorted(spec.items()) if k != "inplace")
-    return op_extra_seconds(name, meta.shape, meta.dtype, device, *_pair(spec))
+    return op_extra_seconds(name, meta.shape, meta.dtype, device, *_pair(spec), stride=meta.stride)
 
 
 @register

@@ -189,7 +189,7 @@ def _measured_extra(ctx: ProposalContext, n: fx.Node, spec, xmeta, ranks, st) ->
     variants = {f",r={r}": (lambda x, r=r: ops.probed_conv(x, w, None, **geo, rank=r, mode=st.mode, probe=st.probe))
                 for r in sorted({lo, hi})}
     extra = op_extra_seconds(key, xmeta.shape, xmeta.dtype, device, lambda x: conv(x, w, None, **geo),
-                             variants, repeat=2, wrt=(w,), elements=PROBE_ELEMENTS)
+                             variants, repeat=2, wrt=(w,), elements=PROBE_ELEMENTS, stride=xmeta.stride)
     timed = {r: extra[f",r={r}"] for r in {lo, hi}}
     return {r: timed[lo] + (timed[hi] - timed[lo]) * (r - lo) / max(hi - lo, 1) for r in ranks}
 

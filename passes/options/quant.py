@@ -107,7 +107,8 @@ def _extra_seconds(ctx: ProposalContext, n: fx.Node, spec, xmeta) -> dict[int, f
     plain, variants, wrt = _twin(spec, xmeta.shape, xmeta.dtype, device, ctx.gm)
     key = f"quant:{spec['kind']},k={_normalized_dims(ctx.gm, spec)},g={spec.get('num_groups')}"
     extra = op_extra_seconds(key, xmeta.shape, xmeta.dtype, device, plain, variants, repeat=2, wrt=wrt,
-                             elements=TIMING_ELEMENTS)
+                             elements=TIMING_ELEMENTS, stride=xmeta.stride,
+                             min_samples=2 if spec["kind"] == "batch" else 1)  # q.pack_order: batch 1 differs
     return {k: extra[f",bits={k}"] for k in q.QUANT_BITS}
 
 
@@ -221,10 +222,10 @@ def _conv_choices(kind: str, ctx: ProposalContext, n: fx.Node):
     extra = _conv_extra_seconds(ctx, n, spec, xmeta)
     f, b = ctx.fwd[n.name], ctx.bwd[n.name]
     w_shape = tuple(_weight_shape(ctx, n))
+    device = _device(ctx.gm)
     for bits in q.QUANT_BITS:
         nb = qc.conv_quant_nbytes(shape, bits)
         level = noise.quant_ratio(bits) if calibrated else prior.ratio(bits)
-        device = _device(ctx.gm)
         transients = (Span(qc.forward_workspace_nbytes(shape, xmeta.stride, bits, xmeta.dtype, device), f, f),
                       Span(qc.backward_workspace_nbytes(shape, w_shape, bits, xmeta.dtype, device), b, b))
         detail = (f"{bits}-bit conv input ({nb / max(x_bytes, 1):.3g} of X), dW noise {level:.2f}x SGD"
@@ -243,13 +244,10 @@ def _conv_extra_seconds(ctx: ProposalContext, n: fx.Node, spec, xmeta) -> dict[i
         return dict.fromkeys(q.QUANT_BITS, 4 * x_bytes / ctx.cost.device.bandwidth)
     device, w, geo, conv = timing_conv(ctx, n, spec, xmeta)
     w_shape = w.shape
-    cl = qc.conv_pack_order(xmeta.shape, xmeta.stride) != list(range(len(xmeta.shape)))
-    fmt = (torch.channels_last, torch.channels_last_3d)[len(w_shape) - 4] if cl and len(w_shape) in (4, 5) else None
-    lay = (lambda x: x.contiguous(memory_format=fmt)) if fmt is not None else (lambda x: x)
-    key = f"quant:conv,w={list(w_shape)},cl={fmt is not None}," + ",".join(f"{k}={v}" for k, v in geo.items())
-    variants = {f",bits={k}": (lambda x, k=k: ops.quant_conv(lay(x), w, None, **geo, bits=k)) for k in q.QUANT_BITS}
-    extra = op_extra_seconds(key, xmeta.shape, xmeta.dtype, device, lambda x: conv(lay(x), w, None, **geo),
-                             variants, repeat=2, wrt=(w,), elements=PROBE_ELEMENTS)
+    key = f"quant:conv,w={list(w_shape)}," + ",".join(f"{k}={v}" for k, v in geo.items())
+    variants = {f",bits={k}": (lambda x, k=k: ops.quant_conv(x, w, None, **geo, bits=k)) for k in q.QUANT_BITS}
+    extra = op_extra_seconds(key, xmeta.shape, xmeta.dtype, device, lambda x: conv(x, w, None, **geo),
+                             variants, repeat=2, wrt=(w,), elements=PROBE_ELEMENTS, stride=xmeta.stride)
     return {k: extra[f",bits={k}"] for k in q.QUANT_BITS}
 
 

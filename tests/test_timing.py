@@ -1,0 +1,59 @@
+"""passes.timing.op_extra_seconds: the sub-batch an op pair is timed on, and its layout."""
+import torch
+
+from fxsketch.passes import diskcache, timing
+
+
+def _seen(monkeypatch, tmp_path, shape, **kw):
+    """(shapes, channels_last flags) the replacement was called on, and the cache keys written."""
+    monkeypatch.setenv("FXSKETCH_CACHE", str(tmp_path))
+    calls = []
+
+    def replacement(x):
+        calls.append((tuple(x.shape), x.dim() == 4 and not x.is_contiguous()
+                      and x.is_contiguous(memory_format=torch.channels_last)))
+        return x * 2
+    out = timing.op_extra_seconds("test:double", shape, torch.float32, torch.device("cpu"),
+                                  lambda x: x * 1, replacement, repeat=1, **kw)
+    assert out >= 0
+    return calls, list(diskcache.read("timing"))
+
+
+def test_cut_to_elements_and_scaled(monkeypatch, tmp_path):
+    calls, keys = _seen(monkeypatch, tmp_path, (64, 4, 16, 16), elements=2048)
+    assert {s for s, _ in calls} == {(2, 4, 16, 16)}  # 2048 elements: 2 samples of 1024
+    assert not any(cl for _, cl in calls)
+    assert len(keys) == 1 and "[2, 4, 16, 16]" in keys[0]
+
+
+def test_min_samples_where_they_fit(monkeypatch, tmp_path):
+    calls, _ = _seen(monkeypatch, tmp_path, (64, 4, 16, 16), elements=512, min_samples=2)
+    assert {s for s, _ in calls} == {(2, 4, 16, 16)}  # the cap alone would time one sample
+    calls, _ = _seen(monkeypatch, tmp_path / "b", (1, 4, 16, 16), elements=512, min_samples=2)
+    assert {s for s, _ in calls} == {(1, 4, 16, 16)}  # never more than the batch
+
+
+def test_min_samples_not_past_op_elements(monkeypatch, tmp_path):
+    per = timing.OP_ELEMENTS // 2 + 1  # two samples would pass OP_ELEMENTS
+    calls, _ = _seen(monkeypatch, tmp_path, (4, per), elements=1024, min_samples=2)
+    assert {s for s, _ in calls} == {(1, per)}
+
+
+def test_channels_last_stride_times_channels_last(monkeypatch, tmp_path):
+    t = torch.empty(8, 4, 16, 16, device="meta").contiguous(memory_format=torch.channels_last)
+    calls, keys = _seen(monkeypatch, tmp_path, t.shape, stride=t.stride())
+    assert calls and all(cl for _, cl in calls)
+    assert "channels_last" in keys[0]
+    calls, keys2 = _seen(monkeypatch, tmp_path / "b", t.shape, stride=t.contiguous().stride())
+    assert not any(cl for _, cl in calls) and "channels_last" not in keys2[0]
+
+
+def test_memory_format_of():
+    t = torch.empty(2, 3, 4, 5)
+    assert timing.memory_format_of(t.shape, t.stride()) is None
+    assert timing.memory_format_of(t.shape, t.contiguous(memory_format=torch.channels_last).stride()) \
+        == torch.channels_last
+    u = torch.empty(2, 3, 4, 5, 6).contiguous(memory_format=torch.channels_last_3d)
+    assert timing.memory_format_of(u.shape, u.stride()) == torch.channels_last_3d
+    assert timing.memory_format_of((2, 3), (3, 1)) is None
+    assert timing.memory_format_of(t.shape, None) is None
