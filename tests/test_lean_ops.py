@@ -1,6 +1,7 @@
 """Lean ReLU / leaky ReLU / max pool: same outputs and gradients as torch, and they save only a
 bit mask or window offsets."""
 import math
+import os
 
 import pytest
 import torch
@@ -184,10 +185,11 @@ def test_channels_last_max_pool_keeps_the_layout_and_torchs_gradient(fmt):
     assert torch.equal(x.grad, ref.grad) and x.grad.is_contiguous(memory_format=fmt)
 
 
-def test_relu_backward_holds_one_unpacked_mask_chunk_at_a_time():
-    """Besides its result, the backward holds one chunk's mask in the gradient's dtype (and its
-    int32 indices: 1/8 more), not the previous chunk's as well."""
+def test_relu_backward_holds_one_unpacked_mask_chunk_at_a_time(monkeypatch):
+    """The torch path (no compiled loops): besides its result, the backward holds one chunk's mask
+    in the gradient's dtype (and its int32 indices: 1/8 more), not the previous chunk's as well."""
     from fxsketch.measurement import LiveStorageTracker
+    monkeypatch.setenv("FXSKETCH_CPU_KERNELS", "0")
     from fxsketch.ops.lean import mask_chunk
     x = torch.randn(8, 16, 32, 32)
     mask, g = pack_bits(x > 0), torch.randn_like(x)
@@ -252,3 +254,113 @@ def test_double_backward_through_lean_max_pool_names_the_op_and_the_fix():
     out = lean_max_pool(x * 2, 2).pow(2).sum()
     with pytest.raises(fxsketch.UnsupportedError, match=r"lean_max_pool does not support double backward.*methods="):
         torch.autograd.grad(out, x, create_graph=True)
+
+
+# The fused CPU loops (fxsketch.ops.cpu_kernels.fx_relu_mask / fx_relu_backward) against torch
+
+def _fused_built() -> bool:
+    from fxsketch.ops import cpu_kernels as K
+    if K._compiler() is None or os.environ.get("FXSKETCH_CPU_KERNELS") == "0":
+        assert not K.serves("cpu", torch.float32)  # the torch path, tested everywhere above
+        return False
+    assert K.serves("cpu", torch.float32), "a C compiler is on PATH but the loops did not build"
+    return True
+
+
+def _special(shape, fmt=None) -> torch.Tensor:
+    """randn with -0.0, +0.0, NaN, +-inf and subnormals sprinkled in, laid out in ``fmt``."""
+    torch.manual_seed(math.prod(shape))
+    x = torch.randn(shape)
+    flat = x.view(-1)
+    for k, v in enumerate([-0.0, 0.0, math.nan, math.inf, -math.inf, 1e-40, -1e-40]):
+        flat[k::11] = v
+    return x if fmt is None else x.contiguous(memory_format=fmt)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+SPECIAL_SHAPES = [(3, 5, 7), (2, 16, 33, 17), (1, 65536 * 2 + 13), (5,), ()]
+
+
+@pytest.mark.parametrize("shape", SPECIAL_SHAPES)
+@pytest.mark.parametrize("slope", [None, 0.1, 0.0, -0.5])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_fused_relu_is_torchs_bit_for_bit_with_its_mask(shape, slope, inplace, monkeypatch):
+    """Output, mask and input gradient of the fused loops equal torch's relu / leaky_relu bit for
+    bit at -0.0, NaN, infinities and subnormals (a NaN gradient too), any size (a partial last
+    mask byte, past one task of 65536); the mask equals the torch path's ignoring pad bits, and
+    the loops' pad bits are 0."""
+    if not _fused_built():
+        return
+    x = _special(shape)
+    g = _special(shape).neg_()
+    fn = (lambda t: lean_relu(t, inplace)) if slope is None else (lambda t: lean_leaky_relu(t, slope, inplace))
+    ref = (lambda t: F.relu(t)) if slope is None else (lambda t: F.leaky_relu(t, slope))
+    grads, masks = [], []
+    for env in ("1", "0"):  # the fused loops, then the torch path
+        monkeypatch.setenv("FXSKETCH_CPU_KERNELS", env)
+        leaf = x.clone().requires_grad_(True)
+        out, saved = _saved(fn, leaf * 1.0)
+        masks.append(next(t for t in saved if t.dtype == torch.uint8))
+        assert torch.equal(_bits(out), _bits(ref(x)))
+        out.backward(g)
+        grads.append(leaf.grad)
+    leaf = x.clone().requires_grad_(True)
+    ref(leaf * 1.0).backward(g)
+    assert torch.equal(_bits(grads[0]), _bits(leaf.grad)) and torch.equal(_bits(grads[1]), _bits(leaf.grad))
+    n = x.numel()
+    keep = unpack_bits(masks[0], n)
+    assert torch.equal(keep, unpack_bits(masks[1], n))
+    assert torch.equal(keep, (~(x <= 0) if slope is None else x > 0).reshape(-1))
+    if n % 8:
+        assert int(masks[0][-1]) >> (n % 8) == 0
+
+
+@pytest.mark.parametrize("fmt", [torch.channels_last, torch.channels_last_3d])
+def test_fused_relu_walks_channels_last_as_it_lies(fmt):
+    """A channels_last(_3d) input: the mask in memory order (what the torch path packs), the
+    output and gradient laid out as the input, values torch's."""
+    if not _fused_built():
+        return
+    shape = (2, 6, 5, 7) if fmt == torch.channels_last else (2, 6, 3, 5, 7)
+    x = _special(shape, fmt)
+    leaf = x.clone().requires_grad_(True)
+    a = leaf * 1.0
+    out, saved = _saved(lean_relu, a)
+    (mask,) = saved
+    assert out.is_contiguous(memory_format=fmt) and torch.equal(_bits(out), _bits(F.relu(x)))
+    lying = x.permute(0, *range(2, x.dim()), 1).reshape(-1)
+    assert torch.equal(unpack_bits(mask, x.numel()), ~(lying <= 0))
+    g = _special(shape, fmt)
+    out.backward(g)
+    assert leaf.grad.is_contiguous(memory_format=fmt)
+    assert torch.equal(_bits(leaf.grad), _bits(torch.where(x <= 0, 0.0, g)))
+
+
+@pytest.mark.parametrize("inplace", [False, True])
+def test_fused_relu_allocates_only_its_results(inplace):
+    """Forward: the output (none in place) and the mask; backward: the input gradient. No
+    temporaries, and the fake op (what a plan sees) allocates the same."""
+    if not _fused_built():
+        return
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from fxsketch.measurement import LiveStorageTracker
+    from fxsketch.ops.lean import relu_workspace
+    x = torch.randn(4, 8, 32, 33)
+    n = x.numel()
+    op = torch.ops.fxsketch.lean_relu_inplace if inplace else torch.ops.fxsketch.lean_relu
+    with LiveStorageTracker([x]) as tr:
+        op(x, None)
+    assert tr.peak_bytes - tr.resident_bytes == (n + 7) // 8 + (0 if inplace else 4 * n)
+    mask, g = pack_bits(x > 0), torch.randn_like(x)
+    with LiveStorageTracker([mask, g]) as tr:
+        torch.ops.fxsketch.lean_relu_backward(g, mask, None, [0, 1, 2, 3])
+    assert tr.peak_bytes - tr.resident_bytes == 4 * n
+    assert relu_workspace(n, torch.float32, "cpu") == (0, 0) == relu_workspace(n, torch.float32, "meta")
+    assert relu_workspace(n, torch.float32, "cuda") != (0, 0)
+    with FakeTensorMode():
+        fx_ = torch.empty(4, 8, 32, 33)
+        out, fmask = torch.ops.fxsketch.lean_relu(fx_, None)
+        assert fmask.shape == ((n + 7) // 8,) and out.stride() == x.stride()

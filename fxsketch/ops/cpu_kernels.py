@@ -1,5 +1,6 @@
-"""Fused CPU loops for the quantized saves: the group range, the stochastic-rounding pack and the
-unpack each in one pass over the tensor, compiled from the C below once per machine.
+"""Fused CPU loops for the quantized saves (the group range, the stochastic-rounding pack and the
+unpack) and for lean ReLU (output and 1-bit mask; the gradient from the mask), each in one pass
+over the tensor, compiled from the C below once per machine.
 
 The torch path of :mod:`fxsketch.ops.quant` runs six elementwise passes per block and draws its
 uniforms from torch's generator: on a 2-core CPU it packed a 16x256x56x56 BatchNorm input in 63 ms
@@ -35,7 +36,7 @@ import torch
 
 from .probes import mix32
 
-__all__ = ["library", "available", "group_range", "pack", "unpack", "mix32_key"]
+__all__ = ["library", "available", "group_range", "pack", "unpack", "mix32_key", "serves", "relu_mask", "relu_backward"]
 
 log = logging.getLogger(__name__)
 
@@ -154,6 +155,84 @@ void fx_unpack(const uint8_t *codes, const float *lo, const float *step, float *
         }
     }
 }
+
+/* Lean ReLU (fxsketch.ops.lean): the output and the packed 1-bit gradient mask in one pass, and
+   the backward from the mask. Element i is bit i % 8 of byte i / 8; a last byte's pad bits are 0.
+   torch's rules: relu keeps -0.0 and NaN (out = x < 0 ? 0 : x) and passes the gradient where
+   not (x <= 0); leaky_relu passes it where x > 0 (out = x > 0 ? x : x * slope). out may be x.
+   With AVX2, 8 elements per step (a compare, its sign bits as the mask byte, a select); the
+   scalar loop gives the same bits. */
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+#define RCHUNK 65536  /* elements per task: a multiple of 8, so tasks write whole mask bytes */
+
+static inline uint8_t relu_bits(const float *x, float *out, int64_t count, float slope, int leaky) {
+    uint8_t m = 0;
+    for (int64_t k = 0; k < count; k++) {
+        float v = x[k];
+        int keep = leaky ? v > 0.0f : !(v <= 0.0f);
+        m |= (uint8_t)(keep << k);
+        out[k] = leaky ? (v > 0.0f ? v : v * slope) : (v < 0.0f ? 0.0f : v);
+    }
+    return m;
+}
+
+static inline void relu_grad(const float *g, uint8_t m, float *out, int64_t count, float slope, int leaky) {
+    for (int64_t k = 0; k < count; k++)
+        out[k] = (m >> k) & 1 ? g[k] : (leaky ? g[k] * slope : 0.0f);
+}
+
+void fx_relu_mask(const float *x, float *out, uint8_t *mask, int64_t n, float slope, int leaky,
+                  int threads) {
+    int64_t tasks = (n + RCHUNK - 1) / RCHUNK;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < tasks; c++) {
+        int64_t s = c * RCHUNK, e = s + RCHUNK < n ? s + RCHUNK : n, b = s;
+#if defined(__AVX2__)
+        const __m256 zero = _mm256_setzero_ps(), k = _mm256_set1_ps(slope);
+        for (; b + 8 <= e; b += 8) {
+            __m256 v = _mm256_loadu_ps(x + b), keep, o;
+            if (leaky) {
+                keep = _mm256_cmp_ps(v, zero, _CMP_GT_OQ);
+                o = _mm256_blendv_ps(_mm256_mul_ps(v, k), v, keep);
+            } else {
+                keep = _mm256_cmp_ps(v, zero, _CMP_NLE_UQ);
+                o = _mm256_andnot_ps(_mm256_cmp_ps(v, zero, _CMP_LT_OQ), v);  /* +0 where v < 0 */
+            }
+            mask[b >> 3] = (uint8_t)_mm256_movemask_ps(keep);
+            _mm256_storeu_ps(out + b, o);
+        }
+#else
+        for (; b + 8 <= e; b += 8) mask[b >> 3] = relu_bits(x + b, out + b, 8, slope, leaky);
+#endif
+        if (b < e) mask[b >> 3] = relu_bits(x + b, out + b, e - b, slope, leaky);
+    }
+}
+
+void fx_relu_backward(const float *g, const uint8_t *mask, float *out, int64_t n, float slope,
+                      int leaky, int threads) {
+    int64_t tasks = (n + RCHUNK - 1) / RCHUNK;
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < tasks; c++) {
+        int64_t s = c * RCHUNK, e = s + RCHUNK < n ? s + RCHUNK : n, i = s;
+#if defined(__AVX2__)
+        const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+        const __m256 k = _mm256_set1_ps(slope);
+        for (; i + 8 <= e; i += 8) {
+            __m256i m = _mm256_and_si256(_mm256_set1_epi32(mask[i >> 3]), bit);
+            __m256 keep = _mm256_castsi256_ps(_mm256_cmpeq_epi32(m, bit)), v = _mm256_loadu_ps(g + i);
+            _mm256_storeu_ps(out + i, leaky ? _mm256_blendv_ps(_mm256_mul_ps(v, k), v, keep)
+                                            : _mm256_and_ps(keep, v));
+        }
+#else
+        for (; i + 8 <= e; i += 8) relu_grad(g + i, mask[i >> 3], out + i, 8, slope, leaky);
+#endif
+        if (i < e) relu_grad(g + i, mask[i >> 3], out + i, e - i, slope, leaky);
+    }
+}
 """
 
 FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-shared", "-fPIC"]
@@ -203,6 +282,8 @@ def _build(cc: str) -> ctypes.CDLL:
     lib.fx_range.argtypes = [ptr, ptr, ptr, i64, i64, i64, f32, i32]
     lib.fx_pack.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_uint32, f32, i32, i32]
     lib.fx_unpack.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i32, i32]
+    lib.fx_relu_mask.argtypes = [ptr, ptr, ptr, i64, f32, i32, i32]
+    lib.fx_relu_backward.argtypes = [ptr, ptr, ptr, i64, f32, i32, i32]
     return lib
 
 
@@ -218,16 +299,22 @@ def library() -> ctypes.CDLL | None:
             try:
                 _lib = _build(cc) if cc else None
             except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-                log.warning("fxsketch: the fused CPU quantization loops did not build (%s); "
-                            "quantized saves take the slower torch path", e)
+                log.warning("fxsketch: the fused CPU loops did not build (%s); quantized saves "
+                            "and lean ReLU take the slower torch path", e)
             if cc is None:
-                log.info("fxsketch: no C compiler; quantized saves take the torch path")
+                log.info("fxsketch: no C compiler; quantized saves and lean ReLU take the torch path")
     return _lib
 
 
 def available(t: torch.Tensor) -> bool:
     """Whether the loops serve ``t`` (real or fake): an fp32 CPU tensor, the library built."""
     return t.device.type == "cpu" and t.dtype == torch.float32 and library() is not None
+
+
+def serves(device, dtype) -> bool:
+    """Whether the loops run ops on ``device`` in ``dtype``: fp32 on the CPU, the library built. A
+    meta device counts as the CPU (a meta model is planned as a CPU step)."""
+    return torch.device(device).type in ("cpu", "meta") and dtype == torch.float32 and library() is not None
 
 
 def mix32_key(seed: int) -> int:
@@ -262,6 +349,20 @@ def unpack(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, out3: torc
     """Writes lo + q step into contiguous fp32 ``out3`` (L, M, T)."""
     L, M, T = out3.shape
     library().fx_unpack(_p(codes), _p(lo), _p(step), _p(out3), L, M, T, bits, torch.get_num_threads())
+
+
+def relu_mask(x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor, slope: float | None) -> None:
+    """Writes relu (``slope`` None) or leaky_relu of flat contiguous fp32 ``x`` into ``out`` (may
+    be ``x``) and the packed gradient mask into uint8 ``mask`` ((n + 7) // 8 bytes)."""
+    library().fx_relu_mask(_p(x), _p(out), _p(mask), x.numel(), float(slope or 0.0), slope is not None,
+                           torch.get_num_threads())
+
+
+def relu_backward(grad: torch.Tensor, mask: torch.Tensor, out: torch.Tensor, slope: float | None) -> None:
+    """Writes the gradient of relu (leaky_relu) into flat contiguous fp32 ``out``: ``grad`` where
+    the mask bit is set, else 0 (``grad * slope``)."""
+    library().fx_relu_backward(_p(grad), _p(mask), _p(out), grad.numel(), float(slope or 0.0),
+                               slope is not None, torch.get_num_threads())
 
 
 # The loops' arithmetic in torch, for tests: the same bits, op for op.

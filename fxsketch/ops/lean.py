@@ -11,6 +11,11 @@ The work of each direction is a torch custom op (``fxsketch::lean_relu``, ``lean
 ``lean_relu_backward``, ``lean_max_pool``, ``lean_max_pool_backward``), so fake tensors and
 ``torch.compile`` see one op with a shape function instead of the packing and index arithmetic;
 the backward ops are attached with ``register_autograd`` (an autograd.Function for in place).
+
+On CPU in fp32 the ReLU ops run :mod:`fxsketch.ops.cpu_kernels`' fused loops: the output and the
+mask in one pass (the torch path: relu, a comparison, the packing multiply and shift) and the
+gradient from the mask in one pass (the torch path unpacks the mask chunk by chunk first), with
+no temporaries; the values are bit for bit torch's (``tests/test_lean_ops.py``).
 """
 from __future__ import annotations
 
@@ -23,9 +28,10 @@ from torch._subclasses.fake_tensor import is_fake
 
 from ..errors import UnsupportedError
 
-from ._args import from_order, in_order, memory_order, traceable, per_axis
+from . import cpu_kernels
+from ._args import dense_in, from_order, in_order, memory_order, traceable, per_axis
 
-__all__ = ["lean_relu", "lean_leaky_relu", "lean_max_pool", "pack_bits", "unpack_bits"]
+__all__ = ["lean_relu", "lean_leaky_relu", "lean_max_pool", "pack_bits", "unpack_bits", "relu_workspace"]
 
 
 _GATHER = 0x0102040810204080
@@ -51,6 +57,10 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return gathered.to(torch.uint8)
 
 
+def _fake(t: torch.Tensor) -> bool:
+    return is_fake(t) or t.device.type == "meta"
+
+
 _BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(torch.uint8)
 """uint8[256, 8]: row p holds the 8 bits of p."""
 _BITS_AS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
@@ -60,7 +70,7 @@ def _unpack_as(packed: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Te
     """The mask as ``numel`` 0/1 values of ``dtype`` (one row lookup per packed byte): the
     gradient's own dtype, so that torch's backward kernels take it without a hidden cast copy."""
     index = packed.reshape(-1).int()
-    if is_fake(packed) or packed.device.type == "meta":
+    if _fake(packed):
         rows = torch.empty((index.numel(), 8), dtype=dtype, device=packed.device)
     else:
         key = (packed.device, dtype)
@@ -94,15 +104,45 @@ def _packed_keep(x: torch.Tensor, negative_slope: Optional[float]) -> torch.Tens
 
 def _op(name: str, impl, mutates_args=()):
     """Register ``impl`` as the custom op ``fxsketch::name`` and as its own fake implementation:
-    it is plain tensor ops reading no values, so on fake tensors it allocates exactly the
-    temporaries the real op does, and a plan sees them (no hand-written workspace estimate)."""
+    it is plain tensor ops reading no values (the fused loops, which allocate nothing, are skipped
+    on fake tensors), so on fake tensors it allocates exactly what the real op does."""
     op = torch.library.custom_op(f"fxsketch::{name}", impl, mutates_args=mutates_args)
     op.register_fake(impl)
     return op
 
 
+def _fused(t: torch.Tensor) -> bool:
+    """Whether the fused CPU loops serve ``t`` (real or fake): fp32 on the CPU (or meta, planned as
+    the CPU), the library built, ``t`` dense in its memory order (a flat view walks it as it lies)."""
+    return cpu_kernels.serves(t.device, t.dtype) and dense_in(t.shape, t.stride(), memory_order(t))
+
+
+def _flat(t: torch.Tensor, order) -> torch.Tensor:
+    """The flat view of ``t`` in memory order ``order`` (t dense in it: no copy)."""
+    return in_order(t, order).view(-1)
+
+
+def relu_workspace(numel: int, dtype: torch.dtype, device) -> tuple[int, int]:
+    """(forward, backward) bytes a lean ReLU of ``numel`` elements allocates besides its output,
+    mask and input gradient: none in the fused CPU loops; in the torch path one chunk's bool mask
+    and int64 packing words in forward, one chunk's unpacked mask in ``dtype`` and its int32 row
+    indices in backward (:func:`mask_chunk`)."""
+    if cpu_kernels.serves(device, dtype):
+        return 0, 0
+    chunk = min(numel, mask_chunk(numel))
+    return 2 * chunk, chunk * torch.empty((), dtype=dtype).element_size() + chunk // 2
+
+
 def _relu_op_impl(x: torch.Tensor, negative_slope: Optional[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """(relu or leaky_relu of x, its packed gradient mask); ``negative_slope`` None means relu."""
+    """(relu or leaky_relu of x, its packed gradient mask); ``negative_slope`` None means relu. The
+    fused loops write both into their results (on fake tensors only the results are allocated)."""
+    if _fused(x):
+        out = torch.empty_like(x)  # x's dense layout: the same memory order
+        mask = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8, device=x.device)
+        if not _fake(x):
+            order = memory_order(x)
+            cpu_kernels.relu_mask(_flat(x, order), _flat(out, order), mask, negative_slope)
+        return out, mask
     out = torch.relu(x) if negative_slope is None else F.leaky_relu(x, negative_slope)
     return out, _packed_keep(x, negative_slope)
 
@@ -112,6 +152,12 @@ _relu_op = _op("lean_relu", _relu_op_impl)
 
 def _relu_inplace_op_impl(x: torch.Tensor, negative_slope: Optional[float]) -> torch.Tensor:
     """Applies relu or leaky_relu to x in place; returns only the packed gradient mask."""
+    if _fused(x):
+        mask = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8, device=x.device)
+        if not _fake(x):
+            flat = _flat(x, memory_order(x))
+            cpu_kernels.relu_mask(flat, flat, mask, negative_slope)
+        return mask
     mask = _packed_keep(x, negative_slope)
     if negative_slope is None:
         x.relu_()
@@ -140,6 +186,10 @@ def _relu_backward_op_impl(grad: torch.Tensor, mask: torch.Tensor, negative_slop
     shape = g.shape
     g = g.view(-1)
     out = torch.empty_like(g)
+    if cpu_kernels.serves(g.device, g.dtype):
+        if not _fake(g):
+            cpu_kernels.relu_backward(g, mask.contiguous(), out, negative_slope)
+        return from_order(out.view(shape), order)
     n = g.numel()
     step = mask_chunk(n)
     for a in range(0, n, step):

@@ -148,7 +148,7 @@ def _part(xs: torch.Tensor, block):
 
 def fused(device, dtype) -> bool:
     """Whether :mod:`fxsketch.ops.cpu_kernels`' loops pack or unpack (fp32 ``dtype``) on ``device``."""
-    return torch.device(device).type in ("cpu", "meta") and dtype == torch.float32 and cpu_kernels.library() is not None
+    return cpu_kernels.serves(device, dtype)
 
 
 def _fused_layout(shape, groups, bits, device, dtype):

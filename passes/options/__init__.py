@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, ClassVar, Iterable, Mapping
 
+import torch
 import torch.fx as fx
 from torch import nn
 
@@ -94,6 +95,12 @@ class ProposalContext:
 
     def module(self, n: fx.Node) -> nn.Module | None:
         return self.gm.get_submodule(n.target) if n.op == "call_module" else None
+
+    @cached_property
+    def device(self) -> torch.device:
+        """The device the step runs on: its parameters' (the CPU for a meta model, or none)."""
+        device = next((p.device for p in self.gm.parameters()), torch.device("cpu"))
+        return torch.device("cpu") if device.type == "meta" else device
 
     @cached_property
     def kernel_bytes(self) -> dict[int, int]:

@@ -84,9 +84,8 @@ def _extra_seconds(ctx: ProposalContext, n: fx.Node, spec: dict[str, Any]) -> fl
     if ctx.cost.estimator != "measured":
         return 0.1 * ctx.cost.seconds[n.name]
     meta = n.all_input_nodes[0].meta["fxsketch.tensor"][0]
-    device = next((p.device for p in ctx.gm.parameters()), torch.device("cpu"))
     name = "lean:" + ",".join(f"{k}={v}" for k, v in sorted(spec.items()) if k != "inplace")
-    return op_extra_seconds(name, meta.shape, meta.dtype, device, *_pair(spec), stride=meta.stride)
+    return op_extra_seconds(name, meta.shape, meta.dtype, ctx.device, *_pair(spec), stride=meta.stride)
 
 
 @register
@@ -110,12 +109,10 @@ class Lean(OptionKind):
         else:
             nb = (elems + 7) // 8
             detail = f"{spec['op']} 1-bit mask"
-            # its backward unpacks the mask chunk by chunk, one value per element in the
-            # gradient's dtype beside dX (fxsketch.ops.lean)
-            size = torch.empty((), dtype=n.meta["fxsketch.tensor"][0].dtype).element_size()
-            chunk = min(elems, ops.lean.mask_chunk(elems))
-            unpacked = (Span(chunk * size + chunk // 2, ctx.bwd[n.name], ctx.bwd[n.name]),
-                        Span(2 * chunk, ctx.fwd[n.name], ctx.fwd[n.name]))  # packing: bool + int64 words
+            # the torch path packs and unpacks the mask chunk by chunk; the fused CPU loops
+            # allocate nothing besides the results (fxsketch.ops.lean.relu_workspace)
+            fwd, bwd = ops.lean.relu_workspace(elems, n.meta["fxsketch.tensor"][0].dtype, ctx.device)
+            unpacked = tuple(Span(b, t, t) for b, t in ((bwd, ctx.bwd[n.name]), (fwd, ctx.fwd[n.name])) if b)
         yield (Choice(n.name, ctx.cost.fraction(_extra_seconds(ctx, n, spec)), 0.0, drops=drops,
                       adds=(Span(nb, ctx.fwd[n.name], ctx.bwd[n.name]),) + unpacked),
                Candidate(self.name, (n.name,), spec, detail))

@@ -103,7 +103,7 @@ def _extra_seconds(ctx: ProposalContext, n: fx.Node, spec, xmeta) -> dict[int, f
     x_bytes = math.prod(xmeta.shape) * torch.empty((), dtype=xmeta.dtype).element_size()
     if ctx.cost.estimator != "measured":
         return dict.fromkeys(q.QUANT_BITS, 4 * x_bytes / ctx.cost.device.bandwidth)
-    device = _device(ctx.gm)
+    device = ctx.device
     plain, variants, wrt = _twin(spec, xmeta.shape, xmeta.dtype, device, ctx.gm)
     key = f"quant:{spec['kind']},k={_normalized_dims(ctx.gm, spec)},g={spec.get('num_groups')}"
     extra = op_extra_seconds(key, xmeta.shape, xmeta.dtype, device, plain, variants, repeat=2, wrt=wrt,
@@ -112,20 +112,14 @@ def _extra_seconds(ctx: ProposalContext, n: fx.Node, spec, xmeta) -> dict[int, f
     return {k: extra[f",bits={k}"] for k in q.QUANT_BITS}
 
 
-def _device(gm) -> torch.device:
-    """The device the step runs on: its parameters' (CPU for a meta model, or none)."""
-    device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    return torch.device("cpu") if device.type == "meta" else device
-
-
-def _backward_workspace(gm, spec, shape, bits, dtype) -> int:
+def _backward_workspace(ctx, spec, shape, bits, dtype) -> int:
     """What the quantized norm's backward allocates besides dX (:func:`fxsketch.ops.quant.backward_workspace_nbytes`),
     for the input as the op sees it: an InstanceNorm's as the (1, N*C, ...) BatchNorm view."""
-    kind, k = spec["kind"], _normalized_dims(gm, spec)
+    kind, k = spec["kind"], _normalized_dims(ctx.gm, spec)
     if kind == "instance":
         kind, shape = "batch", (1, shape[0] * shape[1], *shape[2:])
     groups = q.quant_groups(shape, kind, k)
-    return q.backward_workspace_nbytes(kind, shape, bits, groups, dtype, k, _device(gm))
+    return q.backward_workspace_nbytes(kind, shape, bits, groups, dtype, k, ctx.device)
 
 
 @register
@@ -162,8 +156,8 @@ class Quant(OptionKind):
             # forward: the packing's block buffers; backward: a chunk of the dequantized X (and of
             # dX) at a time
             transients = (Span(q.pack_workspace_nbytes([shape[d] for d in order], bits, [groups[d] for d in order],
-                                                       _device(ctx.gm), xmeta.dtype), f, f),
-                          Span(_backward_workspace(ctx.gm, spec, shape, bits, xmeta.dtype), b, b))
+                                                       ctx.device, xmeta.dtype), f, f),
+                          Span(_backward_workspace(ctx, spec, shape, bits, xmeta.dtype), b, b))
             detail = (f"{bits}-bit X ({nb / max(x_bytes, 1):.3g} of X), noise {level:.2f}x SGD"
                       + ("" if noise.calibrated else " (prior)"))
             yield (Choice(n.name, ctx.cost.fraction(extra[bits]), level, drops=((ctx.saved_index[x], n.name),),
@@ -222,7 +216,7 @@ def _conv_choices(kind: str, ctx: ProposalContext, n: fx.Node):
     extra = _conv_extra_seconds(ctx, n, spec, xmeta)
     f, b = ctx.fwd[n.name], ctx.bwd[n.name]
     w_shape = tuple(_weight_shape(ctx, n))
-    device = _device(ctx.gm)
+    device = ctx.device
     for bits in q.QUANT_BITS:
         nb = qc.conv_quant_nbytes(shape, bits)
         level = noise.quant_ratio(bits) if calibrated else prior.ratio(bits)
