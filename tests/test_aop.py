@@ -241,20 +241,21 @@ def test_conv_rewrite_prediction_is_within_2_percent_of_measured_and_memory_is_p
 
 
 def test_aop_combines_with_the_default_methods():
-    # a budget below the unmodified peak: lean ReLUs and a probed conv free more than the AOP
-    # memories of the two wide linears add, which save more time than the others cost
+    # a budget below the unmodified peak that lean ReLUs and an offload alone do not meet (0.9 they
+    # did, once the fused lean ReLU needed no chunk temporaries): the AOP memories of the two wide
+    # linears and another kind together
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 16, 3, padding=1), nn.ReLU(),
                           nn.MaxPool2d(4), nn.Flatten(), nn.Linear(16 * 8 * 8, 1024), nn.ReLU(),
                           nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 10))
     x = torch.randn(64, 3, 32, 32)
     # (tensor bytes only: the budget is sized to this model's tensors, kernel workspace aside)
-    gm = fxsketch.optimize(model, (x,), budget=0.9, methods=fxsketch.Config().methods + ("aop",),
+    gm = fxsketch.optimize(model, (x,), budget=0.8, methods=fxsketch.Config().methods + ("aop",),
                            time_nodes=False, calibrate=False, workspace="off")
     plan = gm.memory_plan
     options = {d.option.value for d in plan.decisions}
     assert "aop" in options and len(options) > 1, plan.decisions_table()
-    assert plan.peak_bytes <= 0.9 * plan.baseline_peak_bytes
+    assert plan.peak_bytes <= 0.8 * plan.baseline_peak_bytes
     torch.testing.assert_close(gm(x), model(x))
     gm(x).sum().backward()
     assert all(p.grad is not None for p in model.parameters())

@@ -115,3 +115,58 @@ def test_disabled_loops_give_the_torch_path(monkeypatch):
     codes, lo, step = Q._pack_impl(x, torch.tensor(5), 8, [3, 4, 1])
     back = Q._unpack_impl(codes, lo, step, 8, [3, 4, 9], torch.float32)
     assert float((back - x).abs().max()) <= float(step.max()) * (1 + 1e-6)
+
+
+BN_CASES = [  # (shape, memory format): channels as T, one channel per row, batch 1, odd sizes
+    ((6, 8, 10, 14), torch.channels_last), ((6, 8, 10, 14), None), ((3, 5, 4, 6, 7), torch.channels_last_3d),
+    ((3, 5, 4, 6, 7), None), ((1, 6, 50, 7), None), ((4, 3, 1, 1), torch.channels_last),
+    ((2, 16, 2100, 1), torch.channels_last),  # past one SUM_BLOCK of rows
+]
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("shape, fmt", BN_CASES)
+def test_fused_batch_norm_backward_equals_the_torch_paths_on_the_same_codes(monkeypatch, shape, fmt, bits):
+    """A training BatchNorm's backward from the codes (no dequantized X in memory) gives the
+    gradients of the torch path (X dequantized, torch's kernel) on the same codes to fp32 rounding,
+    dX laid out as X, and holds no more than its stated workspace beside dY and the gradients."""
+    if _lib() is None:
+        return
+    from fxsketch.measurement import LiveStorageTracker
+    torch.manual_seed(0)
+    x = torch.randn(shape) * 2 + 3
+    x = x if fmt is None else x.contiguous(memory_format=fmt)
+    c = shape[1]
+    order = Q.pack_order("batch", x.shape, x.stride())
+    assert Q.fused_bn_layout(shape, order, bits, "cpu", torch.float32) is not None
+    w = torch.linspace(0.5, 1.5, c).requires_grad_()
+    b = torch.zeros(c, requires_grad=True)
+    t = x.clone().requires_grad_()
+    kept = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: kept.append(s) or s, lambda s: s):
+        y = Q.quant_batch_norm(t, None, None, w, b, True, bits=bits)
+    dy = torch.randn(shape).contiguous(memory_format=fmt or torch.contiguous_format)
+    with LiveStorageTracker([t, w, b, dy] + kept) as tr:
+        got = torch.autograd.grad(y, (t, w, b), dy, retain_graph=True)
+    held = tr.peak_bytes - tr.resident_bytes - sum(g.nbytes for g in got)
+    groups = Q.quant_groups(shape, "batch")
+    assert held <= Q.backward_workspace_nbytes("batch", shape, bits, groups, order=order), held
+    monkeypatch.setenv("FXSKETCH_CPU_KERNELS", "0")  # the same codes, the torch path's backward
+    want = torch.autograd.grad(y, (t, w, b), dy)
+    assert got[0].stride() == want[0].stride() == t.stride() or got[0].is_contiguous(memory_format=fmt)
+    for g, e in zip(got, want):
+        torch.testing.assert_close(g, e, rtol=1e-5, atol=2e-5 * float(e.abs().max()))
+
+
+def test_fused_batch_norm_backward_is_skipped_in_eval_mode_and_for_other_norms():
+    """Running statistics (eval) and 2-dim inputs keep the torch path; the planner's workspace
+    follows (a chunk of X there, the small per-channel buffers where the loops run)."""
+    if _lib() is None:
+        return
+    shape = (16, 64, 56, 56)
+    groups = Q.quant_groups(shape, "batch")
+    fused = Q.backward_workspace_nbytes("batch", shape, 8, groups, batch_stats=True)
+    torch_path = Q.backward_workspace_nbytes("batch", shape, 8, groups, batch_stats=False)
+    assert fused < 64 * 1024 < 4 * math.prod(shape) // 16 <= torch_path
+    assert Q.fused_bn_layout((64, 6), [0, 1], 8, "cpu", torch.float32) is None
+    assert Q.fused_bn_layout(shape, [0, 1, 2, 3], 8, "cuda", torch.float32) is None

@@ -254,10 +254,12 @@ def test_packing_in_blocks_rounds_to_a_neighbour_unbiased_within_its_workspace(m
     ("batch", (1, 6, 9, 8), True), ("instance", (3, 6, 5, 4, 4), True), ("group", (9, 4, 5, 5), True),
     ("layer", (11, 7, 6), True)])
 def test_backward_reads_x_a_chunk_at_a_time_and_equals_the_whole_x_backward(monkeypatch, bits, kind, shape, train):
-    """The backward dequantizes X in chunks of the batch (of the channels, batch 1): its gradients
-    are those of the backward that dequantizes X whole (same codes), and beside dY and dX it holds
-    backward_workspace_nbytes (a chunk of X, and of dX), not all of X."""
+    """The torch path's backward dequantizes X in chunks of the batch (of the channels, batch 1):
+    its gradients are those of the backward that dequantizes X whole (same codes), and beside dY
+    and dX it holds backward_workspace_nbytes (a chunk of X, and of dX), not all of X. (The fused
+    CPU loops read no dequantized X at all: tests/test_cpu_kernels.py.)"""
     from fxsketch.measurement import LiveStorageTracker
+    monkeypatch.setenv("FXSKETCH_CPU_KERNELS", "0")
     monkeypatch.setattr(q, "BACKWARD_MIN_ELEMENTS", 0)  # chunks at these small shapes too
     torch.manual_seed(0)
     x = torch.randn(shape) * 2 + 1
@@ -295,7 +297,8 @@ def test_backward_reads_x_a_chunk_at_a_time_and_equals_the_whole_x_backward(monk
 def test_channels_last_batch_norm_packs_as_it_lies(monkeypatch, bits, train):
     """A channels_last BatchNorm input is packed in memory order (a scale per sample and channel
     broadcast over its (H, W) rows, in blocks, not one block of the whole tensor nor a copy of X in
-    logical order); its backward dequantizes chunks in that layout: dX comes back channels_last,
+    logical order); its backward reads the codes in that layout (the fused CPU loops in training, chunks of
+    the dequantized X otherwise): dX comes back channels_last,
     close to eager's, and neither direction holds more than its stated workspace."""
     from fxsketch.measurement import LiveStorageTracker
     from fxsketch.ops._args import memory_order
@@ -322,7 +325,7 @@ def test_channels_last_batch_norm_packs_as_it_lies(monkeypatch, bits, train):
     with LiveStorageTracker([t, w, b, dy] + kept) as tr:
         got = torch.autograd.grad(y, (t, w, b), dy)
     held = tr.peak_bytes - tr.resident_bytes - sum(g.nbytes for g in got)
-    assert held <= q.backward_workspace_nbytes("batch", shape, bits, mem_groups) + 256, held
+    assert held <= q.backward_workspace_nbytes("batch", shape, bits, mem_groups, order=order, batch_stats=train) + 256, held
     assert got[0].is_contiguous(memory_format=torch.channels_last)
     xe = x.clone().requires_grad_()
     want = torch.autograd.grad(F.batch_norm(xe, rm.clone(), rv.clone(), w, b, train), (xe, w, b), dy)

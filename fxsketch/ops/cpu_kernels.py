@@ -36,7 +36,7 @@ import torch
 
 from .probes import mix32
 
-__all__ = ["library", "available", "group_range", "pack", "unpack", "mix32_key", "serves", "relu_mask", "relu_backward"]
+__all__ = ["library", "available", "group_range", "pack", "unpack", "mix32_key", "serves", "bn_sums", "bn_dx", "relu_mask", "relu_backward"]
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,118 @@ void fx_unpack(const uint8_t *codes, const float *lo, const float *step, float *
                 unpack_run(codes, lo + l * T + i % T, step + l * T + i % T, 1, out + i, i, stop - i, bits);
             i = stop;
         }
+    }
+}
+
+/* Quantized BatchNorm backward (fxsketch.ops.quant): X = lo + q step is read from the codes as
+   it is used, never written out. The codes lie in the packing's (L, M, T) layout, dY and dX in
+   the same; element (l, m, t) belongs to channel t (T == C: channels_last) or l % C (T == 1).
+   Sums are taken in fp32 over blocks of SUM_BLOCK rows (T > 1) or elements (T == 1), then
+   added in fp64. */
+
+#define SUM_BLOCK 1024
+
+static inline float code_at(const uint8_t *codes, int64_t j, int bits) {
+    return bits == 8 ? (float)codes[j] : (float)((codes[j >> 1] >> (4 * (j & 1))) & 15);
+}
+
+/* one row l: sdy[c] += sum dy, sdx[c] += sum dy (x - mean) */
+static inline void bn_sums_row(const uint8_t *codes, const float *lo, const float *step, const float *dy,
+                               const float *mean, double *sdy, double *sdx, float *buf, int64_t l,
+                               int64_t M, int64_t T, int64_t C, int bits) {
+    const float *g = dy + l * M * T;
+    int64_t j0 = l * M * T;
+    if (T == 1) {
+        int64_t c = l % C;
+        float st = step[l], off = lo[l] - mean[c];
+        for (int64_t a = 0; a < M; a += SUM_BLOCK) {
+            int64_t e = a + SUM_BLOCK < M ? a + SUM_BLOCK : M;
+            float ady[8] = {0}, adx[8] = {0};
+            int64_t m = a;
+            for (; m + 8 <= e; m += 8)
+                for (int k = 0; k < 8; k++) {
+                    float gv = g[m + k], x = code_at(codes, j0 + m + k, bits) * st + off;
+                    ady[k] += gv; adx[k] += gv * x;
+                }
+            for (; m < e; m++) {
+                float gv = g[m], x = code_at(codes, j0 + m, bits) * st + off;
+                ady[0] += gv; adx[0] += gv * x;
+            }
+            for (int k = 0; k < 8; k++) { sdy[c] += ady[k]; sdx[c] += adx[k]; }
+        }
+        return;
+    }
+    float *ady = buf, *adx = buf + T, *st = buf + 2 * T, *off = buf + 3 * T;
+    for (int64_t t = 0; t < T; t++) { st[t] = step[l * T + t]; off[t] = lo[l * T + t] - mean[t]; }
+    for (int64_t a = 0; a < M; a += SUM_BLOCK) {
+        int64_t e = a + SUM_BLOCK < M ? a + SUM_BLOCK : M;
+        for (int64_t t = 0; t < T; t++) { ady[t] = 0.0f; adx[t] = 0.0f; }
+        for (int64_t m = a; m < e; m++) {
+            const float *gr = g + m * T;
+            int64_t jr = j0 + m * T;
+            for (int64_t t = 0; t < T; t++) {
+                float x = code_at(codes, jr + t, bits) * st[t] + off[t];
+                ady[t] += gr[t]; adx[t] += gr[t] * x;
+            }
+        }
+        for (int64_t t = 0; t < T; t++) { sdy[t] += ady[t]; sdx[t] += adx[t]; }
+    }
+}
+
+/* part[p][0 .. C): sum of dY per channel over part p's rows, part[p][C .. 2C): sum of dY (X - mean);
+   buf: parts x 4T floats of scratch */
+void fx_bn_sums(const uint8_t *codes, const float *lo, const float *step, const float *dy,
+                const float *mean, double *part, float *buf, int64_t L, int64_t M, int64_t T,
+                int64_t C, int bits, int parts) {
+    #pragma omp parallel for num_threads(parts) schedule(static)
+    for (int64_t p = 0; p < parts; p++) {
+        double *sdy = part + p * 2 * C, *sdx = sdy + C;
+        for (int64_t c = 0; c < 2 * C; c++) sdy[c] = 0.0;
+        for (int64_t l = L * p / parts; l < L * (p + 1) / parts; l++) {
+            if (bits == 8)
+                bn_sums_row(codes, lo, step, dy, mean, sdy, sdx, buf + p * 4 * T, l, M, T, C, 8);
+            else
+                bn_sums_row(codes, lo, step, dy, mean, sdy, sdx, buf + p * 4 * T, l, M, T, C, 4);
+        }
+    }
+}
+
+static inline void bn_dx_row(const uint8_t *codes, const float *lo, const float *step, const float *dy,
+                             const float *k, const float *a, const float *b, float *dx, int64_t l,
+                             int64_t M, int64_t T, int64_t C, int bits) {
+    int64_t j0 = l * M * T;
+    const float *g = dy + j0;
+    float *o = dx + j0;
+    if (T == 1) {
+        int64_t c = l % C;
+        float st = step[l], lv = lo[l], kc = k[c], ac = a[c], bc = b[c];
+        for (int64_t m = 0; m < M; m++) {
+            float x = code_at(codes, j0 + m, bits) * st + lv, v = g[m] * kc;
+            v = v + x * ac;
+            o[m] = v + bc;
+        }
+        return;
+    }
+    const float *st = step + l * T, *lv = lo + l * T;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t t = 0; t < T; t++) {
+            int64_t i = m * T + t;
+            float x = code_at(codes, j0 + i, bits) * st[t] + lv[t], v = g[i] * k[t];
+            v = v + x * a[t];
+            o[i] = v + b[t];
+        }
+}
+
+/* dX = (dY k[c] + X a[c]) + b[c], in the order of torch's mul, addcmul_, add_ */
+void fx_bn_dx(const uint8_t *codes, const float *lo, const float *step, const float *dy, const float *k,
+              const float *a, const float *b, float *dx, int64_t L, int64_t M, int64_t T, int64_t C,
+              int bits, int threads) {
+    #pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t l = 0; l < L; l++) {
+        if (bits == 8)
+            bn_dx_row(codes, lo, step, dy, k, a, b, dx, l, M, T, C, 8);
+        else
+            bn_dx_row(codes, lo, step, dy, k, a, b, dx, l, M, T, C, 4);
     }
 }
 
@@ -282,6 +394,8 @@ def _build(cc: str) -> ctypes.CDLL:
     lib.fx_range.argtypes = [ptr, ptr, ptr, i64, i64, i64, f32, i32]
     lib.fx_pack.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, ctypes.c_uint32, f32, i32, i32]
     lib.fx_unpack.argtypes = [ptr, ptr, ptr, ptr, i64, i64, i64, i32, i32]
+    lib.fx_bn_sums.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32, i32]
+    lib.fx_bn_dx.argtypes = [ptr, ptr, ptr, ptr, ptr, ptr, ptr, ptr, i64, i64, i64, i64, i32, i32]
     lib.fx_relu_mask.argtypes = [ptr, ptr, ptr, i64, f32, i32, i32]
     lib.fx_relu_backward.argtypes = [ptr, ptr, ptr, i64, f32, i32, i32]
     return lib
@@ -349,6 +463,37 @@ def unpack(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, out3: torc
     """Writes lo + q step into contiguous fp32 ``out3`` (L, M, T)."""
     L, M, T = out3.shape
     library().fx_unpack(_p(codes), _p(lo), _p(step), _p(out3), L, M, T, bits, torch.get_num_threads())
+
+
+def bn_sums(codes, lo, step, dy3, mean, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of dY, sum of dY (X - mean)) per channel (fp64), X = lo + q step of the codes in the
+    (L, M, T) layout of contiguous fp32 ``dy3``; ``mean`` fp32 per channel (C); the channel of
+    (l, m, t) is t (T == C) or l % C (T == 1)."""
+    L, M, T = dy3.shape
+    C = mean.numel()
+    parts = max(1, min(torch.get_num_threads(), L))
+    part = torch.empty(parts, 2, C, dtype=torch.float64)
+    buf = torch.empty(parts, 4 * T, dtype=torch.float32)
+    library().fx_bn_sums(_p(codes), _p(lo), _p(step), _p(dy3), _p(mean), _p(part), _p(buf), L, M, T, C,
+                         bits, parts)
+    sums = part.sum(0)
+    return sums[0], sums[1]
+
+
+def bn_dx(codes, lo, step, dy3, k, a, b, out3, bits: int) -> None:
+    """Writes (dY k + X a) + b into contiguous fp32 ``out3`` (L, M, T), per channel fp32 ``k``,
+    ``a``, ``b`` (C), X from the codes as in :func:`bn_sums`."""
+    L, M, T = dy3.shape
+    library().fx_bn_dx(_p(codes), _p(lo), _p(step), _p(dy3), _p(k), _p(a), _p(b), _p(out3), L, M, T,
+                       k.numel(), bits, torch.get_num_threads())
+
+
+def bn_workspace_nbytes(channels: int, tail: int) -> int:
+    """Bytes the fused BatchNorm backward allocates besides dX, dW and dB: :func:`bn_sums`' fp64
+    partial sums and fp32 row scratch per thread, and a dozen per-channel vectors (the fp64 sums and
+    coefficients of :func:`fxsketch.ops.quant._fused_bn_backward`, their fp32 casts)."""
+    parts = torch.get_num_threads()
+    return parts * (16 * channels + 16 * tail) + 96 * channels
 
 
 def relu_mask(x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor, slope: float | None) -> None:

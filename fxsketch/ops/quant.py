@@ -400,11 +400,37 @@ def backward_chunks(kind: str, shape: Sequence[int], bits: int, normalized_dims:
     return dim, [(a, min(shape[dim], a + per)) for a in range(0, shape[dim], per)]
 
 
+def fused_bn_layout(shape: Sequence[int], order: Sequence[int], bits: int, device, dtype):
+    """(L, M, T) of the packing where the fused CPU loops run a batch-statistics BatchNorm's
+    backward from the codes (:func:`fxsketch.ops.cpu_kernels.bn_sums`, ``bn_dx``): X of ``shape``
+    packed in ``order`` (:func:`pack_order`), fp32 on the CPU, the channels as T (channels_last)
+    or one channel per row of L (logical order, T = 1); else None (the torch path)."""
+    shape, order = list(shape), list(order)
+    if len(shape) < 3:
+        return None
+    groups = quant_groups(shape, "batch")
+    view = _fused_layout([shape[d] for d in order], [groups[d] for d in order], bits, device, dtype)
+    if view is None:
+        return None
+    rows, _, tail = view
+    c = shape[1]
+    if tail == c and order[-1] == 1 or tail == 1 and order[:2] == [0, 1] and rows % c == 0:
+        return view
+    return None
+
+
 def backward_workspace_nbytes(kind: str, shape: Sequence[int], bits: int, groups: Sequence[int],
-                              dtype=torch.float32, normalized_dims: int = 0, device="cpu") -> int:
+                              dtype=torch.float32, normalized_dims: int = 0, device="cpu",
+                              order: Sequence[int] | None = None, batch_stats: bool = True) -> int:
     """Bytes the norm backward allocates besides dX: the dequantized chunk of X and its unpacking's
     buffers, and the chunk of dX torch's kernel returns before it is copied into dX (a training
-    BatchNorm over a batch writes dX in place); the whole X where it is read whole."""
+    BatchNorm over a batch writes dX in place); the whole X where it is read whole. A
+    batch-statistics BatchNorm in the fused CPU loops (:func:`fused_bn_layout`; X packed in
+    ``order``, logical by default) reads the codes as it goes: per-channel sums and coefficients."""
+    if kind == "batch" and batch_stats:
+        view = fused_bn_layout(shape, order or range(len(shape)), bits, device, dtype)
+        if view:
+            return cpu_kernels.bn_workspace_nbytes(shape[1], view[2])
     size = torch.empty((), dtype=dtype).element_size()
     plan = backward_chunks(kind, shape, bits, normalized_dims)
     if plan is None:
@@ -457,6 +483,10 @@ def _norm_backward(kind, extra, dy, packed, bits, shape, dtype, weight, bias, st
     each, dW and dB added up (or placed, per channel). ``order``: the memory order X was packed in
     (:func:`fxsketch.ops._args.memory_order`; its batch dim first), which dY is laid out in."""
     order = list(range(len(shape))) if order is None else list(order)
+    if kind == "batch" and extra[1]:
+        view = fused_bn_layout(shape, order, bits, dy.device, dtype)
+        if view and dy.dtype == torch.float32:
+            return _fused_bn_backward(extra, dy, packed, bits, shape, weight, bias, stats, mask, order, view)
     normalized = len(extra[0]) if kind == "layer" else 0
     plan = backward_chunks(kind, shape, bits, normalized)
     if plan is None:
@@ -528,6 +558,37 @@ def _norm_backward(kind, extra, dy, packed, bits, shape, dtype, weight, bias, st
         dw = sums[0].to(weight.dtype) if mask[1] else None
         db = sums[1].to(bias.dtype) if mask[2] else None
     return dx, dw, db
+
+
+def _fused_bn_backward(extra, dy, packed, bits, shape, weight, bias, stats, mask, order, view):
+    """(dX, dW, dB) of a batch-statistics BatchNorm from the codes by the fused CPU loops, X never
+    dequantized into memory: a pass for dB = sum dY and dW = rstd sum dY (X - mean) per channel,
+    a pass writing dX = w rstd (dY - dB / M - X^ dW / M) as (dY k + X a) + b (the coefficients per
+    channel in fp64, as the torch path's formula). On fake tensors only the results are allocated."""
+    codes, lo, step = packed
+    rows, mid, tail = view
+    c = shape[1]
+    mean, rstd = stats[0], stats[1]
+    dy3 = in_order(dy, order).view(rows, mid, tail)  # a view: dY is laid out as X was packed
+    lo2, step2 = lo.reshape(rows, tail).contiguous(), step.reshape(rows, tail).contiguous()
+    fake = _fake(dy)
+    if fake:
+        sdy, sdx = (torch.empty(c, dtype=torch.float64, device=dy.device) for _ in range(2))
+    else:
+        sdy, sdx = cpu_kernels.bn_sums(codes, lo2, step2, dy3, mean.float().contiguous(), bits)
+    r = rstd.double()
+    gw, gb = sdx * r, sdy
+    dx = None
+    if mask[0]:
+        m = math.prod(shape) // c
+        k = r if weight is None else r * weight.double()
+        a = -k * r * gw / m
+        b = -k * gb / m - a * mean.double()
+        out3 = torch.empty(rows, mid, tail, dtype=torch.float32, device=dy.device)
+        if not fake:
+            cpu_kernels.bn_dx(codes, lo2, step2, dy3, k.float(), a.float(), b.float(), out3, bits)
+        dx = from_order(out3.view([shape[d] for d in order]), order)
+    return dx, gw.to(weight.dtype) if mask[1] else None, gb.to(bias.dtype) if mask[2] else None
 
 
 def _apply(x, weight, bias, kind, args, bits, generator, normalized_dims=0):

@@ -112,14 +112,28 @@ def _extra_seconds(ctx: ProposalContext, n: fx.Node, spec, xmeta) -> dict[int, f
     return {k: extra[f",bits={k}"] for k in q.QUANT_BITS}
 
 
-def _backward_workspace(ctx, spec, shape, bits, dtype) -> int:
+def _batch_stats(gm, spec) -> bool:
+    """Whether a BatchNorm or InstanceNorm normalizes by the input's own statistics (training, or
+    no running ones), as :func:`fxsketch.ops.quant.quant_norm_module` reads the flags."""
+    if spec["module"] is not None:
+        m = gm.get_submodule(spec["module"])
+        if isinstance(m, nn.modules.instancenorm._InstanceNorm):
+            return m.training or not m.track_running_stats
+        return m.training or (m.running_mean is None and m.running_var is None)
+    return bool(spec.get("use_input_stats", True) if spec["kind"] == "instance" else spec.get("training"))
+
+
+def _backward_workspace(ctx, spec, shape, stride, bits, dtype) -> int:
     """What the quantized norm's backward allocates besides dX (:func:`fxsketch.ops.quant.backward_workspace_nbytes`),
-    for the input as the op sees it: an InstanceNorm's as the (1, N*C, ...) BatchNorm view."""
+    for the input as the op sees it: an InstanceNorm's as the (1, N*C, ...) BatchNorm view (laid
+    out contiguous: the op makes it so)."""
     kind, k = spec["kind"], _normalized_dims(ctx.gm, spec)
     if kind == "instance":
-        kind, shape = "batch", (1, shape[0] * shape[1], *shape[2:])
+        kind, shape, stride = "batch", (1, shape[0] * shape[1], *shape[2:]), None
     groups = q.quant_groups(shape, kind, k)
-    return q.backward_workspace_nbytes(kind, shape, bits, groups, dtype, k, ctx.device)
+    order = q.pack_order(kind, shape, stride)
+    stats = kind == "batch" and _batch_stats(ctx.gm, spec)
+    return q.backward_workspace_nbytes(kind, shape, bits, groups, dtype, k, ctx.device, order, stats)
 
 
 @register
@@ -157,7 +171,7 @@ class Quant(OptionKind):
             # dX) at a time
             transients = (Span(q.pack_workspace_nbytes([shape[d] for d in order], bits, [groups[d] for d in order],
                                                        ctx.device, xmeta.dtype), f, f),
-                          Span(_backward_workspace(ctx, spec, shape, bits, xmeta.dtype), b, b))
+                          Span(_backward_workspace(ctx, spec, shape, xmeta.stride, bits, xmeta.dtype), b, b))
             detail = (f"{bits}-bit X ({nb / max(x_bytes, 1):.3g} of X), noise {level:.2f}x SGD"
                       + ("" if noise.calibrated else " (prior)"))
             yield (Choice(n.name, ctx.cost.fraction(extra[bits]), level, drops=((ctx.saved_index[x], n.name),),
