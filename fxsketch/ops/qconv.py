@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedError
-from ._args import from_order, in_order, layout_order, traceable
+from ._args import from_order, in_order, layout_order, memory_order, traceable
 from .conv import _autocast_dtype, check_conv_args, draw_seed
 from .probed import _input_and_bias_grad, conv_geometry, exact_weight_grad
 from .quant import (_check_bits, _range, backward_chunks, pack_workspace_nbytes, quant_groups, quant_nbytes,
@@ -61,10 +61,11 @@ def forward_workspace_nbytes(shape: Sequence[int], stride: Sequence[int] | None,
 
 
 def backward_workspace_nbytes(shape: Sequence[int], weight_shape: Sequence[int], bits: int,
-                              dtype=torch.float32, device="cpu") -> int:
+                              dtype=torch.float32, device="cpu", symmetric: bool = True) -> int:
     """What the backward allocates besides dX and dW: one chunk's dequantized X and its unpacking's
-    buffers, the chunk's dX before it is copied into dX (none where X is read whole), and one
-    chunk's dW before it is added in."""
+    buffers and one chunk's dW before it is added in (dX comes from one transposed conv of dY, no
+    X needed); with asymmetric padding (``symmetric`` False: 'same' with an even kernel) also the
+    chunk's dX before it is copied into dX; all of X where it is read whole."""
     size = torch.empty((), dtype=dtype).element_size()
     plan = backward_chunks("conv", shape, bits)
     n = math.prod(shape)
@@ -74,7 +75,8 @@ def backward_workspace_nbytes(shape: Sequence[int], weight_shape: Sequence[int],
     a, b = plan[1][0]
     cshape = [b - a, *shape[1:]]
     chunk = math.prod(cshape) * size
-    return 2 * chunk + unpack_workspace_nbytes(cshape, bits, quant_groups(cshape, "batch"), dtype, device) + w
+    return (1 if symmetric else 2) * chunk + unpack_workspace_nbytes(cshape, bits, quant_groups(cshape, "batch"),
+                                                                      dtype, device) + w
 
 
 def quant_conv_noise_sq(x: torch.Tensor, dy: torch.Tensor, weight_shape, geo, bits: int) -> float:
@@ -139,7 +141,15 @@ class _QuantConv(torch.autograd.Function):
             slice(lft, lft + s) for lft, s in zip(geo.pad_left, shape[2:]))
         mask = [need_dx, need_dw, need_db]
         dx = dw = db = None
-        for a, b in ranges:
+        if len(ranges) > 1 and geo.symmetric and (need_dx or need_db):
+            # dX and db need no X: one transposed conv of all of dY (not a chunk's dX copied into dX
+            # chunk after chunk), the chunks below compute dW only
+            dx, db = _input_and_bias_grad(dy, tuple(shape), w, need_db, need_dx, need_db, geo)
+            if dx is not None and memory_order(dx) != list(ctx.order):
+                dx = _empty_in(list(shape), ctx.order, dx).copy_(dx)
+            db = db.float() if db is not None else None
+            mask, need_dx, need_db = [False, need_dw, False], False, False
+        for a, b in ranges if any(mask) else ():
             xc = unpack_slice(packed, ctx.bits, shape, ctx.dtype, ctx.order, 0, a, b)
             if pads is not None:
                 xc = F.pad(xc, pads)

@@ -23,6 +23,7 @@ from torch import nn
 from ... import ops
 from ...ops import quant as q
 from ...ops import qconv as qc
+from ...ops.probed import conv_geometry
 from ...quant_noise import QuantNoise, QuantPrior
 from ..patterns import NORM_FUNCS, NORM_MODULES
 from ..solve import Choice, Span
@@ -231,11 +232,12 @@ def _conv_choices(kind: str, ctx: ProposalContext, n: fx.Node):
     f, b = ctx.fwd[n.name], ctx.bwd[n.name]
     w_shape = tuple(_weight_shape(ctx, n))
     device = ctx.device
+    symmetric = conv_geometry(w_shape, spec["stride"], spec["padding"], spec["dilation"], spec["groups"]).symmetric
     for bits in q.QUANT_BITS:
         nb = qc.conv_quant_nbytes(shape, bits)
         level = noise.quant_ratio(bits) if calibrated else prior.ratio(bits)
         transients = (Span(qc.forward_workspace_nbytes(shape, xmeta.stride, bits, xmeta.dtype, device), f, f),
-                      Span(qc.backward_workspace_nbytes(shape, w_shape, bits, xmeta.dtype, device), b, b))
+                      Span(qc.backward_workspace_nbytes(shape, w_shape, bits, xmeta.dtype, device, symmetric), b, b))
         detail = (f"{bits}-bit conv input ({nb / max(x_bytes, 1):.3g} of X), dW noise {level:.2f}x SGD"
                   + ("" if calibrated else " (prior)"))
         yield (Choice(n.name, ctx.cost.fraction(extra[bits]), level, drops=((ctx.saved_index[x], n.name),),
