@@ -268,3 +268,32 @@ def test_batch_chunked_plans_compile_and_train_as_they_run():
         got = _grads(model, [x], torch.compile(new, backend="aot_eager"))
         for p, q in zip(want[0] + tuple(want[2]), got[0] + tuple(got[2])):
             torch.testing.assert_close(q, p, rtol=1e-4, atol=1e-5)
+
+
+def test_a_segment_input_from_an_earlier_multi_output_cut_is_split_as_batched():
+    """An output of a segment cut earlier with several outputs reaches the next cut as a getitem
+    of that call: split_flags must find it there (it once compared with the call, found no
+    batched input, and MicroBatched refused the rewrite)."""
+    from fxsketch.passes.options import RewriteContext
+    from fxsketch.passes.options.recompute import cut, split_flags
+
+    class Two(nn.Module):
+        def forward(self, x):
+            a = torch.relu(x)
+            b = torch.sigmoid(a)
+            c = a * b  # uses both outputs of the first segment
+            return torch.tanh(c)
+
+    gm = fx.symbolic_trace(Two())
+    rw = RewriteContext(model=gm, gm=gm, by_name={n.name: n for n in gm.graph.nodes})
+    cut(rw, ("relu", "sigmoid"), lambda segment, inputs: segment)  # outputs: relu and sigmoid
+    seen = {}
+
+    def make(segment, inputs):
+        seen["flags"] = split_flags(rw, inputs, ("relu",))
+        return segment
+    cut(rw, ("mul", "tanh"), make)
+    assert sorted(seen["flags"]) == [False, True]  # relu's getitem batched, sigmoid's not
+    gm.recompile()
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(gm(x), Two()(x))

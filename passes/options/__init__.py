@@ -123,6 +123,7 @@ class RewriteContext:
     generator: str | None = None      # attribute name of the probes' private torch.Generator
     counter: Any = field(default_factory=itertools.count)  # unique suffixes for submodules
     standing: dict[str, fx.Node] = field(default_factory=dict)  # a replaced node's name -> what stands for it
+    items: dict[str, fx.Node] = field(default_factory=dict)  # an output of a multi-output cut -> its getitem
 
     @property
     def graph(self) -> fx.Graph:

@@ -128,6 +128,16 @@ def _current(rw: RewriteContext, name: str) -> fx.Node:
     return rw.by_name[name]
 
 
+def _current_value(rw: RewriteContext, name: str) -> fx.Node:
+    """The node of the new graph whose value is node ``name``'s now: as :func:`_current`, except
+    that an output of a segment cut with several outputs is its getitem of the call, not the call."""
+    while name not in rw.by_name:
+        if name in rw.items:
+            return rw.items[name]
+        name = rw.standing[name].name
+    return rw.by_name[name]
+
+
 def _most_at_once(spans) -> int:
     """The most bytes of ``spans`` alive at one step."""
     return max((sum(sp.nbytes for sp in spans if sp.start <= t <= sp.end) for t in {sp.start for sp in spans}), default=0)
@@ -363,8 +373,9 @@ class Recompute(OptionKind):
 
 
 def split_flags(rw: RewriteContext, inputs, batched) -> tuple[bool, ...]:
-    """Per input node of a cut segment: whether it is one of the inputs ``batched`` names."""
-    split = {_current(rw, b) for b in batched}
+    """Per input node of a cut segment: whether it is one of the inputs ``batched`` names (or
+    what stands for it: an output of an earlier multi-output cut is taken as its getitem)."""
+    split = {_current_value(rw, b) for b in batched}
     return tuple(a in split for a in inputs)
 
 
@@ -394,7 +405,8 @@ def cut(rw: RewriteContext, names, make, prefix: str = "fxsketch_recompute") -> 
             outputs[0].replace_all_uses_with(call)
         else:
             for k, o in enumerate(outputs):
-                o.replace_all_uses_with(graph.call_function(operator.getitem, (call, k)))
+                rw.items[o.name] = graph.call_function(operator.getitem, (call, k))
+                o.replace_all_uses_with(rw.items[o.name])
     for n in reversed(seg):
         graph.erase_node(n)
         rw.by_name.pop(n.name, None)
