@@ -297,3 +297,21 @@ def test_a_segment_input_from_an_earlier_multi_output_cut_is_split_as_batched():
     gm.recompile()
     x = torch.randn(3, 4)
     torch.testing.assert_close(gm(x), Two()(x))
+
+
+def test_an_offloaded_input_is_found_as_the_offload_calls_getitem():
+    """An offload stands for its node by a getitem of its call that no table names further:
+    split_flags takes that getitem (following the standing chain would fail)."""
+    import operator
+    from fxsketch.passes.options import RewriteContext
+    from fxsketch.passes.options.recompute import split_flags
+
+    gm = fx.symbolic_trace(nn.Sequential(nn.ReLU(), nn.Sigmoid()))
+    rw = RewriteContext(model=gm, gm=gm, by_name={n.name: n for n in gm.graph.nodes})
+    relu = rw.by_name["_0"]
+    with gm.graph.inserting_after(relu):
+        out = gm.graph.call_function(operator.getitem, ((relu, relu), 0))  # as an offload's
+    rw.by_name.pop("_0")
+    rw.standing["_0"] = out
+    x = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    assert split_flags(rw, [out, x], ("_0",)) == (True, False)

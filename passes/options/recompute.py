@@ -134,7 +134,10 @@ def _current_value(rw: RewriteContext, name: str) -> fx.Node:
     while name not in rw.by_name:
         if name in rw.items:
             return rw.items[name]
-        name = rw.standing[name].name
+        node = rw.standing[name]
+        if not any(node.name in table for table in (rw.by_name, rw.standing, rw.items)):
+            return node  # a value no table names further: an offload's getitem of its call
+        name = node.name
     return rw.by_name[name]
 
 
