@@ -315,3 +315,31 @@ def test_an_offloaded_input_is_found_as_the_offload_calls_getitem():
     rw.standing["_0"] = out
     x = next(n for n in gm.graph.nodes if n.op == "placeholder")
     assert split_flags(rw, [out, x], ("_0",)) == (True, False)
+
+
+def test_a_segment_around_an_earlier_multi_output_cut_takes_its_getitems_inside():
+    """A replay cut around an earlier cut with several outputs moves that call's getitems inside
+    too (left outside, they fed the new segment from its own output: wrong gradients, seen in CI)."""
+    from fxsketch.passes.options import RewriteContext
+    from fxsketch.passes.options.recompute import cut
+
+    class Two(nn.Module):
+        def forward(self, x):
+            a = torch.relu(x)
+            b = torch.sigmoid(a)
+            c = a * b
+            return torch.tanh(c) + a
+
+    gm = fx.symbolic_trace(Two())
+    rw = RewriteContext(model=gm, gm=gm, by_name={n.name: n for n in gm.graph.nodes})
+    cut(rw, ("relu", "sigmoid"), lambda segment, inputs: segment)
+    cut(rw, ("relu", "sigmoid", "mul"), lambda segment, inputs: segment)
+    gm.graph.lint()
+    gm.recompile()
+    x = torch.randn(3, 4, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    y, ref = gm(x), Two()(xr)
+    torch.testing.assert_close(y, ref)
+    y.sum().backward()
+    ref.sum().backward()
+    torch.testing.assert_close(x.grad, xr.grad)

@@ -386,7 +386,13 @@ def cut(rw: RewriteContext, names, make, prefix: str = "fxsketch_recompute") -> 
     """Move the nodes ``names`` (or what stands for them) into the module ``make(segment graph
     module, input nodes)``, named ``prefix_<n>``, called in their place; returns the call."""
     graph = rw.graph
-    seg = list(dict.fromkeys(_current(rw, name) for name in names))
+    seg = []
+    for n in dict.fromkeys(_current(rw, name) for name in names):
+        # an earlier multi-output cut's call comes with its getitems: left outside, they would feed
+        # the new segment from its own output
+        seg += [n] + [u for u in n.users if u.op == "call_function" and u.target is operator.getitem
+                      and u.args[0] is n and n.op == "call_module"]
+    seg = list(dict.fromkeys(seg))
     inside = set(seg)
     inputs = list(dict.fromkeys(a for n in seg for a in n.all_input_nodes if a not in inside))
     outputs = [n for n in seg if any(u not in inside for u in n.users)]
