@@ -7,8 +7,14 @@ import functools
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import is_fake
 
-__all__ = ["per_axis", "traceable", "memory_order", "layout_order", "dense_in", "in_order", "from_order"]
+__all__ = ["fake_or_meta", "per_axis", "traceable", "memory_order", "layout_order", "dense_in", "in_order", "from_order"]
+
+
+def fake_or_meta(t: torch.Tensor) -> bool:
+    """Whether ``t`` has no data to read: a fake tensor (fx tracing, planning) or a meta tensor."""
+    return is_fake(t) or t.device.type == "meta"
 
 
 def traceable(fn):

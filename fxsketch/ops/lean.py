@@ -24,12 +24,11 @@ from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch._subclasses.fake_tensor import is_fake
 
 from ..errors import UnsupportedError
 
 from . import cpu_kernels
-from ._args import dense_in, from_order, in_order, memory_order, traceable, per_axis
+from ._args import dense_in, fake_or_meta, from_order, in_order, memory_order, traceable, per_axis
 
 __all__ = ["lean_relu", "lean_leaky_relu", "lean_max_pool", "pack_bits", "unpack_bits", "relu_workspace"]
 
@@ -57,9 +56,6 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return gathered.to(torch.uint8)
 
 
-def _fake(t: torch.Tensor) -> bool:
-    return is_fake(t) or t.device.type == "meta"
-
 
 _BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(torch.uint8)
 """uint8[256, 8]: row p holds the 8 bits of p."""
@@ -70,7 +66,7 @@ def _unpack_as(packed: torch.Tensor, numel: int, dtype: torch.dtype) -> torch.Te
     """The mask as ``numel`` 0/1 values of ``dtype`` (one row lookup per packed byte): the
     gradient's own dtype, so that torch's backward kernels take it without a hidden cast copy."""
     index = packed.reshape(-1).int()
-    if _fake(packed):
+    if fake_or_meta(packed):
         rows = torch.empty((index.numel(), 8), dtype=dtype, device=packed.device)
     else:
         key = (packed.device, dtype)
@@ -139,7 +135,7 @@ def _relu_op_impl(x: torch.Tensor, negative_slope: Optional[float]) -> tuple[tor
     if _fused(x):
         out = torch.empty_like(x)  # x's dense layout: the same memory order
         mask = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8, device=x.device)
-        if not _fake(x):
+        if not fake_or_meta(x):
             order = memory_order(x)
             cpu_kernels.relu_mask(_flat(x, order), _flat(out, order), mask, negative_slope)
         return out, mask
@@ -154,7 +150,7 @@ def _relu_inplace_op_impl(x: torch.Tensor, negative_slope: Optional[float]) -> t
     """Applies relu or leaky_relu to x in place; returns only the packed gradient mask."""
     if _fused(x):
         mask = torch.empty((x.numel() + 7) // 8, dtype=torch.uint8, device=x.device)
-        if not _fake(x):
+        if not fake_or_meta(x):
             flat = _flat(x, memory_order(x))
             cpu_kernels.relu_mask(flat, flat, mask, negative_slope)
         return mask
@@ -187,7 +183,7 @@ def _relu_backward_op_impl(grad: torch.Tensor, mask: torch.Tensor, negative_slop
     g = g.view(-1)
     out = torch.empty_like(g)
     if cpu_kernels.serves(g.device, g.dtype):
-        if not _fake(g):
+        if not fake_or_meta(g):
             cpu_kernels.relu_backward(g, mask.contiguous(), out, negative_slope)
         return from_order(out.view(shape), order)
     n = g.numel()

@@ -35,7 +35,8 @@ from typing import Any, Iterable
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import is_fake
+
+from ._args import fake_or_meta
 
 __all__ = ["Offload", "OffloadHandle", "offload_prefetch", "HOST", "HostLedger", "CudaStreams", "SyncCopies"]
 
@@ -171,7 +172,7 @@ class _Entry:
     def __init__(self, whole: torch.Tensor, copies: SyncCopies):
         self.device, self.dtype, self.numel = whole.device, whole.dtype, whole.numel()
         self.copies = copies
-        self.planning = is_fake(whole) or whole.device.type == "meta"
+        self.planning = fake_or_meta(whole)
         self.host, self.out_done = (None, None) if self.planning else copies.copy_out(whole)
         # the device copy, once fetched, lives as long as the entry: until autograd releases the
         # node's saved tensors, after its backward and that step's hooks (what the planner models)

@@ -29,10 +29,9 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import is_fake
 
 from ..errors import UnsupportedError
-from ._args import from_order, in_order, layout_order, traceable
+from ._args import fake_or_meta, from_order, in_order, layout_order, traceable
 from . import cpu_kernels
 from .conv import draw_seed
 
@@ -191,9 +190,6 @@ def _range(x: torch.Tensor, groups: Sequence[int], levels: int):
     return lo.reshape(groups), step.reshape(groups)
 
 
-def _fake(t: torch.Tensor) -> bool:
-    return is_fake(t) or t.device.type == "meta"
-
 
 def _pack_impl(x: torch.Tensor, seed: torch.Tensor, bits: int, groups: Sequence[int]
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -209,13 +205,13 @@ def _pack_impl(x: torch.Tensor, seed: torch.Tensor, bits: int, groups: Sequence[
     if view:
         rows, mid, tail = view
         x3 = x.reshape(view).contiguous()
-        if _fake(x):
+        if fake_or_meta(x):
             lo, step = (torch.empty(rows, tail, dtype=torch.float32, device=x.device) for _ in range(2))
         else:
             lo, step = cpu_kernels.group_range(x3, levels)
         offset = lo - (0.5 / RNG_LEVELS) * step  # u's half level goes into lo, once per group
         inv = step.reciprocal()
-        if not _fake(x):
+        if not fake_or_meta(x):
             cpu_kernels.pack(x3, offset, inv, out, cpu_kernels.mix32_key(int(seed)), bits)
         return out, lo.reshape(groups), step.reshape(groups)
     lo, step = _range(x, groups, levels)
@@ -226,7 +222,7 @@ def _pack_impl(x: torch.Tensor, seed: torch.Tensor, bits: int, groups: Sequence[
     buf = torch.empty(b, dtype=torch.float32, device=x.device)
     draws = torch.empty((b + 3) // 4, dtype=torch.int64, device=x.device)
     codes8 = torch.empty(b + b % 2, dtype=torch.uint8, device=x.device) if bits == 4 else None
-    if _fake(x):
+    if fake_or_meta(x):
         return out, lo, step
     gen = torch.Generator(device=x.device).manual_seed(int(seed))
     for block in blocks:
@@ -260,14 +256,14 @@ def _unpack_impl(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits
     view = _fused_layout(shape, groups, bits, codes.device, dtype)
     if view:
         lo, step = lo.contiguous(), step.contiguous()
-        if not _fake(codes):
+        if not fake_or_meta(codes):
             cpu_kernels.unpack(codes, lo, step, out.view(view), bits)
         return out
     xs, (lo, step), blocks = _views(out, shape, groups, bits, lo, step)
     b = _block_elems(shape, groups, bits)
     codes8 = torch.empty(b + b % 2, dtype=torch.uint8, device=codes.device) if bits == 4 else None
     buf = torch.empty(b, dtype=torch.float32, device=codes.device) if dtype != torch.float32 else None
-    if _fake(codes):
+    if fake_or_meta(codes):
         return out
     for block in blocks:
         part, rs, a = _part(xs, block)
@@ -571,7 +567,7 @@ def _fused_bn_backward(extra, dy, packed, bits, shape, weight, bias, stats, mask
     mean, rstd = stats[0], stats[1]
     dy3 = in_order(dy, order).view(rows, mid, tail)  # a view: dY is laid out as X was packed
     lo2, step2 = lo.reshape(rows, tail).contiguous(), step.reshape(rows, tail).contiguous()
-    fake = _fake(dy)
+    fake = fake_or_meta(dy)
     if fake:
         sdy, sdx = (torch.empty(c, dtype=torch.float64, device=dy.device) for _ in range(2))
     else:
