@@ -1,0 +1,52 @@
+"""One planned step's reduction at a given ``max_overhead``, where its peak sits and what is
+alive there. At a large overhead (e.g. 100) it is the floor of the option set itself, not of
+this machine's prices. Meta inputs, ``budget=None``, ``seed=0``, noise calibrated on 2 real
+samples, as ``tools/bench_deep.py`` plans.
+
+    .venv/bin/python tools/plan_floor.py unet 100        # MONAI UNet 2x1x96^3
+    .venv/bin/python tools/plan_floor.py resnet50 0.15   # ResNet-50 16x3x224^2
+    .venv/bin/python tools/plan_floor.py resnet50 100 --methods probe lean recompute
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import fxsketch
+from fxsketch.units import format_bytes
+
+from bench_deep import MEASURE, PREDICT
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("model", choices=sorted(MEASURE))
+    ap.add_argument("max_overhead", type=float)
+    ap.add_argument("--large", action="store_true", help="bench_deep's predicted (large) shape, not its measured one")
+    ap.add_argument("--methods", nargs="+", help="option kinds (default: the default methods)")
+    ap.add_argument("--top", type=int, default=25, help="storages alive at the peak to print")
+    args = ap.parse_args(argv)
+    make, shape = (PREDICT if args.large else MEASURE)[args.model]
+    torch.manual_seed(0)
+    model = make(shape[-1])
+    opts = dict(max_overhead=args.max_overhead, seed=0, progress=False,
+                calibration_inputs=(torch.randn(2, *shape[1:]),))
+    if args.methods:
+        opts["methods"] = tuple(args.methods)
+    t = time.perf_counter()
+    p = fxsketch.plan(model, (torch.empty(shape, device="meta"),), None, optimized=True, **opts)
+    print(f"{args.model} {'x'.join(map(str, shape))} at max_overhead {args.max_overhead}: "
+          f"{format_bytes(p.baseline_peak_bytes)} -> {format_bytes(p.peak_bytes)} "
+          f"({p.baseline_peak_bytes / p.peak_bytes:.2f}x; tensor level {format_bytes(p.tensor_peak_bytes)}), "
+          f"est. overhead {100 * p.extra_time:.1f} %, planned in {time.perf_counter() - t:.0f} s")
+    print(f"peak at {p.peak_node}:")
+    for owner, category, nbytes in p.alive_at_peak[:args.top]:
+        print(f"  {owner} ({category}) {format_bytes(nbytes)}")
+    for note in p.notes:
+        print(f"note: {note}")
+
+
+if __name__ == "__main__":
+    main()
