@@ -56,7 +56,6 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
     return gathered.to(torch.uint8)
 
 
-
 _BITS = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).to(torch.uint8)
 """uint8[256, 8]: row p holds the 8 bits of p."""
 _BITS_AS: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}

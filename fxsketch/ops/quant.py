@@ -190,7 +190,6 @@ def _range(x: torch.Tensor, groups: Sequence[int], levels: int):
     return lo.reshape(groups), step.reshape(groups)
 
 
-
 def _pack_impl(x: torch.Tensor, seed: torch.Tensor, bits: int, groups: Sequence[int]
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes as flat uint8, lo, step) of x with stochastic rounding from ``seed`` (0-d int64):
