@@ -343,3 +343,64 @@ def test_a_segment_around_an_earlier_multi_output_cut_takes_its_getitems_inside(
     y.sum().backward()
     ref.sum().backward()
     torch.testing.assert_close(x.grad, xr.grad)
+
+
+class Normed(nn.Module):
+    """Per-sample everywhere, with affine InstanceNorms (a quantized norm takes its module)."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(3, c, 3, padding=1), nn.InstanceNorm2d(c, affine=True)
+        self.c2, self.n2 = nn.Conv2d(c, c, 3, padding=1), nn.InstanceNorm2d(c, affine=True)
+        self.fc = nn.Linear(c, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.n1(self.c1(x)))
+        y = torch.relu(self.n2(self.c2(y)))
+        return self.fc(y.mean((2, 3)))
+
+
+@pytest.mark.parametrize("methods,exact", [(("lean", "recompute"), True), (("lean", "quant", "recompute"), False)])
+def test_chunked_replays_with_options_inside_predict_the_rewritten_graph(methods, exact):
+    # a chunk's replay may use lean ReLUs (exact) and quantized norms (taking their module as an
+    # input) inside: the solver's model is the rewritten graph's, exact parts stay exact, and
+    # every parameter (the norms' affine weights too) gets its gradient
+    torch.manual_seed(0)
+    model = Normed()
+    for p in model.parameters():  # away from the defaults (ones and zeros): a wrong gradient shows
+        p.data.uniform_(-1, 1)
+    x = torch.randn(8, 3, 16, 16)
+    a = analyse(model, (x,))
+    built = build_problem(a.gm, a.schedule, simulate(a.schedule), methods=methods, max_grad_noise=10.0)
+    prob, cands = built.problem, built.candidates
+    inside = [i for i, c in enumerate(cands) if c.params.get("chunk") and c.params.get("inner")]
+    kinds = {d.kind for i in inside for d in cands[i].params["inner"]}
+    assert inside and kinds == ({"lean"} if exact else {"lean", "quant"}), kinds
+    assert all("options inside" in cands[i].detail or "inside:" in cands[i].detail for i in inside)
+    ratios = {}
+    for i in inside:
+        c = cands[i]
+        new = rewrite(model, a.gm, [c])
+        assert sum(isinstance(m, ChunkedRecompute) for m in new.children()) == 1
+        real = verify(new, (x,), default_loss)[1].peak_bytes
+        ratios[(c.nodes[0], c.nodes[-1], c.params["chunk"], len(c.params["inner"]))] = max(evaluate(prob, [i])) / real
+    assert 0.9 <= min(ratios.values()) and max(ratios.values()) <= 1.3, ratios
+    c = cands[max(inside, key=lambda i: (len(cands[i].nodes), len(cands[i].params["inner"])))]
+    new = rewrite(model, a.gm, [c])
+    want, got = _grads(model, [x], model), _grads(model, [x], new)
+    torch.testing.assert_close(got[0][0], want[0][0], rtol=1e-4, atol=1e-5)  # the forward is exact
+    assert all(g is not None for g in got[2])
+    if exact:
+        for p, q in zip(got[2], want[2]):
+            torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+        return
+    # stochastic rounding: one step's gradient is off by the quantization noise, the mean of many
+    # steps' (each rounds anew) comes close to eager's; as it does without the chunks
+    def error(grads):  # over all parameters at once (a conv bias before a norm has a zero gradient)
+        return (torch.cat([(g - q).flatten() for g, q in zip(grads, want[2])]).norm()
+                / torch.cat([q.flatten() for q in want[2]]).norm()).item()
+    direct = rewrite(model, a.gm, list(c.params["inner"]))
+    for net in (new, direct):
+        runs = [_grads(model, [x], net)[2] for _ in range(32)]
+        one, mean = error(runs[0]), error([sum(r[k] for r in runs) / len(runs) for k in range(len(want[2]))])
+        assert one <= 0.1 and mean <= 0.4 * one, (net is new, one, mean)  # noise falls as 1/sqrt(32) = 0.18

@@ -64,7 +64,9 @@ class _Chunked(torch.autograd.Function):
                 del ys
         ctx.module, ctx.n_args, ctx.batch = module, n_args, batch
         ctx.autocast = _autocast_state()  # the replay runs in backward, outside the user's autocast
-        ctx.save_for_backward(*args)
+        # an option inside the segment may take a module or a generator: kept as they are
+        ctx.others = [None if isinstance(x, torch.Tensor) else x for x in args]
+        ctx.save_for_backward(*(x for x in args if isinstance(x, torch.Tensor)))
         ctx.params = params
         ctx.single = module.single
         return outs[0] if module.single else tuple(outs)
@@ -76,7 +78,8 @@ class _Chunked(torch.autograd.Function):
                 "fxsketch's chunked replay does not support double backward (create_graph=True): plan "
                 "with chunked_replays=False.")
         module, n_args, batch = ctx.module, ctx.n_args, ctx.batch
-        args, params = ctx.saved_tensors, ctx.params
+        saved, params = iter(ctx.saved_tensors), ctx.params
+        args = [next(saved) if x is None else x for x in ctx.others]
         need = ctx.needs_input_grad[2:]
         batched = module.batched
         grads: list[torch.Tensor | None] = [
@@ -87,9 +90,11 @@ class _Chunked(torch.autograd.Function):
                 for device, enabled, dtype in ctx.autocast:
                     if enabled:
                         stack.enter_context(torch.autocast(device, dtype=dtype))
-                xs = [x[a:a + module.chunk].detach() if batched[i] else x.detach() for i, x in enumerate(args)]
+                xs = [x[a:a + module.chunk].detach() if batched[i] else
+                      x.detach() if isinstance(x, torch.Tensor) else x for i, x in enumerate(args)]
                 for i, x in enumerate(xs):
-                    x.requires_grad_(bool(need[i]))
+                    if need[i]:
+                        x.requires_grad_(True)
                 ys = module.segment(*xs)
             ys = [ys] if module.single else list(ys)
             pairs = [(y, d[a:a + y.shape[0]]) for y, d in zip(ys, douts) if d is not None and y.requires_grad]
@@ -146,13 +151,15 @@ class ChunkedRecompute(nn.Module):
         return [ys] if self.single else list(ys)
 
     def forward(self, *args):
-        if len(args) != len(self.batched) or not all(isinstance(x, torch.Tensor) for x in args):
-            raise UnsupportedError(f"fxsketch's chunked replay takes {len(self.batched)} tensors, got "
+        if len(args) != len(self.batched) or not all(isinstance(x, torch.Tensor) for x, b in zip(args, self.batched) if b):
+            raise UnsupportedError(f"fxsketch's chunked replay takes {len(self.batched)} inputs, got "
                                    f"{[type(x).__name__ for x in args]}")
         if torch.compiler.is_compiling():
             # traced: torch's checkpoint region, replayed whole (AOTAutograd plans its own memory)
             return checkpoint(self.segment, *args, use_reentrant=False)
-        params = [p for p in self.segment.parameters() if p.requires_grad]
+        # the segment's parameters, and those of a module it takes as an input (a quantized norm's)
+        mods = [self.segment, *(x for x in args if isinstance(x, nn.Module))]
+        params = list({id(p): p for m in mods for p in m.parameters() if p.requires_grad}.values())
         return _Chunked.apply(self, len(args), *args, *params)
 
     def extra_repr(self) -> str:

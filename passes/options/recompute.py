@@ -8,6 +8,7 @@ segment's backward steps read.
 from __future__ import annotations
 
 import operator
+from dataclasses import replace
 
 import torch
 import torch.fx as fx
@@ -141,6 +142,21 @@ def _current_value(rw: RewriteContext, name: str) -> fx.Node:
     return rw.by_name[name]
 
 
+def _useful(ctx: ProposalContext, keys, inner: dict) -> dict[int, int]:
+    """Take out of ``inner`` (node name -> (choice, candidate), changed in place) every option
+    that frees no storage the replay of ``keys`` would re-save (another keeper still re-saves it:
+    the option only adds bytes); returns what the replay re-saves then (:func:`_copies`)."""
+    key_index = {ctx.saved_index[s] for s, _ in keys}
+    while True:
+        copies = _copies(ctx, keys, {d for ch, _ in inner.values() for d in ch.drops})
+        useless = [name for name, (ch, _) in inner.items()
+                   if not any(i not in copies for i, _ in ch.drops if i in key_index)]
+        if not useless:
+            return copies
+        for name in useless:
+            del inner[name]
+
+
 def _most_at_once(spans) -> int:
     """The most bytes of ``spans`` alive at one step."""
     return max((sum(sp.nbytes for sp in spans if sp.start <= t <= sp.end) for t in {sp.start for sp in spans}), default=0)
@@ -224,21 +240,13 @@ class Recompute(OptionKind):
             return ()
         seg, ext_inputs, rec, keys, largest = replay
         drops = tuple((ctx.saved_index[s], n.name) for s, n in keys)
-        key_index = {i for i, _ in drops}
         holds = tuple((ctx.saved_index[s], rec) for s in ext_inputs if s in ctx.saved_index)
         cost = ctx.cost.fraction(sum(ctx.cost.seconds[n.name] for n in seg))
         first, last = seg[0].name, seg[-1].name
         group, nodes = f"segment:{first}..{last}", tuple(n.name for n in seg)
         out, seen, plain_kept, bases = [], set(), 0, []
         for inner in ({}, *(_inner_choices(ctx, seg, exact) for exact in (True, False))):
-            while True:  # an inner option whose storage another keeper still re-saves only adds bytes
-                copies = _copies(ctx, keys, {d for ch, _ in inner.values() for d in ch.drops})
-                useless = [name for name, (ch, _) in inner.items()
-                           if not any(i not in copies for i, _ in ch.drops if i in key_index)]
-                if not useless:
-                    break
-                for name in useless:
-                    del inner[name]
+            copies = _useful(ctx, keys, inner)
             adds = tuple(Span(ctx.saved[i].nbytes, rec, end) for i, end in copies.items()) + (Span(largest, rec, rec),)
             # an inner option's own storages (mask, sketch) are made by the replay, at ``rec``
             adds += tuple(Span(sp.nbytes, max(sp.start, rec), max(sp.end, rec)) for ch, _ in inner.values() for sp in ch.adds)
@@ -281,25 +289,34 @@ class Recompute(OptionKind):
         if batch is None:
             return []
         sb = segment_bytes(ctx, seg)
-        copies = sum(ctx.saved[i].nbytes for i in _copies(ctx, keys, set()))
+        plain = sum(ctx.saved[i].nbytes for i in _copies(ctx, keys, set()))
         storages = ctx.schedule.storages
         biggest = max((storages[m.storage].nbytes for n in seg for m in n.meta.get("fxsketch.tensor", ())), default=0)
+        # what one chunk's replay re-saves, without and with options inside (as in the plain replay)
+        variants, seen = [], set()
+        for inner in ({}, *(_inner_choices(ctx, seg, exact) for exact in (True, False))):
+            copies = _useful(ctx, keys, inner)
+            made = sum(sp.nbytes for ch, _ in inner.values() for sp in ch.adds)  # masks, sketches, codes
+            saved = sum(ctx.saved[i].nbytes for i in copies) + made
+            if saved not in seen and (not inner or saved <= INNER_GAIN * plain):
+                seen.add(saved)
+                variants.append((inner, saved))
         out = []
         for k, chunk in chunkings(batch):
             frac = chunk / batch
-            # one chunk's replay: its copies, its transient, its activation gradients (two at once)
-            held = int(frac * (copies + largest + 2 * biggest))
-            if held + sb.dx > INNER_GAIN * (copies + largest):
-                continue  # holds about what the plain replay holds at once: not worth a column
-            adds = sb.smaller(frac, set(drops)) + sb.early_grads()
-            adds += [Span(sb.out_bytes, sb.first_fwd, sb.out_fwd), Span(held, rec, rec), Span(sb.dx, rec, sb.last_bwd)]
-            # per-op calls of each chunk, and the copies of the chunks into the outputs and dX
-            moved = 2 * (sb.out_bytes + sb.dx)
-            calls = ctx.cost.fraction(2 * k * len(seg) * CALL_SECONDS + moved / ctx.cost.device.bandwidth)
-            out.append((Choice(group, cost + calls, 0.0, drops=drops, adds=tuple(adds), holds=holds,
-                               covers=nodes),
-                        Candidate(self.name, nodes, dict(inner=(), nested=(), chunk=chunk, batched=batched_inputs(seg)),
-                                  f"{seg[0].name} .. {seg[-1].name} ({len(seg)} nodes, in {k} chunks of {chunk})")))
+            for inner, saved in variants:
+                # one chunk's replay: its copies, its transient, its activation gradients (two at once)
+                held = int(frac * (saved + largest + 2 * biggest))
+                if held + sb.dx > INNER_GAIN * (plain + largest):
+                    continue  # holds about what the plain replay holds at once: not worth a column
+                adds = sb.smaller(frac, set(drops)) + sb.early_grads()
+                adds += [Span(sb.out_bytes, sb.first_fwd, sb.out_fwd), Span(held, rec, rec), Span(sb.dx, rec, sb.last_bwd)]
+                # per-op calls of each chunk, and the copies of the chunks into the outputs and dX
+                moved = 2 * (sb.out_bytes + sb.dx)
+                calls = ctx.cost.fraction(2 * k * len(seg) * CALL_SECONDS + moved / ctx.cost.device.bandwidth)
+                choice, cand = self._choice(ctx, seg, group, nodes, cost + calls, drops, tuple(adds), holds, inner)
+                out.append((choice, replace(cand, params=cand.params | dict(chunk=chunk, batched=batched_inputs(seg)),
+                                            detail=cand.detail.replace(" nodes", f" nodes, in {k} chunks of {chunk}", 1))))
         return out
 
     def _choice(self, ctx, seg, group, nodes, cost, drops, adds, holds, inner: dict, nested=()):
@@ -350,9 +367,8 @@ class Recompute(OptionKind):
 
     def label(self, cand: Candidate) -> str:
         inner, nested = cand.params.get("inner", ()), cand.params.get("nested", ())
-        if cand.params.get("chunk"):
-            return f"recompute {len(cand.nodes)} nodes in chunks of {cand.params['chunk']}"
-        return f"recompute {len(cand.nodes)} nodes" + (f" ({len(inner)} options inside)" if inner else "") \
+        chunk = f" in chunks of {cand.params['chunk']}" if cand.params.get("chunk") else ""
+        return f"recompute {len(cand.nodes)} nodes{chunk}" + (f" ({len(inner)} options inside)" if inner else "") \
             + (f" (nested replay of {len(nested)})" if nested else "")
 
     def rewrite(self, rw: RewriteContext, cand: Candidate) -> fx.Node:
