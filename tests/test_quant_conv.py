@@ -211,3 +211,100 @@ def test_quant_inputs_norms_offers_no_conv_choice_and_bad_values_are_named():
     assert kinds["all"] and set(kinds["all"]) == {"conv"} and kinds["norms"] == []
     with pytest.raises(fxsketch.ConfigError, match="quant_inputs"):
         fxsketch.Config(quant_inputs="convs")
+
+
+T_CASES = [((4, 8, 6, 6, 6), (8, 4, 2, 2, 2), dict(stride=2)),                    # a UNet's up-sampling
+           ((4, 6, 7, 5), (6, 2, 3, 3), dict(stride=2, padding=1, output_padding=1, groups=2)),
+           ((3, 4, 9), (4, 6, 3), dict(padding=1, dilation=2))]
+_CONV_T = {3: F.conv_transpose1d, 4: F.conv_transpose2d, 5: F.conv_transpose3d}
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("shape, wshape, kw", T_CASES)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_transposed_conv_output_dx_db_are_eager_and_dw_is_unbiased(monkeypatch, shape, wshape, kw, bits, channels_last):
+    monkeypatch.setattr(q, "BACKWARD_MIN_ELEMENTS", 0)  # dW in batch chunks at these small shapes too
+    torch.manual_seed(0)
+    x = torch.randn(shape) * 2 + 0.5
+    if channels_last and len(shape) > 3:
+        x = x.contiguous(memory_format={4: torch.channels_last, 5: torch.channels_last_3d}[len(shape)])
+    w = torch.randn(wshape, requires_grad=True)
+    b = torch.randn(wshape[1] * kw.get("groups", 1), requires_grad=True)
+    xe = x.clone().requires_grad_()
+    ye = _CONV_T[x.dim()](xe, w, b, **kw)
+    dy = torch.randn_like(ye)
+    ex, ew, eb = torch.autograd.grad(ye, (xe, w, b), dy)
+    runs, total = 32, torch.zeros_like(ew)
+    for k in range(runs):
+        xq = x.clone().requires_grad_()
+        yq = qconv.quant_conv_transpose(xq, w, b, **kw, bits=bits)
+        assert torch.equal(yq, ye)
+        qx, qw, qb = torch.autograd.grad(yq, (xq, w, b), dy)
+        torch.testing.assert_close(qx, ex, rtol=1e-5, atol=1e-5 * ex.abs().max().item())  # a conv of dY
+        assert qx.stride() == ex.stride()                                                  # X's layout
+        torch.testing.assert_close(qb, eb, rtol=1e-5, atol=1e-5)
+        if k == 0:
+            one = (qw - ew).norm()
+            assert one < (0.03 if bits == 8 else 0.4) * ew.norm()
+        total += qw
+    assert (total / runs - ew).norm() < 0.4 * one  # unbiased: the mean's error falls as 1/sqrt(32) = 0.18
+
+
+@pytest.mark.parametrize("bits,fraction", [(8, 4), (4, 8)])
+def test_transposed_conv_saves_the_codes_and_the_scales(bits, fraction):
+    x = torch.randn(2, 8, 8, 8, 8, requires_grad=True)
+    up = nn.ConvTranspose3d(8, 4, 2, stride=2)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        qconv.quant_conv_transpose(x, up.weight, up.bias, stride=2, bits=bits)
+    codes, lo, step = [t for t in saved if t is not up.weight]
+    assert codes.dtype == torch.uint8 and codes.nbytes * fraction == x.numel() * 4
+    assert qconv.conv_quant_nbytes(x.shape, bits) == codes.nbytes + lo.nbytes + step.nbytes
+    frozen = up.weight.detach()
+    saved.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = qconv.quant_conv_transpose(x, frozen, None, stride=2, bits=bits)
+    assert len(saved) == 1  # no dW wanted: only the weight, for dX
+    dx, = torch.autograd.grad(y, x, torch.ones_like(y))
+    torch.testing.assert_close(dx, torch.autograd.grad(F.conv_transpose3d(x, frozen, stride=2), x,
+                                                       torch.ones_like(y))[0])
+
+
+class _Up(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.down = nn.Conv3d(1, 8, 3, stride=2, padding=1)
+        self.up = nn.ConvTranspose3d(8, 4, 2, stride=2)
+        self.out = nn.Conv3d(4, 2, 1)
+
+    def forward(self, x):
+        return self.out(self.up(torch.relu(self.down(x))))
+
+
+def test_transposed_conv_choice_predicts_the_rewritten_graph_and_stays_exact():
+    from fxsketch.measurement import default_loss
+    from fxsketch.passes.candidates import build_problem
+    from fxsketch.passes.liveness import simulate
+    from fxsketch.passes.rewrite import rewrite
+    from fxsketch.passes.solve import evaluate
+    from fxsketch.pipeline import analyse, verify
+    torch.manual_seed(0)
+    model, x = _Up(), torch.randn(2, 1, 32, 32, 32)
+    a = analyse(model, (x,))
+    built = build_problem(a.gm, a.schedule, simulate(a.schedule), methods=("quant", "lean"))
+    cands = built.candidates
+    ups = [i for i, c in enumerate(cands) if c.nodes == ("up",)]
+    assert {cands[i].params["kind"] for i in ups} == {"conv_t"} and len(ups) == 2
+    assert all("prior" in cands[i].detail for i in ups)  # calibration sees plain convs only
+    lean = next(i for i, c in enumerate(cands) if c.kind == "lean")
+    for i in ups:
+        new = rewrite(model, a.gm, [cands[lean], cands[i]])
+        assert any(n.target is qconv.quant_conv_transpose for n in new.graph.nodes)
+        real = verify(new, (x,), default_loss)[1].peak_bytes
+        assert abs(max(evaluate(built.problem, [lean, i])) / real - 1) < 0.02
+        assert torch.equal(new(x), model(x))
+        xe, xg = x.clone().requires_grad_(), x.clone().requires_grad_()
+        ge = torch.autograd.grad(model(xe).sum(), [xe, model.up.bias, model.out.weight])
+        gg = torch.autograd.grad(new(xg).sum(), [xg, new.get_parameter("up.bias"), new.get_parameter("out.weight")])
+        for p, r in zip(gg, ge):
+            torch.testing.assert_close(p, r, rtol=1e-5, atol=1e-6)

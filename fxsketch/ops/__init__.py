@@ -6,7 +6,7 @@ from .probes import probe_buckets_and_values, rank_for_ratio, sketch_nbytes, ske
 from .chunked import chunked_conv
 from .quant import (quant_batch_norm, quant_group_norm, quant_instance_norm, quant_layer_norm,  # noqa: E402
                     quant_norm_module)
-from .qconv import quant_conv  # noqa: E402
+from .qconv import quant_conv, quant_conv_transpose  # noqa: E402
 
 __all__ = [
     "probed_conv",
@@ -28,4 +28,5 @@ __all__ = [
     "quant_norm_module",
     "chunked_conv",
     "quant_conv",
+    "quant_conv_transpose",
 ]

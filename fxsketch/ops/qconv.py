@@ -20,23 +20,25 @@ dW, before they are added in): :func:`backward_workspace_nbytes`.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import UnsupportedError
-from ._args import from_order, in_order, layout_order, memory_order, traceable
+from ._args import from_order, in_order, layout_order, memory_order, per_axis, traceable
 from .conv import _autocast_dtype, check_conv_args, draw_seed
 from .probed import _input_and_bias_grad, conv_geometry, exact_weight_grad
 from .quant import (_check_bits, _range, backward_chunks, pack_workspace_nbytes, quant_groups, quant_nbytes,
                     quant_pack, unpack_slice, unpack_workspace_nbytes)
 
-__all__ = ["quant_conv", "conv_pack_order", "conv_quant_nbytes", "backward_workspace_nbytes",
+__all__ = ["quant_conv", "quant_conv_transpose", "conv_pack_order", "conv_quant_nbytes", "backward_workspace_nbytes",
            "forward_workspace_nbytes", "quant_conv_noise_sq"]
 
 aten = torch.ops.aten
 _CONV_FN = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_T_FN = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
 
 
 def conv_pack_order(shape: Sequence[int], stride: Sequence[int] | None) -> list[int]:
@@ -97,9 +99,17 @@ def quant_conv_noise_sq(x: torch.Tensor, dy: torch.Tensor, weight_shape, geo, bi
 
 class _QuantConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, seed, stride, padding, dilation, groups, bits):
-        y = _CONV_FN[weight.dim() - 2](x, weight, bias, stride, padding, dilation, groups)
-        ctx.geo = conv_geometry(tuple(weight.shape), stride, padding, dilation, groups)
+    def forward(ctx, x, weight, bias, seed, stride, padding, dilation, groups, bits, output_padding=None):
+        d = weight.dim() - 2
+        ctx.transposed = output_padding is not None
+        if ctx.transposed:  # output_padding given: a transposed conv (its own geometry, below)
+            y = _CONV_T_FN[d](x, weight, bias, stride, padding, output_padding, groups, dilation)
+            ctx.geo = _TransposedGeometry(*(per_axis(v, d, k, " for a transposed conv") for k, v in (
+                ("stride", stride), ("padding", padding), ("dilation", dilation), ("output_padding", output_padding))),
+                groups)
+        else:
+            y = _CONV_FN[d](x, weight, bias, stride, padding, dilation, groups)
+            ctx.geo = conv_geometry(tuple(weight.shape), stride, padding, dilation, groups)
         ctx.bits, ctx.has_bias, ctx.x_dtype = bits, bias is not None, x.dtype
         # under autocast the conv ran on x cast to the low dtype: quantize that (as eager saves it)
         ctx.amp = _autocast_dtype(x)
@@ -129,6 +139,8 @@ class _QuantConv(torch.autograd.Function):
         geo = ctx.geo
         w = weight.to(ctx.amp) if ctx.amp is not None else weight
         dy = dy.to(w.dtype)
+        if ctx.transposed:
+            return _transposed_backward(ctx, dy, packed, w, weight, need_dx, need_dw, need_db)
         if not packed:
             dx, db = _input_and_bias_grad(dy, ctx.shape, w, ctx.has_bias, need_dx, need_db, geo)
             return _grads(ctx, dx, None, db, weight)
@@ -174,6 +186,45 @@ class _QuantConv(torch.autograd.Function):
         return _grads(ctx, dx, dw, db, weight)
 
 
+@dataclass(frozen=True)
+class _TransposedGeometry:
+    """A transposed conv's arguments, one entry per spatial dim."""
+
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    output_padding: tuple[int, ...]
+    groups: int
+
+
+def _transposed_backward(ctx, dy, packed, w, weight, need_dx, need_dw, need_db):
+    """A transposed conv's backward: dX = conv(dY, W) needs no X (one conv of all of dY, in X's
+    layout); dW (and db) from the dequantized X a batch chunk at a time."""
+    geo, shape = ctx.geo, list(ctx.shape)
+    dx = db = dw = None
+    if need_dx:
+        dx = _CONV_FN[w.dim() - 2](dy, w, None, geo.stride, geo.padding, geo.dilation, geo.groups)
+        if ctx.order is not None and memory_order(dx) != list(ctx.order):
+            dx = _empty_in(shape, ctx.order, dx).copy_(dx)
+    if not packed:  # no dW wanted
+        if need_db:
+            db = dy.float().sum([0, *range(2, dy.dim())])
+        return _grads(ctx, dx, None, db, weight)
+    plan = backward_chunks("conv", shape, ctx.bits)
+    for a, b in [(0, shape[0])] if plan is None else plan[1]:
+        xc = unpack_slice(packed, ctx.bits, shape, ctx.dtype, ctx.order, 0, a, b)
+        _, gw, gb = aten.convolution_backward(
+            dy[a:b], xc, w, [w.shape[1] * geo.groups] if need_db else None, list(geo.stride), list(geo.padding),
+            list(geo.dilation), True, list(geo.output_padding), geo.groups, [False, need_dw, need_db])
+        del xc
+        if need_dw:
+            dw = gw.float() if dw is None else dw.add_(gw)
+        if need_db:
+            db = gb.float() if db is None else db.add_(gb)
+        del gw, gb
+    return _grads(ctx, dx, dw, db, weight)
+
+
 def _empty_in(shape, order, like: torch.Tensor, dtype=None) -> torch.Tensor:
     """An uninitialised tensor of ``shape`` laid out in ``order`` (X's layout), on like's device."""
     t = torch.empty([shape[k] for k in order], dtype=dtype or like.dtype, device=like.device)
@@ -184,7 +235,7 @@ def _grads(ctx, dx, dw, db, weight):
     dx = dx.to(ctx.x_dtype) if dx is not None else None
     dw = dw.to(weight.dtype) if dw is not None else None
     db = db.to(weight.dtype) if db is not None else None
-    return dx, dw, db, None, None, None, None, None, None
+    return dx, dw, db, None, None, None, None, None, None, None
 
 
 @traceable
@@ -207,4 +258,30 @@ def quant_conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups
     x = input.unsqueeze(0) if unbatched else input
     seed = draw_seed(generator, x) if weight.requires_grad and torch.is_grad_enabled() else None
     y = _QuantConv.apply(x, weight, bias, seed, stride, padding, dilation, groups, bits)
+    return y.squeeze(0) if unbatched else y
+
+
+@traceable
+def quant_conv_transpose(input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, dilation=1, *,
+                         bits: int = 8, generator: Optional[torch.Generator] = None):
+    """A 1d/2d/3d transposed convolution (``F.conv_transposeNd``'s arguments, in its order) that
+    saves its input in ``bits`` bits (8 or 4): output, dX (a conv of dY) and db are torch's own,
+    dW is computed from a stochastically rounded copy of the input (unbiased, as :func:`quant_conv`).
+
+    >>> x, w = torch.randn(2, 4, 5, 5), torch.randn(4, 3, 2, 2, requires_grad=True)
+    >>> torch.equal(quant_conv_transpose(x, w, stride=2), F.conv_transpose2d(x, w, stride=2))
+    True
+    """
+    bits = _check_bits(bits)
+    if not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor) or weight.dim() not in (3, 4, 5):
+        raise TypeError("quant_conv_transpose takes an input tensor and a 3-, 4- or 5-dim weight tensor")
+    if not input.is_floating_point():
+        raise TypeError(f"quant_conv_transpose needs a floating-point input, got {input.dtype}")
+    unbatched = input.dim() == weight.dim() - 1
+    if input.dim() != weight.dim() and not unbatched:
+        raise ValueError(f"quant_conv_transpose: input of shape {tuple(input.shape)} does not fit a weight of "
+                         f"shape {tuple(weight.shape)}")
+    x = input.unsqueeze(0) if unbatched else input
+    seed = draw_seed(generator, x) if weight.requires_grad and torch.is_grad_enabled() else None
+    y = _QuantConv.apply(x, weight, bias, seed, stride, padding, dilation, groups, bits, output_padding)
     return y.squeeze(0) if unbatched else y

@@ -98,10 +98,11 @@ def _weight_shape(ctx: ProposalContext, n: fx.Node):
     return ctx.module(n).weight.shape if n.op == "call_module" else n.args[1].meta["fxsketch.tensor"][0].shape
 
 
-def saved_conv_input(ctx: ProposalContext, n: fx.Node):
-    """(conv spec, input storage, input meta) of a conv node whose own backward saves its batched
-    floating-point input, or None: what a probe or a quantized input can replace."""
-    spec = conv_spec(ctx.gm, n)
+def saved_conv_input(ctx: ProposalContext, n: fx.Node, spec_of=conv_spec):
+    """(conv spec, input storage, input meta) of a conv node (``spec_of(gm, n)`` not None) whose
+    own backward saves its batched floating-point input, or None: what a probe or a quantized
+    input can replace."""
+    spec = spec_of(ctx.gm, n)
     x = ctx.input_storage(n) if spec is not None else None
     if x is None or x not in ctx.saved_index:
         return None

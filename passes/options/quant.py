@@ -187,12 +187,12 @@ class Quant(OptionKind):
         kw = dict(bits=cand.params["bits"])
         if rw.generator:
             kw["generator"] = _attr(rw, rw.generator, n)
-        if cand.params["kind"] == "conv":
+        if cand.params["kind"] in ("conv", "conv_t"):
             p = cand.params
             w, b = _attr(rw, p["weight"], n), _attr(rw, p["bias"], n)
+            op = ops.quant_conv_transpose if p["kind"] == "conv_t" else ops.quant_conv
             with rw.graph.inserting_before(n):
-                new = rw.graph.call_function(ops.quant_conv, (n.args[0], w, b), dict(
-                    stride=p["stride"], padding=p["padding"], dilation=p["dilation"], groups=p["groups"], **kw))
+                new = rw.graph.call_function(op, (n.args[0], w, b), dict(_geo(p), **kw))
             return rw.replace(n, new)
         spec = norm_spec(rw.gm, n)
         with rw.graph.inserting_before(n):
@@ -214,14 +214,49 @@ class Quant(OptionKind):
         return rw.replace(n, new)
 
 
+_CONV_T_MODULES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+_CONV_T_FUNCS = {F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
+
+
+def transposed_spec(gm: fx.GraphModule, n: fx.Node) -> dict[str, Any] | None:
+    """The arguments of a transposed conv node (a ConvTransposeNd module with zero padding called
+    without ``output_size``, or ``F.conv_transposeNd`` on a fetched weight), or None."""
+    if n.op == "call_module":
+        m = gm.get_submodule(n.target)
+        if not isinstance(m, _CONV_T_MODULES) or m.padding_mode != "zeros" or len(n.args) != 1 or n.kwargs:
+            return None
+        return dict(weight=f"{n.target}.weight", bias=f"{n.target}.bias" if m.bias is not None else None,
+                    stride=m.stride, padding=m.padding, output_padding=m.output_padding, groups=m.groups,
+                    dilation=m.dilation, transposed=True)
+    if n.op != "call_function" or n.target not in _CONV_T_FUNCS:
+        return None
+    names = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+    bound = dict(zip(names, n.args)) | dict(n.kwargs)
+    if not isinstance(bound.get("weight"), fx.Node):
+        return None
+    return dict(weight=bound["weight"], bias=bound.get("bias"), stride=bound.get("stride", 1),
+                padding=bound.get("padding", 0), output_padding=bound.get("output_padding", 0),
+                groups=bound.get("groups", 1), dilation=bound.get("dilation", 1), transposed=True)
+
+
+def _geo(spec) -> dict[str, Any]:
+    """The keywords of ``F.convNd`` (``F.conv_transposeNd`` for a transposed conv) from a spec."""
+    keys = ("stride", "padding", "output_padding", "groups", "dilation") if spec.get("transposed") else \
+        ("stride", "padding", "dilation", "groups")
+    return {k: spec[k] for k in keys}
+
+
 def _conv_choices(kind: str, ctx: ProposalContext, n: fx.Node):
-    """8- and 4-bit choices of a conv that saves its input (:mod:`fxsketch.ops.qconv`): each
-    drops the conv's hold on X and adds the codes from its forward to its backward, the packing's
-    buffers at its forward and a chunk of the dequantized X (and of dX, and a dW) at its backward."""
-    found = saved_conv_input(ctx, n)
+    """8- and 4-bit choices of a conv (or transposed conv) that saves its input
+    (:mod:`fxsketch.ops.qconv`): each drops the conv's hold on X and adds the codes from its
+    forward to its backward, the packing's buffers at its forward and a chunk of the dequantized X
+    (and of dX, and a dW) at its backward. A transposed conv's noise is the prior's (calibration
+    sees plain convs only)."""
+    found = saved_conv_input(ctx, n) or saved_conv_input(ctx, n, transposed_spec)
     if found is None:
         return
     spec, x, xmeta = found
+    transposed = bool(spec.get("transposed"))
     shape, x_bytes = tuple(xmeta.shape), ctx.schedule.storages[x].nbytes
     if qc.conv_quant_nbytes(shape, 8) > x_bytes // 2:
         return  # scales and zero points would eat the gain (tiny spatial extent)
@@ -232,7 +267,9 @@ def _conv_choices(kind: str, ctx: ProposalContext, n: fx.Node):
     f, b = ctx.fwd[n.name], ctx.bwd[n.name]
     w_shape = tuple(_weight_shape(ctx, n))
     device = ctx.device
-    symmetric = conv_geometry(w_shape, spec["stride"], spec["padding"], spec["dilation"], spec["groups"]).symmetric
+    # a transposed conv's dX is one conv of all of dY, as a symmetric conv's
+    symmetric = transposed or conv_geometry(w_shape, spec["stride"], spec["padding"], spec["dilation"],
+                                            spec["groups"]).symmetric
     for bits in q.QUANT_BITS:
         nb = qc.conv_quant_nbytes(shape, bits)
         level = noise.quant_ratio(bits) if calibrated else prior.ratio(bits)
@@ -242,7 +279,7 @@ def _conv_choices(kind: str, ctx: ProposalContext, n: fx.Node):
                   + ("" if calibrated else " (prior)"))
         yield (Choice(n.name, ctx.cost.fraction(extra[bits]), level, drops=((ctx.saved_index[x], n.name),),
                       adds=(Span(nb, f, b),) + transients),
-               Candidate(kind, (n.name,), dict(spec, bits=bits, kind="conv"), detail))
+               Candidate(kind, (n.name,), dict(spec, bits=bits, kind="conv_t" if transposed else "conv"), detail))
 
 
 def _conv_extra_seconds(ctx: ProposalContext, n: fx.Node, spec, xmeta) -> dict[int, float]:
@@ -252,10 +289,14 @@ def _conv_extra_seconds(ctx: ProposalContext, n: fx.Node, spec, xmeta) -> dict[i
     x_bytes = math.prod(xmeta.shape) * torch.empty((), dtype=xmeta.dtype).element_size()
     if ctx.cost.estimator != "measured":
         return dict.fromkeys(q.QUANT_BITS, 4 * x_bytes / ctx.cost.device.bandwidth)
-    device, w, geo, conv = timing_conv(ctx, n, spec, xmeta)
-    w_shape = w.shape
-    key = f"quant:conv,w={list(w_shape)}," + ",".join(f"{k}={v}" for k, v in geo.items())
-    variants = {f",bits={k}": (lambda x, k=k: ops.quant_conv(x, w, None, **geo, bits=k)) for k in q.QUANT_BITS}
+    device, w, _, conv = timing_conv(ctx, n, spec, xmeta)
+    w_shape, geo = w.shape, _geo(spec)
+    op = ops.quant_conv
+    if spec.get("transposed"):
+        conv, op = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[len(w_shape) - 3], ops.quant_conv_transpose
+    key = f"quant:{'conv_t' if spec.get('transposed') else 'conv'},w={list(w_shape)}," \
+        + ",".join(f"{k}={v}" for k, v in geo.items())
+    variants = {f",bits={k}": (lambda x, k=k: op(x, w, None, **geo, bits=k)) for k in q.QUANT_BITS}
     extra = op_extra_seconds(key, xmeta.shape, xmeta.dtype, device, lambda x: conv(x, w, None, **geo),
                              variants, repeat=2, wrt=(w,), elements=PROBE_ELEMENTS, stride=xmeta.stride)
     return {k: extra[f",bits={k}"] for k in q.QUANT_BITS}
