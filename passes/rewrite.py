@@ -20,6 +20,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..ops.recompute import Recompute
+from .inplace import inplace_ops
 from .options import Candidate, RewriteContext, get
 
 __all__ = ["Recompute", "rewrite"]
@@ -55,4 +56,5 @@ def rewrite(model: nn.Module, gm: fx.GraphModule, chosen: Sequence[Candidate],
         node.meta["fxsketch.choice"] = i  # position in ``chosen``: the report maps decisions to nodes
     new.graph.lint()
     new.recompile()
+    inplace_ops(new)  # after the cuts: a segment's inputs are never written into
     return new

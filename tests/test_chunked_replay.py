@@ -360,13 +360,14 @@ class Normed(nn.Module):
         return self.fc(y.mean((2, 3)))
 
 
-@pytest.mark.parametrize("methods,exact", [(("lean", "recompute"), True), (("lean", "quant", "recompute"), False)])
-def test_chunked_replays_with_options_inside_predict_the_rewritten_graph(methods, exact):
-    # a chunk's replay may use lean ReLUs (exact) and quantized norms (taking their module as an
-    # input) inside: the solver's model is the rewritten graph's, exact parts stay exact, and
-    # every parameter (the norms' affine weights too) gets its gradient
+@pytest.mark.parametrize("net,methods,exact", [(Plain, ("lean", "recompute"), True),
+                                                (Normed, ("lean", "quant", "recompute"), False)])
+def test_chunked_replays_with_options_inside_predict_the_rewritten_graph(net, methods, exact):
+    # a chunk's replay may use lean ReLUs and max-pools (exact) and quantized norms (taking their
+    # module as an input) inside: the solver's model is the rewritten graph's, exact parts stay
+    # exact, and every parameter (the norms' affine weights too) gets its gradient
     torch.manual_seed(0)
-    model = Normed()
+    model = net()
     for p in model.parameters():  # away from the defaults (ones and zeros): a wrong gradient shows
         p.data.uniform_(-1, 1)
     x = torch.randn(8, 3, 16, 16)
@@ -376,6 +377,8 @@ def test_chunked_replays_with_options_inside_predict_the_rewritten_graph(methods
     inside = [i for i, c in enumerate(cands) if c.params.get("chunk") and c.params.get("inner")]
     kinds = {d.kind for i in inside for d in cands[i].params["inner"]}
     assert inside and kinds == ({"lean"} if exact else {"lean", "quant"}), kinds
+    sets = {(cands[i].nodes, tuple(d.nodes + (d.detail,) for d in cands[i].params["inner"])) for i in inside}
+    assert len(sets) == len({cands[i].nodes for i in inside})  # one set of inner options a segment
     assert all("options inside" in cands[i].detail or "inside:" in cands[i].detail for i in inside)
     ratios = {}
     for i in inside:

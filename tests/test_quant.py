@@ -126,7 +126,8 @@ def test_planned_peak_matches_the_measured_one_and_training_is_reproducible():
     measured = fxsketch.measure(gm, (x,), repeat=1).peak_bytes
     assert abs(plan.peak_bytes / measured - 1) < 0.01, (plan.peak_bytes, measured)
     assert plan.peak_bytes < plan.baseline_peak_bytes
-    assert torch.equal(gm(x), model(x))                           # train mode: batch statistics, exact
+    # train mode, batch statistics: exact but for the in-place norms' fp32 rounding (passes/inplace.py)
+    torch.testing.assert_close(gm(x), model(x), rtol=1e-5, atol=1e-6)
     assert all(d.grad_noise <= fxsketch.Config().max_grad_noise for d in plan.decisions)
     again = fxsketch.optimize(_net(), (x,), methods=("quant", "lean"), max_overhead=10.0, workspace="off", seed=0,
                               memory_format="preserve")

@@ -302,7 +302,9 @@ class _QuantNorm(torch.autograd.Function):
     """Exact forward by torch's kernel; saves the codes and the exact statistics."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, seed, kind, args, bits, groups):
+    def forward(ctx, x, weight, bias, seed, kind, args, bits, groups, inplace=False):
+        if inplace and kind == "batch" and args[2]:
+            return _QuantNorm._batch_in_place(ctx, x, weight, bias, seed, args, bits, groups)
         if kind == "batch":
             rm, rv, training, momentum, eps = args
             out, mean, rstd, reserve, impl = torch._batch_norm_impl_index(
@@ -325,6 +327,28 @@ class _QuantNorm(torch.autograd.Function):
         return out
 
     @staticmethod
+    def _batch_in_place(ctx, x, weight, bias, seed, args, bits, groups):
+        """A batch-statistics BatchNorm written over its input: the statistics (and the running
+        ones' update) by torch's ``batch_norm_update_stats``, the codes packed from X, then X
+        scaled and shifted in place as torch's kernel does it (``x * alpha + beta``); no output
+        beside X. Equal to torch's output within fp32 rounding (rstd from the fp32 variance)."""
+        rm, rv, training, momentum, eps = args
+        mean, var = aten.batch_norm_update_stats(x, rm, rv, momentum)
+        rstd = var.add(eps).rsqrt_()
+        order = pack_order("batch", x.shape, x.stride())
+        codes, lo, step = quant_pack(in_order(x, order), seed, bits, [groups[d] for d in order])
+        view = [1, -1] + [1] * (x.dim() - 2)
+        alpha = rstd if weight is None else rstd * weight
+        beta = -mean * alpha if bias is None else bias - mean * alpha
+        x.mul_(alpha.view(view)).add_(beta.view(view))
+        ctx.mark_dirty(x)
+        ctx.extra = (None, training, eps)
+        ctx.kind, ctx.bits, ctx.shape, ctx.dtype, ctx.order = "batch", bits, tuple(x.shape), x.dtype, order
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        ctx.save_for_backward(codes, lo, step, weight, bias, mean, rstd, None)  # no reserve: torch's native backward
+        return x
+
+    @staticmethod
     def backward(ctx, dy):
         if torch.is_grad_enabled():
             raise UnsupportedError(
@@ -338,7 +362,7 @@ class _QuantNorm(torch.autograd.Function):
         dx, dw, db = _norm_backward(ctx.kind, ctx.extra, dy, (codes, lo, step), ctx.bits,
                                     list(ctx.shape), ctx.dtype, weight, bias, stats, mask, ctx.order)
         return (dx if mask[0] else None, dw if mask[1] else None, db if mask[2] else None,
-                None, None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def pack_order(kind: str, shape: Sequence[int], stride: Sequence[int] | None) -> list[int]:
@@ -586,19 +610,24 @@ def _fused_bn_backward(extra, dy, packed, bits, shape, weight, bias, stats, mask
     return dx, gw.to(weight.dtype) if mask[1] else None, gb.to(bias.dtype) if mask[2] else None
 
 
-def _apply(x, weight, bias, kind, args, bits, generator, normalized_dims=0):
+def _apply(x, weight, bias, kind, args, bits, generator, normalized_dims=0, inplace=False):
     bits = _check_bits(bits)
     if not isinstance(x, torch.Tensor) or not x.is_floating_point():
         raise TypeError(f"a quantized norm needs a floating-point tensor input, got "
                         f"{getattr(x, 'dtype', type(x).__name__)}")
     groups = quant_groups(x.shape, "layer" if kind == "layer" else kind, normalized_dims)
-    return _QuantNorm.apply(x, weight, bias, draw_seed(generator, x), kind, args, bits, groups)
+    # in place: fp32 throughout (autocast's casts and mixed dtypes take torch's kernel)
+    inplace = bool(inplace) and x.dtype == torch.float32 and not torch.is_autocast_enabled(x.device.type) \
+        and all(t is None or t.dtype == torch.float32 for t in (weight, bias))
+    return _QuantNorm.apply(x, weight, bias, draw_seed(generator, x), kind, args, bits, groups, inplace)
 
 
 @traceable
 def quant_batch_norm(input, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1,
-                     eps=1e-5, *, bits: int = 8, generator: Optional[torch.Generator] = None):
+                     eps=1e-5, *, bits: int = 8, generator: Optional[torch.Generator] = None, inplace: bool = False):
     """``F.batch_norm`` (same arguments, same output bits) saving its input in ``bits`` bits.
+    ``inplace``: with batch statistics, an fp32 input is normalized in place and returned (no
+    output beside it; equal to torch's within fp32 rounding): for an input nothing else reads.
 
     >>> x = torch.randn(4, 3, 5)
     >>> torch.equal(quant_batch_norm(x, None, None, training=True, bits=4), torch.nn.functional.batch_norm(x, None, None, training=True))
@@ -609,7 +638,7 @@ def quant_batch_norm(input, running_mean, running_var, weight=None, bias=None, t
         if math.prod(size[:1] + size[2:]) == 1:
             raise ValueError(f"Expected more than 1 value per channel when training, got input size {tuple(size)}")
     return _apply(input, weight, bias, "batch", (running_mean, running_var, bool(training), momentum, eps),
-                  bits, generator)
+                  bits, generator, inplace=inplace)
 
 
 def _low_precision_norm(input, weight, bias):
@@ -650,16 +679,18 @@ def quant_layer_norm(input, normalized_shape, weight=None, bias=None, eps: float
 
 @traceable
 def quant_instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
-                        momentum=0.1, eps=1e-5, *, bits: int = 8, generator: Optional[torch.Generator] = None):
+                        momentum=0.1, eps=1e-5, *, bits: int = 8, generator: Optional[torch.Generator] = None,
+                        inplace: bool = False):
     """``F.instance_norm`` saving its input in ``bits`` bits: as torch does it, a batch norm of the
-    (1, N*C, ...) view with weight, bias and running statistics repeated per sample."""
+    (1, N*C, ...) view with weight, bias and running statistics repeated per sample (``inplace``:
+    as :func:`quant_batch_norm`'s, over a contiguous input)."""
     if input.dim() < 3:
         raise ValueError(f"instance_norm: expected input (N, C, *spatial), got shape {tuple(input.shape)}")
     n, c = input.shape[:2]
     rep = (lambda t: t.repeat(n) if t is not None else None)
     rm, rv = rep(running_mean), rep(running_var)
     out = quant_batch_norm(input.contiguous().view(1, n * c, *input.shape[2:]), rm, rv, rep(weight), rep(bias),
-                           use_input_stats, momentum, eps, bits=bits, generator=generator)
+                           use_input_stats, momentum, eps, bits=bits, generator=generator, inplace=inplace)
     with torch.no_grad():
         if running_mean is not None:
             running_mean.copy_(rm.view(n, c).mean(0))
@@ -669,10 +700,14 @@ def quant_instance_norm(input, running_mean=None, running_var=None, weight=None,
 
 
 @traceable
-def quant_norm_module(input, module: nn.Module, *, bits: int = 8, generator: Optional[torch.Generator] = None):
+def quant_norm_module(input, module: nn.Module, *, bits: int = 8, generator: Optional[torch.Generator] = None,
+                      inplace: bool = False):
     """``module(input)`` for a BatchNorm, GroupNorm, InstanceNorm or LayerNorm module, saving its input
-    in ``bits`` bits; reads the module's train/eval flag and statistics settings when called."""
+    in ``bits`` bits; reads the module's train/eval flag and statistics settings when called.
+    ``inplace``: a BatchNorm or InstanceNorm with batch statistics normalizes its input in place
+    (:func:`quant_batch_norm`)."""
     kw = dict(bits=bits, generator=generator)
+    inplace_kw = dict(kw, inplace=inplace)
     m = module
     if isinstance(m, nn.modules.batchnorm._BatchNorm):
         factor = 0.0 if m.momentum is None else m.momentum
@@ -682,13 +717,13 @@ def quant_norm_module(input, module: nn.Module, *, bits: int = 8, generator: Opt
         batch_stats = m.training or (m.running_mean is None and m.running_var is None)
         keep = not m.training or m.track_running_stats
         return quant_batch_norm(input, m.running_mean if keep else None, m.running_var if keep else None,
-                                m.weight, m.bias, batch_stats, factor, m.eps, **kw)
+                                m.weight, m.bias, batch_stats, factor, m.eps, **inplace_kw)
     if isinstance(m, nn.modules.instancenorm._InstanceNorm):
         unbatched = input.dim() == m._get_no_batch_dim()
         x = input.unsqueeze(0) if unbatched else input
         out = quant_instance_norm(x, m.running_mean, m.running_var, m.weight, m.bias,
                                   m.training or not m.track_running_stats,
-                                  m.momentum if m.momentum is not None else 0.0, m.eps, **kw)
+                                  m.momentum if m.momentum is not None else 0.0, m.eps, **inplace_kw)
         return out.squeeze(0) if unbatched else out
     if isinstance(m, nn.GroupNorm):
         return quant_group_norm(input, m.num_groups, m.weight, m.bias, m.eps, **kw)

@@ -130,8 +130,9 @@ class RewriteContext:
         return self.gm.graph
 
     def replace(self, old: fx.Node, new: fx.Node) -> fx.Node:
-        """Make ``new`` stand for ``old`` everywhere and drop ``old`` (its scope meta moves over)."""
-        new.meta.update({k: v for k, v in old.meta.items() if k.startswith("fxsketch.scope")})
+        """Make ``new`` stand for ``old`` everywhere and drop ``old`` (its scope meta moves over, and
+        its tensor meta: ``new`` computes the same value)."""
+        new.meta.update({k: v for k, v in old.meta.items() if k.startswith("fxsketch.scope") or k == "fxsketch.tensor"})
         old.replace_all_uses_with(new)
         self.graph.erase_node(old)
         self.by_name.pop(old.name, None)
