@@ -1,7 +1,8 @@
 """Quantize a saved input: norms (BatchNorm / GroupNorm / InstanceNorm / LayerNorm) and convolutions
 save X in 8 or 4 bits.
 
-The output is exact; a norm's backward reads a stochastically rounded copy of X with the exact
+The output is exact (a norm the rewrite makes in-place, :mod:`fxsketch.passes.inplace`: within
+fp32 rounding); a norm's backward reads a stochastically rounded copy of X with the exact
 statistics (:mod:`fxsketch.ops.quant`), a conv's computes dX and db exactly and dW from the
 rounded copy (:mod:`fxsketch.ops.qconv`, unbiased). It frees X only if nothing else keeps it (a conv after a
 norm-ReLU pair does not: the ReLU's output is the conv's input, not the norm's). Both widths are
