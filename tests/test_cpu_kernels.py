@@ -121,6 +121,7 @@ BN_CASES = [  # (shape, memory format): channels as T, one channel per row, batc
     ((6, 8, 10, 14), torch.channels_last), ((6, 8, 10, 14), None), ((3, 5, 4, 6, 7), torch.channels_last_3d),
     ((3, 5, 4, 6, 7), None), ((1, 6, 50, 7), None), ((4, 3, 1, 1), torch.channels_last),
     ((2, 16, 2100, 1), torch.channels_last),  # past one SUM_BLOCK of rows
+    ((2, 3, 5, 7), None), ((3, 2, 300, 1), None),  # rows of odd length (4-bit codes start mid-byte), past DECODE
 ]
 
 

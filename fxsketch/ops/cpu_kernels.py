@@ -168,6 +168,17 @@ static inline float code_at(const uint8_t *codes, int64_t j, int bits) {
     return bits == 8 ? (float)codes[j] : (float)((codes[j >> 1] >> (4 * (j & 1))) & 15);
 }
 
+/* codes j .. j + n - 1 as floats into dst: 4-bit codes a byte (two codes) at a time, which the
+   compiler vectorizes (code_at's per-element shift does not); the same values as code_at */
+#define DECODE 256
+static inline void decode4(const uint8_t *codes, int64_t j, int64_t n, float *dst) {
+    int64_t k = 0;
+    if (n > 0 && (j & 1)) { dst[0] = (float)(codes[j >> 1] >> 4); k = 1; }
+    const uint8_t *c = codes + ((j + k) >> 1);
+    for (; k + 2 <= n; k += 2, c++) { dst[k] = (float)(*c & 15); dst[k + 1] = (float)(*c >> 4); }
+    if (k < n) dst[k] = (float)(*c & 15);
+}
+
 /* one row l: sdy[c] += sum dy, sdx[c] += sum dy (x - mean) */
 static inline void bn_sums_row(const uint8_t *codes, const float *lo, const float *step, const float *dy,
                                const float *mean, double *sdy, double *sdx, float *buf, int64_t l,
@@ -179,15 +190,19 @@ static inline void bn_sums_row(const uint8_t *codes, const float *lo, const floa
         float st = step[l], off = lo[l] - mean[c];
         for (int64_t a = 0; a < M; a += SUM_BLOCK) {
             int64_t e = a + SUM_BLOCK < M ? a + SUM_BLOCK : M;
-            float ady[8] = {0}, adx[8] = {0};
+            float ady[8] = {0}, adx[8] = {0}, q[SUM_BLOCK];
+            if (bits == 4)
+                decode4(codes, j0 + a, e - a, q);
+            else
+                for (int64_t m = a; m < e; m++) q[m - a] = (float)codes[j0 + m];
             int64_t m = a;
             for (; m + 8 <= e; m += 8)
                 for (int k = 0; k < 8; k++) {
-                    float gv = g[m + k], x = code_at(codes, j0 + m + k, bits) * st + off;
+                    float gv = g[m + k], x = q[m + k - a] * st + off;
                     ady[k] += gv; adx[k] += gv * x;
                 }
             for (; m < e; m++) {
-                float gv = g[m], x = code_at(codes, j0 + m, bits) * st + off;
+                float gv = g[m], x = q[m - a] * st + off;
                 ady[0] += gv; adx[0] += gv * x;
             }
             for (int k = 0; k < 8; k++) { sdy[c] += ady[k]; sdx[c] += adx[k]; }
@@ -202,6 +217,19 @@ static inline void bn_sums_row(const uint8_t *codes, const float *lo, const floa
         for (int64_t m = a; m < e; m++) {
             const float *gr = g + m * T;
             int64_t jr = j0 + m * T;
+            if (bits == 4) {
+                float q[DECODE];
+                for (int64_t t0 = 0; t0 < T; t0 += DECODE) {
+                    int64_t n = T - t0 < DECODE ? T - t0 : DECODE;
+                    decode4(codes, jr + t0, n, q);
+                    for (int64_t u = 0; u < n; u++) {
+                        int64_t t = t0 + u;
+                        float x = q[u] * st[t] + off[t];
+                        ady[t] += gr[t]; adx[t] += gr[t] * x;
+                    }
+                }
+                continue;
+            }
             for (int64_t t = 0; t < T; t++) {
                 float x = code_at(codes, jr + t, bits) * st[t] + off[t];
                 ady[t] += gr[t]; adx[t] += gr[t] * x;
@@ -238,20 +266,37 @@ static inline void bn_dx_row(const uint8_t *codes, const float *lo, const float 
     if (T == 1) {
         int64_t c = l % C;
         float st = step[l], lv = lo[l], kc = k[c], ac = a[c], bc = b[c];
-        for (int64_t m = 0; m < M; m++) {
-            float x = code_at(codes, j0 + m, bits) * st + lv, v = g[m] * kc;
-            v = v + x * ac;
-            o[m] = v + bc;
+        float q[DECODE];
+        for (int64_t m0 = 0; m0 < M; m0 += DECODE) {
+            int64_t n = M - m0 < DECODE ? M - m0 : DECODE;
+            if (bits == 4)
+                decode4(codes, j0 + m0, n, q);
+            else
+                for (int64_t u = 0; u < n; u++) q[u] = (float)codes[j0 + m0 + u];
+            for (int64_t u = 0; u < n; u++) {
+                int64_t m = m0 + u;
+                float x = q[u] * st + lv, v = g[m] * kc;
+                v = v + x * ac;
+                o[m] = v + bc;
+            }
         }
         return;
     }
     const float *st = step + l * T, *lv = lo + l * T;
+    float q[DECODE];
     for (int64_t m = 0; m < M; m++)
-        for (int64_t t = 0; t < T; t++) {
-            int64_t i = m * T + t;
-            float x = code_at(codes, j0 + i, bits) * st[t] + lv[t], v = g[i] * k[t];
-            v = v + x * a[t];
-            o[i] = v + b[t];
+        for (int64_t t0 = 0; t0 < T; t0 += DECODE) {
+            int64_t n = T - t0 < DECODE ? T - t0 : DECODE, i0 = m * T + t0;
+            if (bits == 4)
+                decode4(codes, j0 + i0, n, q);
+            else
+                for (int64_t u = 0; u < n; u++) q[u] = (float)codes[j0 + i0 + u];
+            for (int64_t u = 0; u < n; u++) {
+                int64_t t = t0 + u, i = i0 + u;
+                float x = q[u] * st[t] + lv[t], v = g[i] * k[t];
+                v = v + x * a[t];
+                o[i] = v + b[t];
+            }
         }
 }
 
