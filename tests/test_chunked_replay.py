@@ -377,8 +377,6 @@ def test_chunked_replays_with_options_inside_predict_the_rewritten_graph(net, me
     inside = [i for i, c in enumerate(cands) if c.params.get("chunk") and c.params.get("inner")]
     kinds = {d.kind for i in inside for d in cands[i].params["inner"]}
     assert inside and kinds == ({"lean"} if exact else {"lean", "quant"}), kinds
-    sets = {(cands[i].nodes, tuple(d.nodes + (d.detail,) for d in cands[i].params["inner"])) for i in inside}
-    assert len(sets) == len({cands[i].nodes for i in inside})  # one set of inner options a segment
     assert all("options inside" in cands[i].detail or "inside:" in cands[i].detail for i in inside)
     ratios = {}
     for i in inside:

@@ -293,16 +293,15 @@ class Recompute(OptionKind):
         storages = ctx.schedule.storages
         biggest = max((storages[m.storage].nbytes for n in seg for m in n.meta.get("fxsketch.tensor", ())), default=0)
         # what one chunk's replay re-saves, without and with options inside (as in the plain replay):
-        # of the variants with options inside, the one that holds the least, where it holds at
-        # most INNER_GAIN of what the plain one does (each variant is a column per chunking)
+        # a variant with options inside where it re-saves at most INNER_GAIN of what the plain one
+        # does (each variant is a column per chunking)
         variants = []
         for inner in ({}, *(_inner_choices(ctx, seg, exact) for exact in (True, False))):
             copies = _useful(ctx, keys, inner)
             made = sum(sp.nbytes for ch, _ in inner.values() for sp in ch.adds)  # masks, sketches, codes
-            variants.append((inner, sum(ctx.saved[i].nbytes for i in copies) + made))
-        fixed = largest + 2 * biggest
-        best = min(variants[1:], key=lambda v: v[1])
-        variants = variants[:1] + ([best] if best[1] + fixed <= INNER_GAIN * (plain + fixed) else [])
+            saved = sum(ctx.saved[i].nbytes for i in copies) + made
+            if not inner or saved <= INNER_GAIN * plain and all(saved != v for _, v in variants):
+                variants.append((inner, saved))
         out = []
         for k, chunk in chunkings(batch):
             frac = chunk / batch
