@@ -25,7 +25,7 @@ import torch
 
 from .calibrate import calibrate_convs, hook_workspace_nbytes
 from .measurement import default_loss
-from .passes.timing import StepTimes, time_step
+from .passes.timing import LOADED, StepTimes, time_step
 from .passes.options.probe import conv_ranks, probe_targets
 from .passes.options.quant import noise_params, norm_targets
 from .quant_noise import calibrate_norms, norm_hook_nbytes
@@ -205,4 +205,8 @@ def _step_times(analysis, config, batch: int, notes: list[str]) -> StepTimes | N
         return None
     notes.append(f"extra time from node times (forward and backward, each node alone) measured on "
                  f"{chosen} synthetic samples, scaled to {batch}; cached per machine")
+    if times.slowdown > LOADED:
+        notes.append(f"node times taken while this machine ran {times.slowdown:.1f}x slower than its measured "
+                     "speed (another process on its cores?): the extra-time figures may be off; they were not "
+                     "cached, so planning again on a quiet machine times them again")
     return times

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -27,7 +28,10 @@ from ..ops._args import layout_order
 from . import diskcache
 from .precision import current, forward_context
 
-__all__ = ["StepTimes", "time_step", "op_extra_seconds", "OP_ELEMENTS", "synthetic_inputs", "own_rng"]
+__all__ = ["StepTimes", "time_step", "op_extra_seconds", "OP_ELEMENTS", "synthetic_inputs", "own_rng", "slowdown",
+           "LOADED"]
+
+log = logging.getLogger(__name__)
 
 VERSION = 18
 """Part of every cache key: raise it when fxsketch's ops or the timing rule change."""
@@ -43,6 +47,25 @@ class StepTimes:
     forward: dict[str, float]
     backward: dict[str, float]
     samples: int            # the sub-batch they were measured on
+    slowdown: float = 1.0   # how much slower than its measured speed the machine ran while timing
+    #   (:func:`slowdown`); above LOADED the times are not cached
+
+
+LOADED = 2.5
+"""A machine that runs the device constants' matmul this many times slower than it did when they
+were measured (:class:`fxsketch.passes.cost.Device`) is loaded (another process on its cores):
+times taken then are used for this plan but not cached, so a later plan on a quiet machine takes
+them again. A node time taken under a competing process was 13x the quiet one (docs/replays.md,
+tenth session); the matmul's own run-to-run spread is well under 2x."""
+
+
+def slowdown(device) -> float:
+    """How many times slower this machine runs the device constants' matmul now than when they were
+    measured (below 1: faster)."""
+    from .cost import Device, _measure  # cost reads the timing cache: imported here, not at the top
+    dev = torch.device("cpu") if torch.device(device).type == "meta" else torch.device(device)
+    known = Device.for_tensor(torch.empty(0, device=dev))
+    return known.flops / max(_measure(dev).flops, 1e-9)
 
 
 def synthetic_inputs(shapes: Sequence[tuple[tuple[int, ...], torch.dtype]], device) -> tuple[torch.Tensor, ...]:
@@ -116,16 +139,22 @@ def time_step(gm: fx.GraphModule, shapes, batch: int, samples: int, repeat: int 
         return StepTimes(hit["forward"], hit["backward"], samples)
     inputs = synthetic_inputs(shapes, device)
     timer = _NodeTimer(gm, torch.cuda.synchronize if device.type == "cuda" else (lambda: None))
+    load = slowdown(device)
     with preserved(gm, grads=True), torch.no_grad(), forward_context(device.type), own_rng(device):
         for i in range(repeat + 1):
             if i == 1:  # the first run is the warm-up
                 timer.forward.clear()
                 timer.backward.clear()
             timer.run(*inputs)
+    load = max(load, slowdown(device))
     scale = batch / samples
     times = StepTimes({k: v * scale for k, v in timer.forward.items()},
-                      {k: v * scale for k, v in timer.backward.items()}, samples)
-    diskcache.update("timing", {key: {"forward": times.forward, "backward": times.backward}})
+                      {k: v * scale for k, v in timer.backward.items()}, samples, load)
+    if load <= LOADED:
+        diskcache.update("timing", {key: {"forward": times.forward, "backward": times.backward}})
+    else:
+        log.warning("node times taken while this machine ran %.1fx slower than its measured speed "
+                    "(another process on its cores?): used for this plan, not cached", load)
     return times
 
 
@@ -166,9 +195,11 @@ def op_extra_seconds(name: str, shape: Sequence[int], dtype: torch.dtype, device
     known = diskcache.read("timing")
     hits = {label: known.get(key) for label, key in keys.items()}
     if any(v is None for v in hits.values()):
+        load = slowdown(dev)
         with own_rng(dev):
             hits = _time_variants(cut, dtype, dev, original, variants, repeat, wrt, fmt)
-        diskcache.update("timing", {keys[label]: v for label, v in hits.items()})
+        if max(load, slowdown(dev)) <= LOADED:  # as time_step's: a loaded machine's times are not kept
+            diskcache.update("timing", {keys[label]: v for label, v in hits.items()})
     scale = shape[0] / samples if shape else 1.0
     out = {label: v * scale for label, v in hits.items()}
     return out if many else out[""]

@@ -57,3 +57,28 @@ def test_memory_format_of():
     assert timing.memory_format_of(u.shape, u.stride()) == torch.channels_last_3d
     assert timing.memory_format_of((2, 3), (3, 1)) is None
     assert timing.memory_format_of(t.shape, None) is None
+
+
+def test_times_taken_on_a_loaded_machine_are_used_but_not_cached(monkeypatch, tmp_path):
+    # a plan timed while another process ran on the same cores (13x in one session): its node times
+    # and op prices are not kept, and the plan says so
+    import fxsketch
+    from torch import nn
+    monkeypatch.setenv("FXSKETCH_CACHE", str(tmp_path))
+    monkeypatch.setattr(timing, "slowdown", lambda device: 6.0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+    x = torch.randn(4, 3, 16, 16)
+    plan = fxsketch.plan(model, (x,), None, optimized=True, methods=("lean", "probe"), calibrate=False,
+                         progress=False, workspace="off")
+    assert any("6.0x slower" in n for n in plan.notes), plan.notes
+    assert not any(k.startswith(f"v{timing.VERSION}|") for k in diskcache.read("timing"))
+    monkeypatch.setattr(timing, "slowdown", lambda device: 1.1)  # quiet again: timed and kept
+    plan = fxsketch.plan(model, (x,), None, optimized=True, methods=("lean", "probe"), calibrate=False,
+                         progress=False, workspace="off")
+    assert not any("slower" in n for n in plan.notes)
+    assert any(k.startswith(f"v{timing.VERSION}|") for k in diskcache.read("timing"))
+
+
+def test_slowdown_is_about_one_on_a_quiet_machine(monkeypatch, tmp_path):
+    monkeypatch.setenv("FXSKETCH_CACHE", str(tmp_path))
+    assert 0.2 < timing.slowdown(torch.device("cpu")) < timing.LOADED
