@@ -52,20 +52,44 @@ class StepTimes:
 
 
 LOADED = 2.5
-"""A machine that runs the device constants' matmul this many times slower than it did when they
-were measured (:class:`fxsketch.passes.cost.Device`) is loaded (another process on its cores):
-times taken then are used for this plan but not cached, so a later plan on a quiet machine takes
-them again. A node time taken under a competing process was 13x the quiet one (docs/replays.md,
-tenth session); the matmul's own run-to-run spread is well under 2x."""
+"""A machine that runs a small reference matmul this many times slower than the fastest it was
+seen to run it (:func:`slowdown`) is loaded (another process on its cores): times taken then are
+used for this plan but not cached, so a later plan on a quiet machine takes them again. A node
+time taken under a competing process was 13x the quiet one (docs/overhead.md); the reference's
+own spread on a quiet machine is well under 2x."""
+
+_REF = 128  # the reference matmul's side: three 64 KiB fp32 operands, so planning stays small
+
+
+def _reference_seconds(dev: torch.device) -> float:
+    """Best of 5 of 10 products of two 128x128 matrices on ``dev``."""
+    a = torch.randn(_REF, _REF, device=dev)
+    b = torch.randn(_REF, _REF, device=dev)
+    out = torch.empty(_REF, _REF, device=dev)
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    best = math.inf
+    for i in range(6):  # the first run warms up
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(10):
+            torch.mm(a, b, out=out)
+        sync()
+        if i:
+            best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def slowdown(device) -> float:
-    """How many times slower this machine runs the device constants' matmul now than when they were
-    measured (below 1: faster)."""
-    from .cost import Device, _measure  # cost reads the timing cache: imported here, not at the top
+    """How many times slower this machine runs the reference matmul now than the fastest it was seen
+    to run it (kept in the device cache; the first call sets it and returns 1)."""
     dev = torch.device("cpu") if torch.device(device).type == "meta" else torch.device(device)
-    known = Device.for_tensor(torch.empty(0, device=dev))
-    return known.flops / max(_measure(dev).flops, 1e-9)
+    with own_rng(dev):
+        now = _reference_seconds(dev)
+    key = f"{diskcache.machine_key(dev)}|reference matmul {_REF}"
+    fastest = diskcache.read("device").get(key, {}).get("seconds")
+    if fastest is None or now < fastest:
+        diskcache.update("device", {key: {"seconds": now}})
+    return now / fastest if fastest else 1.0
 
 
 def synthetic_inputs(shapes: Sequence[tuple[tuple[int, ...], torch.dtype]], device) -> tuple[torch.Tensor, ...]:
