@@ -302,9 +302,11 @@ class Recompute(OptionKind):
             saved = sum(ctx.saved[i].nbytes for i in copies) + made
             if not inner or saved <= INNER_GAIN * plain and all(saved != v for _, v in variants):
                 variants.append((inner, saved))
-        out = []
+        out, batched = [], batched_inputs(seg)
+        moved = 2 * (sb.out_bytes + sb.dx)  # the copies of the chunks into the outputs and dX
         for k, chunk in chunkings(batch):
             frac = chunk / batch
+            calls = ctx.cost.fraction(2 * k * len(seg) * CALL_SECONDS + moved / ctx.cost.device.bandwidth)
             for inner, saved in variants:
                 # one chunk's replay: its copies, its transient, its activation gradients (two at once)
                 held = int(frac * (saved + largest + 2 * biggest))
@@ -312,11 +314,8 @@ class Recompute(OptionKind):
                     continue  # holds about what the plain replay holds at once: not worth a column
                 adds = sb.smaller(frac, set(drops)) + sb.early_grads()
                 adds += [Span(sb.out_bytes, sb.first_fwd, sb.out_fwd), Span(held, rec, rec), Span(sb.dx, rec, sb.last_bwd)]
-                # per-op calls of each chunk, and the copies of the chunks into the outputs and dX
-                moved = 2 * (sb.out_bytes + sb.dx)
-                calls = ctx.cost.fraction(2 * k * len(seg) * CALL_SECONDS + moved / ctx.cost.device.bandwidth)
                 choice, cand = self._choice(ctx, seg, group, nodes, cost + calls, drops, tuple(adds), holds, inner)
-                out.append((choice, replace(cand, params=cand.params | dict(chunk=chunk, batched=batched_inputs(seg)),
+                out.append((choice, replace(cand, params=cand.params | dict(chunk=chunk, batched=batched),
                                             detail=cand.detail.replace(" nodes", f" nodes, in {k} chunks of {chunk}", 1))))
         return out
 
