@@ -273,14 +273,9 @@ def quant_conv_transpose(input, weight, bias=None, stride=1, padding=0, output_p
     True
     """
     bits = _check_bits(bits)
-    if not isinstance(input, torch.Tensor) or not isinstance(weight, torch.Tensor) or weight.dim() not in (3, 4, 5):
-        raise TypeError("quant_conv_transpose takes an input tensor and a 3-, 4- or 5-dim weight tensor")
+    unbatched = check_conv_args(input, weight)
     if not input.is_floating_point():
         raise TypeError(f"quant_conv_transpose needs a floating-point input, got {input.dtype}")
-    unbatched = input.dim() == weight.dim() - 1
-    if input.dim() != weight.dim() and not unbatched:
-        raise ValueError(f"quant_conv_transpose: input of shape {tuple(input.shape)} does not fit a weight of "
-                         f"shape {tuple(weight.shape)}")
     x = input.unsqueeze(0) if unbatched else input
     seed = draw_seed(generator, x) if weight.requires_grad and torch.is_grad_enabled() else None
     y = _QuantConv.apply(x, weight, bias, seed, stride, padding, dilation, groups, bits, output_padding)

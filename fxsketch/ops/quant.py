@@ -319,12 +319,17 @@ class _QuantNorm(torch.autograd.Function):
             normalized, eps = args
             out, mean, rstd = aten.native_layer_norm(x, normalized, weight, bias, eps)
             ctx.extra, stats = (normalized,), (mean, rstd)
+        _QuantNorm._pack(ctx, x, weight, bias, seed, kind, bits, groups, stats)
+        return out
+
+    @staticmethod
+    def _pack(ctx, x, weight, bias, seed, kind, bits, groups, stats):
+        """Save the codes of X (packed in its memory order), the weight, bias and statistics."""
         order = pack_order(kind, x.shape, x.stride())
         codes, lo, step = quant_pack(in_order(x, order), seed, bits, [groups[d] for d in order])
         ctx.kind, ctx.bits, ctx.shape, ctx.dtype, ctx.order = kind, bits, tuple(x.shape), x.dtype, order
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         ctx.save_for_backward(codes, lo, step, weight, bias, *stats)
-        return out
 
     @staticmethod
     def _batch_in_place(ctx, x, weight, bias, seed, args, bits, groups):
@@ -335,17 +340,14 @@ class _QuantNorm(torch.autograd.Function):
         rm, rv, training, momentum, eps = args
         mean, var = aten.batch_norm_update_stats(x, rm, rv, momentum)
         rstd = var.add(eps).rsqrt_()
-        order = pack_order("batch", x.shape, x.stride())
-        codes, lo, step = quant_pack(in_order(x, order), seed, bits, [groups[d] for d in order])
+        # no reserve: torch's native backward
+        _QuantNorm._pack(ctx, x, weight, bias, seed, "batch", bits, groups, (mean, rstd, None))
         view = [1, -1] + [1] * (x.dim() - 2)
         alpha = rstd if weight is None else rstd * weight
         beta = -mean * alpha if bias is None else bias - mean * alpha
         x.mul_(alpha.view(view)).add_(beta.view(view))
         ctx.mark_dirty(x)
         ctx.extra = (None, training, eps)
-        ctx.kind, ctx.bits, ctx.shape, ctx.dtype, ctx.order = "batch", bits, tuple(x.shape), x.dtype, order
-        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-        ctx.save_for_backward(codes, lo, step, weight, bias, mean, rstd, None)  # no reserve: torch's native backward
         return x
 
     @staticmethod
