@@ -6,6 +6,11 @@ samples, as ``tools/bench_deep.py`` plans.
     .venv/bin/python tools/plan_floor.py unet 100        # MONAI UNet 2x1x96^3
     .venv/bin/python tools/plan_floor.py resnet50 0.15   # ResNet-50 16x3x224^2
     .venv/bin/python tools/plan_floor.py resnet50 100 --methods probe lean recompute
+    .venv/bin/python tools/plan_floor.py resnet50 100 --measure   # and the real step, tracked
+
+``--measure`` runs the planned step (``fxsketch.optimize`` on the same meta inputs) once on real
+inputs of that shape under fxsketch's live-storage tracker and prints its tensor-level peak
+against the plan's, and the op at which it peaks.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ def main(argv=None):
     ap.add_argument("--large", action="store_true", help="bench_deep's predicted (large) shape, not its measured one")
     ap.add_argument("--methods", nargs="+", help="option kinds (default: the default methods)")
     ap.add_argument("--top", type=int, default=25, help="storages alive at the peak to print")
+    ap.add_argument("--measure", action="store_true", help="also run the planned step on real inputs, tracked")
     args = ap.parse_args(argv)
     make, shape = (PREDICT if args.large else MEASURE)[args.model]
     torch.manual_seed(0)
@@ -46,6 +52,21 @@ def main(argv=None):
         print(f"  {owner} ({category}) {format_bytes(nbytes)}")
     for note in p.notes:
         print(f"note: {note}")
+    if args.measure:
+        _measure(model, shape, opts, p)
+
+
+def _measure(model, shape, opts, p):
+    """The planned step on real inputs under the live-storage tracker: its peak and where."""
+    from fxsketch.measurement import LiveStorageTracker, default_loss
+    gm = fxsketch.optimize(model, (torch.empty(shape, device="meta"),), None, **opts)
+    x = torch.randn(shape)
+    with LiveStorageTracker(list(gm.parameters()) + list(gm.buffers()) + [x], record=True) as tr:
+        default_loss(gm(x)).backward()
+    k = max(range(len(tr.timeline)), key=lambda i: tr.timeline[i][1])
+    print(f"measured: {format_bytes(tr.peak_bytes)} at op {tr.timeline[k][0]} ({k} of {len(tr.timeline)}); "
+          f"plan {format_bytes(gm.memory_plan.tensor_peak_bytes)}, predicted/measured "
+          f"{gm.memory_plan.tensor_peak_bytes / tr.peak_bytes:.3f}")
 
 
 if __name__ == "__main__":
