@@ -43,6 +43,8 @@ def _log_plan(call: str, p: MemoryPlan) -> None:
         ratio = p.baseline_peak_bytes / max(p.peak_bytes, 1)
         line += (f" (unmodified {format_bytes(p.baseline_peak_bytes)}, {ratio:.2f}x lower); {len(p.decisions)} "
                  f"decisions, extra step time {100 * p.extra_time:.1f} % ({p.cost_estimator or 'roofline'})")
+        if p.layout_time:
+            line += f", {100 * p.overhead:+.1f} % against the step as given (layout {100 * p.layout_time:+.1f} %)"
     log.info("%s", line)
     for note in p.notes:
         log.info("note: %s", note)

@@ -59,6 +59,8 @@ class Analysis:
     timeline: Timeline
     notes: tuple[str, ...] = ()  # how the model was captured, where not by torch.fx (passes.export)
     unmodified: tuple[Schedule, Timeline] | None = None  # the step as given, where gm is relaid out
+    given_gm: fx.GraphModule | None = None  # the graph as given, where gm is relaid out (its node times
+    #   price the layout: the overhead is against the step as given, as the reduction is)
 
     @property
     def baseline(self) -> Timeline:
@@ -83,6 +85,12 @@ class Proposal:
     refused_probes: int = 0      # convs with no probe choice within max_grad_noise
     every: Candidates | None = None  # every choice, noise unbounded (for what a looser bound reaches)
     calibration_batch: int = 0   # samples the probe noise was measured on (0: uncalibrated)
+    layout_time: float = 0.0     # the relaid-out step's time against the step as given, minus 1 (node times)
+
+    def options_cap(self, max_overhead: float) -> float:
+        """The options' extra time (a fraction of the planned step) that keeps the whole step within
+        ``max_overhead`` of the step as given: (1 + layout) x (1 + options) <= 1 + max_overhead."""
+        return max((1 + max_overhead) / (1 + self.layout_time) - 1, 0.0)
 
 
 @dataclass(frozen=True)
@@ -168,7 +176,7 @@ def relayout(analysis: Analysis, config: Config) -> Analysis:
     note = (f"layout: {count} convolution(s) run channels_last (memory_format={config.memory_format!r}); "
             f"unmodified peak {format_bytes(given)} as given, {format_bytes(timeline.peak_bytes)} relaid out")
     return replace(analysis, gm=gm, schedule=schedule, timeline=timeline, notes=(*analysis.notes, note),
-                   unmodified=(analysis.schedule, analysis.timeline))
+                   unmodified=(analysis.schedule, analysis.timeline), given_gm=analysis.gm)
 
 
 def admissible(cands: Candidates, max_grad_noise: float) -> Candidates:
@@ -215,7 +223,7 @@ def propose(model: nn.Module, analysis: Analysis, config: Config, *, calibration
     samples = next((c.calibration_batch for c in (noise or {}).values()), 0)
     log.debug("proposed %d choices (%d within max_grad_noise=%g), calibrated on %d samples",
               len(every.candidates), len(cands.candidates), config.max_grad_noise, samples)
-    return Proposal(cands, tuple(notes), refused, every, samples)
+    return Proposal(cands, tuple(notes), refused, every, samples, getattr(timings, "layout", 0.0))
 
 
 def apply(model: nn.Module, analysis: Analysis, proposal: Proposal, solution: Solution,
@@ -392,7 +400,7 @@ def _fit_on(problem, model: nn.Module, analysis: Analysis, proposal: Proposal, c
     target = None if budget is None else int(budget * (1 - TARGET_MARGIN))
     for attempt in range(3):
         try:
-            sol = search(target, config.max_overhead)
+            sol = search(target, proposal.options_cap(config.max_overhead))
         except Infeasible as e:
             if attempt == 0 and target is not None and target < budget:
                 target = budget  # the margin itself was out of reach: the budget as it is
@@ -554,7 +562,7 @@ def _rows(gm: fx.GraphModule, schedule: Schedule, timeline: Timeline) -> tuple[N
 def make_plan(analysis: Analysis, gm: fx.GraphModule, schedule: Schedule, timeline: Timeline, *,
               decisions: Sequence[Decision] = (), budget: int | None = None, notes: Sequence[str] = (),
               cost_estimator: str = "", max_grad_noise: float | None = None,
-              calibration_batch: int = 0) -> MemoryPlan:
+              calibration_batch: int = 0, layout_time: float = 0.0) -> MemoryPlan:
     """Assemble the report data of ``gm`` (analysed: ``schedule``, ``timeline``) against the
     unmodified step of ``analysis``."""
     storages = schedule.storages
@@ -581,7 +589,7 @@ def make_plan(analysis: Analysis, gm: fx.GraphModule, schedule: Schedule, timeli
                       rows=_rows(gm, schedule, timeline), alive_at_peak=alive, decisions=tuple(decisions),
                       budget_bytes=budget, notes=tuple(notes), cost_estimator=cost_estimator,
                       max_grad_noise=max_grad_noise, calibration_batch=calibration_batch,
-                      host_live_bytes=host_timeline(gm, schedule))  # offloaded copies: apart
+                      layout_time=layout_time, host_live_bytes=host_timeline(gm, schedule))  # offloaded copies: apart
 
 
 def report(analysis: Analysis, proposal: Proposal, fitted: Fit, config: Config | None = None) -> MemoryPlan:
@@ -591,4 +599,4 @@ def report(analysis: Analysis, proposal: Proposal, fitted: Fit, config: Config |
                      budget=fitted.budget, notes=proposal.notes + fitted.notes,
                      cost_estimator=proposal.candidates.cost.estimator,
                      max_grad_noise=config.max_grad_noise if config is not None else None,
-                     calibration_batch=proposal.calibration_batch)
+                     calibration_batch=proposal.calibration_batch, layout_time=proposal.layout_time)

@@ -126,6 +126,8 @@ class MemoryPlan:
     calibration_batch: int = 0    # samples probe noise was measured on (0: uncalibrated)
     host_live_bytes: tuple[int, ...] = ()  # per step of ``timeline``: offloaded copies in host memory
                                            # (method "offload"), never part of the device figures
+    layout_time: float = 0.0      # the relaid-out step (docs/layout.md) against the step as given, minus 1
+                                  # (node times; negative: faster); 0 where the layout is as given
 
     @property
     def host_peak_bytes(self) -> int:
@@ -136,6 +138,12 @@ class MemoryPlan:
     def extra_time(self) -> float:
         """Estimated extra step time of all decisions together (fraction of the step)."""
         return sum(d.extra_time for d in self.decisions)
+
+    @property
+    def overhead(self) -> float:
+        """Estimated step time against the step as given, minus 1: the layout's change and the
+        decisions' extra time together; what ``max_overhead`` bounds."""
+        return (1 + self.layout_time) * (1 + self.extra_time) - 1
 
     @property
     def baseline_peak_bytes(self) -> int:
@@ -173,6 +181,7 @@ class MemoryPlan:
             d[tl]["storages"] = [list(astuple(s)) for s in getattr(self, tl).storages]
         d["decisions"] = [{**asdict(x), "option": x.option.value} for x in self.decisions]
         d["extra_time"] = self.extra_time
+        d["overhead"] = self.overhead
         d["baseline_peak_bytes"] = self.baseline_peak_bytes
         d["peak_bytes"] = self.peak_bytes
         d["tensor_peak_bytes"] = self.tensor_peak_bytes
@@ -202,6 +211,10 @@ class MemoryPlan:
                          f"({ratio:.2f}x lower after planning)")
             lines.append(f"  extra step time   {100 * self.extra_time:>11.1f}%  estimated "
                          f"({self.cost_estimator or 'roofline'}), {len(self.decisions)} decisions")
+        if self.layout_time:
+            lines.append(f"  layout            {100 * self.layout_time:>+11.1f}%  channels_last step against the "
+                         f"step as given")
+            lines.append(f"  overhead          {100 * self.overhead:>+11.1f}%  estimated against the step as given")
         if self.budget_bytes is not None:
             lines.append(f"  budget            {format_bytes(self.budget_bytes):>12}")
         if self.host_peak_bytes:

@@ -404,7 +404,7 @@ class Solver:
         (ResNet-50 at a loose budget went to the full MILP for lack of it, 9 s). If that finds
         nothing, the lowest-peak plan decides, and if it meets the budget it starts a second
         search for a cheaper plan that does."""
-        m, o = self.model, self.options
+        o = self.options
         program = self._budget_program(budget)
         free = self._uncapped_support().copy() if self._reduce else None
         chosen, wanted = self._search(program, o.max_nodes, free=free)

@@ -93,6 +93,42 @@ def test_the_report_keeps_the_step_as_given_and_predicts_the_relaid_out_step(pla
     assert abs(p.tensor_peak_bytes / measured.peak_bytes - 1) < 0.05
 
 
+def test_the_overhead_is_against_the_step_as_given(planned):
+    """The layout changes the step's time as well as its memory: the plan measures the relaid-out
+    step against the step as given (whole steps on a sub-batch) and max_overhead bounds the two
+    together, as the reduction is against the step as given."""
+    _, _, _, gm = planned
+    p = gm.memory_plan
+    assert p.layout_time != 0.0 and p.layout_time > -1
+    assert any(n.startswith("layout: the relaid-out step measured") and "synthetic samples" in n for n in p.notes)
+    assert p.overhead == pytest.approx((1 + p.layout_time) * (1 + p.extra_time) - 1)
+    assert p.overhead <= 0.5 + 1e-9 and p.to_dict()["overhead"] == p.overhead
+    assert ("overhead" in p.summary()) and ("layout" in p.summary())
+
+
+def test_the_options_get_what_the_layout_leaves_of_max_overhead():
+    from fxsketch.pipeline import Proposal
+    assert Proposal(None, layout_time=-0.2).options_cap(0.1) == pytest.approx(1.1 / 0.8 - 1)
+    assert Proposal(None, layout_time=0.0).options_cap(0.1) == pytest.approx(0.1)
+    assert Proposal(None, layout_time=0.5).options_cap(0.1) == 0.0  # a slower layout leaves none
+
+
+def test_the_layouts_step_time_is_measured_within_the_plans_memory():
+    from fxsketch import pipeline
+    from fxsketch._calibration import _with_layout
+    from fxsketch.config import Config
+    from fxsketch.passes.timing import StepTimes
+    model, x = _model_and_input()
+    analysis = pipeline.relayout(pipeline.analyse(model, (x,)), Config(memory_format="channels_last"))
+    times = StepTimes({}, {}, 4)
+    notes = []
+    assert _with_layout(times, model, analysis, 8, 1, notes).layout == 0.0  # a 1-byte limit: no sub-batch
+    assert "no sub-batch" in notes[-1]
+    first = _with_layout(times, model, analysis, 8, None, notes)
+    assert "on 4 synthetic samples" in notes[-1] and first.layout != 0.0
+    assert _with_layout(times, model, analysis, 8, None, notes).layout == first.layout  # cached per machine
+
+
 def test_a_budget_is_a_fraction_of_the_step_as_given():
     model, x = _model_and_input()
     gm = fxsketch.optimize(model, (x,), 0.7, max_overhead=2.0, seed=0, calibrate=False,

@@ -106,7 +106,7 @@ def _row(name, make, shape, meta: bool, max_overhead: float, methods, roofline: 
     alive = ", ".join(f"{o} ({c}, {format_bytes(b)})" for o, c, b in plan.alive_at_peak[:3])
     print(f"| {name} {'x'.join(map(str, shape))}{' meta' if meta else ''} | {format_bytes(plan.baseline_peak_bytes)} "
           f"| {format_bytes(plan.peak_bytes)} | {plan.baseline_peak_bytes / plan.peak_bytes:.2f}x "
-          f"| {100 * plan.extra_time:.1f} % | {seconds:.1f} s | {clock.seconds:.1f} s | {len(plan.decisions)} "
+          f"| {100 * plan.overhead:+.1f} % (options {100 * plan.extra_time:.1f} %, layout {100 * plan.layout_time:+.1f} %) | {seconds:.1f} s | {clock.seconds:.1f} s | {len(plan.decisions)} "
           f"({inside} replays with options inside, {nested} nested, {chunked} in batch chunks) | {gap} | {plan.peak_node}: {alive} |", flush=True)
     if gm is not None:
         eager = fxsketch.measure(model, (x,), level="process")

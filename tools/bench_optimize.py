@@ -10,7 +10,8 @@ Per model (small CPU sizes) and method, one row:
 - measured peak: ``fxsketch.measure`` (exact CPU live-storage tracker), and step time, the
   median of ``--repeat`` timed steps after one warm-up and one tracked step;
 - reduction = eager measured peak / measured peak; overhead = step time / eager step time - 1;
-- est. overhead: the planner's own estimate (sum of the decisions' ``extra_time``);
+- est. overhead: the planner's own estimate against the step as given (``memory_plan.overhead``: the
+  layout's measured change and the decisions' ``extra_time``);
 - gradients: one step on the same batch and seed as eager. "dW err (probed)" is the max over the
   probed conv weights of ||g - g_exact|| / ||g_exact||; "max rel err (exact params)" is the worst
   such ratio over every other parameter (expected ~1e-6, must be <= 1e-4).
@@ -215,7 +216,7 @@ def run_model(name: str, shape, methods: list[str], repeat: int, log, options=No
                 p = run.memory_plan
                 row["pred"] = p.peak_bytes
                 row["pred_base"] = p.baseline_peak_bytes
-                row["est_overhead"] = sum(d.extra_time for d in p.decisions)
+                row["est_overhead"] = p.overhead
                 row["choices"] = _choices(p)
                 row["notes"] = list(p.notes)
                 probed = probed_weight_names(run)

@@ -54,7 +54,8 @@ def main(argv=None):
         for d in p.decisions:
             kinds[d.option.value] = kinds.get(d.option.value, 0) + 1
         print(f"{label}: predicted {p.peak_bytes / 2**20:.0f} MiB ({p.baseline_peak_bytes / p.peak_bytes:.2f}x), "
-              f"est {100 * p.extra_time:.1f} %, {kinds}", flush=True)
+              f"est {100 * p.overhead:+.1f} % against the step as given (options {100 * p.extra_time:.1f} % over the "
+              f"relaid-out step, layout {100 * p.layout_time:+.1f} %), {kinds}", flush=True)
         for ref, times in (("eager as given", e), ("eager channels_last", c)):
             ratios = sorted(b / a - 1 for a, b in zip(times, o))
             q1, _, q3 = statistics.quantiles(ratios, n=4)

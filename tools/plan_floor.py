@@ -46,7 +46,7 @@ def main(argv=None):
     print(f"{args.model} {'x'.join(map(str, shape))} at max_overhead {args.max_overhead}: "
           f"{format_bytes(p.baseline_peak_bytes)} -> {format_bytes(p.peak_bytes)} "
           f"({p.baseline_peak_bytes / p.peak_bytes:.2f}x; tensor level {format_bytes(p.tensor_peak_bytes)}), "
-          f"est. overhead {100 * p.extra_time:.1f} %, planned in {time.perf_counter() - t:.0f} s")
+          f"est. overhead {100 * p.overhead:+.1f} % (options {100 * p.extra_time:.1f} %, layout {100 * p.layout_time:+.1f} %), planned in {time.perf_counter() - t:.0f} s")
     print(f"peak at {p.peak_node}:")
     for owner, category, nbytes in p.alive_at_peak[:args.top]:
         print(f"  {owner} ({category}) {format_bytes(nbytes)}")

@@ -52,7 +52,7 @@ def main(argv=None):
         kinds = Counter(d.option.value for d in p.decisions)
         print(f"| {name.strip()} | {'x'.join(map(str, shape))} | {format_bytes(p.baseline_peak_bytes)} | "
               f"{format_bytes(p.peak_bytes)} | {p.baseline_peak_bytes / p.peak_bytes:.2f}x | "
-              f"{100 * sum(d.extra_time for d in p.decisions):.1f} % | "
+              f"{100 * p.overhead:+.1f} % | "
               f"{', '.join(f'{v} {k}' for k, v in sorted(kinds.items()))} | {time.perf_counter() - t:.1f} |",
               flush=True)
 

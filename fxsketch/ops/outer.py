@@ -199,7 +199,7 @@ def outer_weight_grad(src, k: int, policy: str, decay: float, mem_a, mem_b, u, s
     memory ``mem_a`` (G, R, a), ``mem_b`` (G, R, b), updated in place; None for none). ``u``:
     the policy's uniform draws (see :func:`select`); ``signs``: (G, D + R - K) of {0, 1}, the
     random signs that fold the left-out rows into the memory."""
-    d, g = src.count, src.groups
+    g = src.groups
     a_norm, b_norm = src.norms()
     memory = mem_a is not None
     if memory:
