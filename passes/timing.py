@@ -33,7 +33,7 @@ __all__ = ["StepTimes", "time_step", "op_extra_seconds", "OP_ELEMENTS", "synthet
 
 log = logging.getLogger(__name__)
 
-VERSION = 18
+VERSION = 19
 """Part of every cache key: raise it when fxsketch's ops or the timing rule change."""
 
 OP_ELEMENTS = 1 << 22
