@@ -206,7 +206,7 @@ def _step_times(model, analysis, config, batch: int, limit, notes: list[str]) ->
         return None
     notes.append(f"extra time from node times (forward and backward, each node alone) measured on "
                  f"{chosen} synthetic samples, scaled to {batch}; cached per machine")
-    if analysis.given_gm is not None:
+    if analysis.given_gm is not None and config.overhead_against == "given":
         times = _with_layout(times, model, analysis, batch, limit, notes)
     if times.slowdown > LOADED:
         notes.append(f"node times taken while this machine ran {times.slowdown:.1f}x slower than its measured "

@@ -44,7 +44,13 @@ class Config:
     and any added with :func:`fxsketch.passes.options.register`). "dfa" (MEM-DFA) and "dfa-plain"
     (plain DFA) replace backpropagation over the whole graph and are used alone (fxsketch/dfa.py)."""
     max_overhead: float = 0.2
-    """Estimated extra step time allowed when ``budget`` is None (fraction of the step)."""
+    """Estimated extra step time allowed when ``budget`` is None: a fraction of the step as given
+    (``overhead_against``), the layout's change and the options' extra time together."""
+    overhead_against: str = "given"
+    """What ``max_overhead`` and ``MemoryPlan.overhead`` measure against where the planned step is
+    relaid out (``memory_format``): "given" (default), the step as the user runs it, as the
+    reduction is (the layout's change measured on whole sub-batch steps, docs/layout.md); "relaid",
+    the relaid-out step (the layout's change not counted, none measured)."""
     probe_rank: int | None = None
     """Force this rank r on every probed conv (for experiments); None lets the planner choose."""
     seed: int | None = None
@@ -186,6 +192,8 @@ class Config:
             raise ConfigError(f"workspace must be one of {WORKSPACE_SOURCES}, got {self.workspace!r}")
         if self.memory_format not in MEMORY_FORMATS:
             raise ConfigError(f"memory_format must be one of {MEMORY_FORMATS}, got {self.memory_format!r}")
+        if self.overhead_against not in ("given", "relaid"):
+            raise ConfigError(f"overhead_against must be 'given' or 'relaid', got {self.overhead_against!r}")
         if self.aop_layers not in ("auto", "all"):
             raise ConfigError(f"aop_layers must be 'auto' or 'all', got {self.aop_layers!r}")
         if self.quant_inputs not in ("all", "norms"):

@@ -106,6 +106,16 @@ def test_the_overhead_is_against_the_step_as_given(planned):
     assert ("overhead" in p.summary()) and ("layout" in p.summary())
 
 
+def test_overhead_against_the_relaid_out_step_measures_no_layout():
+    model, x = _model_and_input()
+    p = fxsketch.plan(model, (x,), None, optimized=True, max_overhead=0.5, seed=0, calibrate=False,
+                      methods=("lean", "recompute"), memory_format="channels_last", overhead_against="relaid")
+    assert p.layout_time == 0.0 and p.overhead == pytest.approx(p.extra_time)
+    assert not any(n.startswith("layout: the relaid-out step measured") for n in p.notes)
+    with pytest.raises(ConfigError, match="overhead_against must be 'given' or 'relaid'"):
+        fxsketch.optimize(model, (x,), None, overhead_against="eager")
+
+
 def test_the_options_get_what_the_layout_leaves_of_max_overhead():
     from fxsketch.pipeline import Proposal
     assert Proposal(None, layout_time=-0.2).options_cap(0.1) == pytest.approx(1.1 / 0.8 - 1)

@@ -78,7 +78,8 @@ class _SolverClock:
 
 
 def _row(name, make, shape, meta: bool, max_overhead: float, methods, roofline: bool = False,
-         memory_format: str = "auto", quant_inputs: str = "all", chunked_replays: bool = True):
+         memory_format: str = "auto", quant_inputs: str = "all", chunked_replays: bool = True,
+         overhead_against: str = "given"):
     torch.manual_seed(0)
     model = make(shape[-1])
     x = torch.empty(shape, device="meta") if meta else torch.randn(shape)
@@ -91,6 +92,7 @@ def _row(name, make, shape, meta: bool, max_overhead: float, methods, roofline: 
     opts["memory_format"] = memory_format
     opts["quant_inputs"] = quant_inputs
     opts["chunked_replays"] = chunked_replays
+    opts["overhead_against"] = overhead_against
     t = time.perf_counter()
     with _SolverClock() as clock:
         if meta:
@@ -136,13 +138,15 @@ def main(argv=None):
                     help="Config.quant_inputs (norms: no quantized conv inputs, the A/B of docs/quant.md)")
     ap.add_argument("--no-chunked-replays", action="store_true",
                     help="Config.chunked_replays=False (no replays in batch chunks: the A/B of docs/replays.md)")
+    ap.add_argument("--overhead-against", default="given", choices=("given", "relaid"),
+                    help="Config.overhead_against (relaid: the layout's change not counted, the A/B of docs/layout.md)")
     ap.add_argument("--max-overhead", type=float, default=None,
                     help="instead of 0.10 (predicted rows) and 0.15 (measured rows)")
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; methods {args.methods or fxsketch.Config().methods}; "
           f"extra time {'roofline' if args.roofline else 'from node times'}; "
           f"memory_format {args.memory_format}; quant_inputs {args.quant_inputs}; "
-          f"chunked_replays {not args.no_chunked_replays}")
+          f"chunked_replays {not args.no_chunked_replays}; overhead against {args.overhead_against}")
     print("| step | unmodified | planned | reduction | est. overhead | plan time | solver | decisions | gap | peak at |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for meta, table, cap in ((True, PREDICT, 0.10), (False, MEASURE, 0.15)):
@@ -151,7 +155,8 @@ def main(argv=None):
                 if args.only is None or name in args.only:
                     try:
                         _row(name, make, shape, meta, args.max_overhead or cap, args.methods, args.roofline,
-                             args.memory_format, args.quant_inputs, not args.no_chunked_replays)
+                             args.memory_format, args.quant_inputs, not args.no_chunked_replays,
+                             args.overhead_against)
                     except Exception as e:  # one row's failure is a row, not the end of the table
                         print(f"| {name} | {type(e).__name__}: {str(e).splitlines()[0][:200]} |", flush=True)
 
