@@ -59,8 +59,8 @@ class Analysis:
     timeline: Timeline
     notes: tuple[str, ...] = ()  # how the model was captured, where not by torch.fx (passes.export)
     unmodified: tuple[Schedule, Timeline] | None = None  # the step as given, where gm is relaid out
-    given_gm: fx.GraphModule | None = None  # the graph as given, where gm is relaid out (its node times
-    #   price the layout: the overhead is against the step as given, as the reduction is)
+    given_gm: fx.GraphModule | None = None  # the graph as given, where gm is relaid out (timed against
+    #   gm on a sub-batch: the overhead is against the step as given, as the reduction is)
 
     @property
     def baseline(self) -> Timeline:
@@ -85,7 +85,8 @@ class Proposal:
     refused_probes: int = 0      # convs with no probe choice within max_grad_noise
     every: Candidates | None = None  # every choice, noise unbounded (for what a looser bound reaches)
     calibration_batch: int = 0   # samples the probe noise was measured on (0: uncalibrated)
-    layout_time: float = 0.0     # the relaid-out step's time against the step as given, minus 1 (node times)
+    layout_time: float = 0.0     # the relaid-out step's time against the step as given, minus 1 (whole
+    #   steps on a sub-batch, fxsketch._calibration._with_layout; 0 where not measured)
 
     def options_cap(self, max_overhead: float) -> float:
         """The options' extra time (a fraction of the planned step) that keeps the whole step within

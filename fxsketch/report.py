@@ -127,7 +127,7 @@ class MemoryPlan:
     host_live_bytes: tuple[int, ...] = ()  # per step of ``timeline``: offloaded copies in host memory
                                            # (method "offload"), never part of the device figures
     layout_time: float = 0.0      # the relaid-out step (docs/layout.md) against the step as given, minus 1
-                                  # (node times; negative: faster); 0 where the layout is as given
+                                  # (negative: faster); 0 where the layout is as given or not measured
 
     @property
     def host_peak_bytes(self) -> int:
