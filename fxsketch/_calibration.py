@@ -215,10 +215,11 @@ def _step_times(model, analysis, config, batch: int, limit, notes: list[str]) ->
     return times
 
 
-LAYOUT_SAMPLES = (8, 4, 2, 1)
-"""Sub-batches the layout's step time is measured on (the largest the plan's memory admits, at most
-half the batch). The layout's gain grows with the batch (ResNet-50: 0 % at 1 sample, 12 % at 4, 26 %
-at 16), so a sub-batch's gain is the lower estimate."""
+LAYOUT_SAMPLES = 8
+"""Most samples the layout's step time is measured on: the largest sub-batch up to this (and half
+the batch) whose predicted peak the plan's memory admits. The layout's gain grows with the batch
+(ResNet-50: +10.9 % at 1 sample, -6.6 % at 4, -19.1 % at 16; tools/bench_layout.py --ratio), so a
+sub-batch's gain is the lower estimate."""
 
 
 def _with_layout(times: StepTimes, model, analysis, batch: int, limit, notes: list[str]) -> StepTimes:
@@ -227,27 +228,34 @@ def _with_layout(times: StepTimes, model, analysis, batch: int, limit, notes: li
     overhead is against the step as given, as the reduction is; docs/layout.md)."""
     from .pipeline import analyse  # the pipeline imports this module
     growth = analysis.timeline.peak_bytes / max(analysis.baseline.peak_bytes, 1)  # relaid against given
-    for b in (b for b in LAYOUT_SAMPLES if b <= batch // 2):
+    peaks: dict[int, int] = {}
+
+    def fits(b: int) -> bool:  # the step's predicted peak at b samples (both layouts) within the limit
         meta = tuple(torch.empty_like(x, device="meta") for x in sub_batch(analysis.inputs, batch, b))
-        try:
-            predicted = int(analyse(model, meta).timeline.peak_bytes * max(growth, 1.0))
-        except Exception as e:  # a model that traces only at its batch (or only with leaf_modules)
-            notes.append(f"layout: its step time not measured ({type(e).__name__} analysing {b} samples): the "
-                         f"overhead is against the relaid-out step")
-            return times
-        if not _admits(limit, predicted):
-            continue
-        shapes = [(tuple(x.shape), x.dtype) for x in meta]
-        try:
-            ratio = layout_ratio(analysis.given_gm, analysis.gm, shapes, default_loss)
-        except Exception as e:  # a graph specialised to its batch
-            notes.append(f"layout: its step time not measured ({type(e).__name__} at {b} samples): the overhead "
-                         f"is against the relaid-out step")
-            return times
-        notes.append(f"layout: the relaid-out step measured {100 * (ratio - 1):+.1f} % against the step as given "
-                     f"(whole steps on {b} synthetic samples, predicted peak {format_bytes(predicted)}); the "
-                     f"overhead is against the step as given")
-        return replace(times, layout=ratio - 1)
-    notes.append("layout: no sub-batch of the step fits the plan's memory to time it: the overhead is against "
-                 "the relaid-out step")
-    return times
+        peaks[b] = int(analyse(model, meta).timeline.peak_bytes * max(growth, 1.0))
+        return _admits(limit, peaks[b])
+    lo, hi = 0, min(LAYOUT_SAMPLES, batch // 2)  # the peak grows with b: bisect for the largest that fits
+    try:
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+    except Exception as e:  # a model that traces only at its batch (or only with leaf_modules)
+        notes.append(f"layout: its step time not measured ({type(e).__name__} analysing a sub-batch): the "
+                     f"overhead is against the relaid-out step")
+        return times
+    if lo == 0:
+        notes.append("layout: no sub-batch of the step fits the plan's memory to time it: the overhead is against "
+                     "the relaid-out step")
+        return times
+    shapes = [((lo, *x.shape[1:]) if x.dim() and x.shape[0] == batch else tuple(x.shape), x.dtype)
+              for x in analysis.inputs]
+    try:
+        ratio = layout_ratio(analysis.given_gm, analysis.gm, shapes, default_loss)
+    except Exception as e:  # a graph specialised to its batch
+        notes.append(f"layout: its step time not measured ({type(e).__name__} at {lo} samples): the overhead "
+                     f"is against the relaid-out step")
+        return times
+    notes.append(f"layout: the relaid-out step measured {100 * (ratio - 1):+.1f} % against the step as given "
+                 f"(whole steps on {lo} synthetic samples, predicted peak {format_bytes(peaks[lo])}); the "
+                 f"overhead is against the step as given")
+    return replace(times, layout=ratio - 1)

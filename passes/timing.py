@@ -11,6 +11,7 @@ any later load; the first measurement is the one kept.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -29,7 +30,7 @@ from . import diskcache
 from .precision import current, forward_context
 
 __all__ = ["StepTimes", "time_step", "op_extra_seconds", "OP_ELEMENTS", "synthetic_inputs", "own_rng", "slowdown",
-           "LOADED", "layout_ratio"]
+           "LOADED", "layout_ratio", "whole_steps"]
 
 log = logging.getLogger(__name__)
 
@@ -193,33 +194,44 @@ def layout_ratio(given: fx.GraphModule, relaid: fx.GraphModule, shapes, loss_fn,
     """Seconds of one whole training step (forward, ``loss_fn``, backward) of ``relaid`` over those
     of ``given`` on synthetic inputs of ``shapes`` (a sub-batch the caller admitted to memory),
     the two timed in turn ``repeat`` times after a warm-up each, best of each; cached per machine.
-    Node times alone miss the layout: they put ResNet-50's channels_last step 3 % under the NCHW
-    one, whole steps 12 % at 4 samples (26 % at 16)."""
+    Node times alone barely see the layout; whole steps do (docs/layout.md, "Step time")."""
     device = next((p.device for p in relaid.parameters()), torch.device("cpu"))
     key = (f"v{VERSION}|{diskcache.machine_key(device)}|layout ratio|{_key(given, shapes, '')}|"
            f"{_key(relaid, shapes, f'autocast {current()}')}")
     if (hit := diskcache.read("timing").get(key)) is not None:
         return hit["ratio"]
+    load = slowdown(device)
+    seconds = whole_steps((given, relaid), shapes, loss_fn, repeat)
+    ratio = seconds[1] / seconds[0]
+    if max(load, slowdown(device)) <= LOADED:
+        diskcache.update("timing", {key: {"ratio": ratio}})
+    return ratio
+
+
+def whole_steps(graphs: Sequence[fx.GraphModule], shapes, loss_fn, repeat: int = 3) -> list[float]:
+    """Best-of-``repeat`` seconds of one training step (forward, ``loss_fn``, backward) of each
+    graph on the same synthetic inputs of ``shapes``, the graphs timed in turn after a warm-up
+    round; their parameters' ``.grad`` and buffers are left as they were (uncached)."""
+    device = next((p.device for p in graphs[0].parameters()), torch.device("cpu"))
     inputs = synthetic_inputs(shapes, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    best = {"given": math.inf, "relaid": math.inf}
-    load = slowdown(device)
-    with preserved(given, grads=True), preserved(relaid, grads=True), forward_context(device.type), \
-            own_rng(device):
-        for i in range(repeat + 1):  # round 0 warms both up
-            for label, gm in (("given", given), ("relaid", relaid)):
+    best = [math.inf] * len(graphs)
+    with contextlib.ExitStack() as stack:
+        for gm in graphs:
+            stack.enter_context(preserved(gm, grads=True))
+        stack.enter_context(forward_context(device.type))
+        stack.enter_context(own_rng(device))
+        for i in range(repeat + 1):  # round 0 warms every graph up
+            for k, gm in enumerate(graphs):
                 sync()
                 t0 = time.perf_counter()
                 loss_fn(gm(*inputs)).backward()
                 sync()
                 if i:
-                    best[label] = min(best[label], time.perf_counter() - t0)
+                    best[k] = min(best[k], time.perf_counter() - t0)
                 for p in gm.parameters():
                     p.grad = None
-    ratio = best["relaid"] / best["given"]
-    if max(load, slowdown(device)) <= LOADED:
-        diskcache.update("timing", {key: {"ratio": ratio}})
-    return ratio
+    return best
 
 
 def own_rng(device: torch.device):

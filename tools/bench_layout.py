@@ -5,6 +5,9 @@ training step of a whole model (tracker peak, process peak, median step time).
     .venv/bin/python tools/bench_layout.py                      # ResNet-50 layer1 convs at batch 16, a 3-d conv
     .venv/bin/python tools/bench_layout.py --step resnet50      # also the eager step, 16x3x224x224
     .venv/bin/python tools/bench_layout.py --step unet          # MONAI UNet 2x1x96^3
+    .venv/bin/python tools/bench_layout.py --no-convs --ratio resnet50 --samples 1 2 4 8 16
+        # the planner's own measure (passes.timing.whole_steps): the traced step as given against
+        # the layout pass's graph, whole steps on synthetic sub-batches (docs/layout.md, "Step time")
 
 What Config(memory_format="channels_last") changes (docs/layout.md).
 """
@@ -85,17 +88,47 @@ def step_rows(name: str, repeat: int):
               f"| {r.seconds:.2f} s |", flush=True)
 
 
+def ratio_rows(name: str, samples, repeat: int):
+    """Whole training steps of the traced graph as given and of the layout pass's graph (weights
+    left contiguous), as fxsketch.passes.timing.layout_ratio times them, at each sub-batch."""
+    from fxsketch import pipeline
+    from fxsketch.config import Config
+    from fxsketch.measurement import default_loss
+    from fxsketch.passes.timing import whole_steps
+    torch.manual_seed(0)
+    if name == "resnet50":
+        import torchvision
+        model, shape = torchvision.models.resnet50(), (16, 3, 224, 224)
+    else:
+        from monai.networks.nets import UNet
+        model = UNet(spatial_dims=3, in_channels=1, out_channels=2, channels=(16, 32, 64, 128, 256),
+                     strides=(2, 2, 2, 2), num_res_units=2)
+        shape = (2, 1, 96, 96, 96)
+    print(f"\n| {name} sub-batch | step as given | relaid-out step | relaid / given - 1 |")
+    print("|---|---|---|---|")
+    for b in samples:
+        x = torch.empty(b, *shape[1:], device="meta")
+        a = pipeline.relayout(pipeline.analyse(model, (x,)), Config(memory_format="channels_last"))
+        given, relaid = whole_steps((a.given_gm, a.gm), [((b, *shape[1:]), torch.float32)], default_loss, repeat)
+        print(f"| {b} | {given:.3f} s | {relaid:.3f} s | {100 * (relaid / given - 1):+.1f} % |", flush=True)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--step", nargs="*", default=(), choices=("resnet50", "unet"))
     ap.add_argument("--no-convs", action="store_true")
+    ap.add_argument("--ratio", nargs="*", default=(), choices=("resnet50", "unet"),
+                    help="whole steps of the step as given against the relaid-out graph (the planner's layout_time)")
+    ap.add_argument("--samples", type=int, nargs="*", default=[1, 2, 4, 8], help="sub-batches for --ratio")
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if not args.no_convs:
         conv_rows(args.repeat)
     for name in args.step:
         step_rows(name, args.repeat)
+    for name in args.ratio:
+        ratio_rows(name, args.samples, 3)
 
 
 if __name__ == "__main__":
