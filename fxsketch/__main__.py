@@ -205,7 +205,7 @@ def _add_planning_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", default=None,
                    help=f"comma-separated option kinds the planner may use (none given: {','.join(METHODS)})")
     p.add_argument("--max-overhead", type=float, default=Config.max_overhead,
-                   help="estimated extra step time allowed, as a fraction of the step")
+                   help="estimated extra step time allowed, as a fraction of the step as given (layout included)")
     p.add_argument("--probe-rank", type=int, default=None, help="force this rank on every probed conv")
     p.add_argument("--seed", type=int, default=None, help="seed of a private generator for the probes")
     p.add_argument("--max-grad-noise", type=float, default=Config.max_grad_noise,

@@ -10,6 +10,12 @@ peak lies above the solver's LP bound). The prediction is the liveness model of 
 step at batch b (:func:`fxsketch.pipeline.analyse` on meta copies of the sub-batch) plus the
 calibration hooks' own temporaries (:func:`fxsketch.calibrate.hook_workspace_nbytes`).
 
+Where the planned graph is relaid out (channels_last), two whole training steps of synthetic
+inputs, one per layout, are timed on the largest of 8, 4, 2, 1 samples whose predicted peak stays
+under the lowest peak a plan could reach at any overhead (the options' share of ``max_overhead``
+depends on that measurement, so it cannot bound it); calibration's limit is then the lowest peak
+within the options' share.
+
 The loss is evaluated on the sub-batch's outputs padded back to the full batch with zeros that
 carry no gradient, so a ``loss_fn`` closing over the batch's targets pairs sample n with target n,
 and a loss that is a sum or mean over samples gets the right per-sample gradients (up to a global
@@ -113,9 +119,11 @@ def _predicted_peak(model, inputs, batch: int, b: int, loss, pad_to: int, target
     return a.timeline.peak_bytes + hooks
 
 
-def calibrate_for_plan(model, analysis, config, limit: int | Reachable | None, notes: list[str], *,
-                       calibration_inputs=None, calibration_loss_fn: Callable | None = None):
-    """(noise by conv node or None, :class:`~fxsketch.passes.timing.StepTimes` or None)."""
+def calibrate_for_plan(model, analysis, config, limits: Callable[[float | None], int | Reachable | None],
+                       notes: list[str], *, calibration_inputs=None, calibration_loss_fn: Callable | None = None):
+    """(noise by conv node or None, :class:`~fxsketch.passes.timing.StepTimes` or None).
+    ``limits(cap)``: the memory what planning runs must stay under, for plans whose options cost at
+    most ``cap`` (None: any): the budget, a :class:`Reachable`, or None (no check)."""
     batch = analysis.inputs[0].shape[0] if analysis.inputs and analysis.inputs[0].dim() else 1
     real = calibration_inputs is not None or not analysis.meta_inputs
     if calibration_inputs is not None:
@@ -134,7 +142,8 @@ def calibrate_for_plan(model, analysis, config, limit: int | Reachable | None, n
     if not real and "probe" in config.methods and config.probe_rank is None and config.calibrate:
         notes.append("uncalibrated (meta inputs, no calibration_inputs): probe noise from the stated prior "
                      "(fxsketch.calibrate.PriorNoise); pass calibration_inputs= a few real samples to measure it")
-    times = _step_times(model, analysis, config, batch, limit, notes)
+    times = _step_times(model, analysis, config, batch, limits(None), notes)
+    limit = limits(config.options_cap(times.layout if times is not None else 0.0))
     norms = norm_targets(analysis.gm) if "quant" in config.methods and config.calibrate and real else {}
     if not targets and not norms:
         return None, times
@@ -190,7 +199,9 @@ def _step_times(model, analysis, config, batch: int, limit, notes: list[str]) ->
     """Node times on at most ``calibration_batch`` synthetic samples: one node's forward and
     backward at a time beside a no-grad forward (what every plan's own step holds at that node),
     not the step; up to :data:`TIMING_SAMPLES` samples (1-sample node times misjudged a 2-sample
-    3D UNet step by 1.5x; more than 4 costs planning time for little)."""
+    3D UNet step by 1.5x; more than 4 costs planning time for little). Where the graph is relaid
+    out, also the layout's change as whole steps of both graphs on a sub-batch within ``limit``
+    (:func:`_with_layout`)."""
     if not config.time_nodes:
         return None
     if any(p.device.type == "meta" for p in analysis.gm.parameters()):
@@ -207,7 +218,7 @@ def _step_times(model, analysis, config, batch: int, limit, notes: list[str]) ->
     notes.append(f"extra time from node times (forward and backward, each node alone) measured on "
                  f"{chosen} synthetic samples, scaled to {batch}; cached per machine")
     if analysis.given_gm is not None and config.overhead_against == "given":
-        times = _with_layout(times, model, analysis, batch, limit, notes)
+        times = _with_layout(times, model, analysis, config, batch, limit, notes)
     if times.slowdown > LOADED:
         notes.append(f"node times taken while this machine ran {times.slowdown:.1f}x slower than its measured "
                      "speed (another process on its cores?): the extra-time figures may be off; they were not "
@@ -215,47 +226,54 @@ def _step_times(model, analysis, config, batch: int, limit, notes: list[str]) ->
     return times
 
 
-LAYOUT_SAMPLES = 8
-"""Most samples the layout's step time is measured on: the largest sub-batch up to this (and half
-the batch) whose predicted peak the plan's memory admits. The layout's gain grows with the batch
-(ResNet-50: +10.9 % at 1 sample, -6.6 % at 4, -19.1 % at 16; tools/bench_layout.py --ratio), so a
-sub-batch's gain is the lower estimate."""
+LAYOUT_SAMPLES = (8, 4, 2, 1)
+"""Sub-batches the layout's step time may be measured on (at most ``calibration_batch`` and half
+the batch): the largest whose predicted peak the plan's memory admits. The layout's gain grows with
+the batch (ResNet-50: +10.9 % at 1 sample, -6.6 % at 4, -19.1 % at 16; tools/bench_layout.py
+--ratio), so a sub-batch's gain is the lower estimate."""
 
 
-def _with_layout(times: StepTimes, model, analysis, batch: int, limit, notes: list[str]) -> StepTimes:
+def _with_layout(times: StepTimes, model, analysis, config, batch: int, limit, notes: list[str]) -> StepTimes:
     """``times`` with the layout's share: the relaid-out step against the step as given, timed as
-    whole steps on a synthetic sub-batch whose predicted peak the plan's memory admits (the
-    overhead is against the step as given, as the reduction is; docs/layout.md)."""
+    whole steps on a synthetic sub-batch whose predicted peak (the step as given at that sub-batch,
+    plus what relaying out adds at full batch: weight-gradient copies that do not shrink with the
+    batch) the plan's memory admits. The overhead is against the step as given, as the reduction is
+    (docs/layout.md, "Step time")."""
     from .pipeline import analyse  # the pipeline imports this module
-    growth = analysis.timeline.peak_bytes / max(analysis.baseline.peak_bytes, 1)  # relaid against given
-    peaks: dict[int, int] = {}
-
-    def fits(b: int) -> bool:  # the step's predicted peak at b samples (both layouts) within the limit
+    tries = [b for b in LAYOUT_SAMPLES if b <= min(config.calibration_batch, batch // 2)]
+    if not tries:
+        notes.append(f"layout: a batch of {batch} has no sub-batch to time it on: the overhead is against the "
+                     f"relaid-out step")
+        return times
+    added = max(analysis.timeline.peak_bytes - analysis.baseline.peak_bytes, 0)
+    for b in tries:
         meta = tuple(torch.empty_like(x, device="meta") for x in sub_batch(analysis.inputs, batch, b))
-        peaks[b] = int(analyse(model, meta).timeline.peak_bytes * max(growth, 1.0))
-        return _admits(limit, peaks[b])
-    lo, hi = 0, min(LAYOUT_SAMPLES, batch // 2)  # the peak grows with b: bisect for the largest that fits
-    try:
-        while lo < hi:
-            mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
-    except Exception as e:  # a model that traces only at its batch (or only with leaf_modules)
-        notes.append(f"layout: its step time not measured ({type(e).__name__} analysing a sub-batch): the "
-                     f"overhead is against the relaid-out step")
-        return times
-    if lo == 0:
-        notes.append("layout: no sub-batch of the step fits the plan's memory to time it: the overhead is against "
-                     "the relaid-out step")
-        return times
-    shapes = [((lo, *x.shape[1:]) if x.dim() and x.shape[0] == batch else tuple(x.shape), x.dtype)
-              for x in analysis.inputs]
-    try:
-        ratio = layout_ratio(analysis.given_gm, analysis.gm, shapes, default_loss)
-    except Exception as e:  # a graph specialised to its batch
-        notes.append(f"layout: its step time not measured ({type(e).__name__} at {lo} samples): the overhead "
-                     f"is against the relaid-out step")
-        return times
-    notes.append(f"layout: the relaid-out step measured {100 * (ratio - 1):+.1f} % against the step as given "
-                 f"(whole steps on {lo} synthetic samples, predicted peak {format_bytes(peaks[lo])}); the "
-                 f"overhead is against the step as given")
-    return replace(times, layout=ratio - 1)
+        try:
+            predicted = analyse(model, meta).timeline.peak_bytes + added
+        except Exception as e:  # a model that traces only at its batch (or only with leaf_modules)
+            notes.append(f"layout: its step time not measured ({type(e).__name__} analysing {b} samples): the "
+                         f"overhead is against the relaid-out step")
+            return times
+        if not _admits(limit, predicted):
+            continue
+        shapes = [(tuple(x.shape), x.dtype) for x in meta]
+        try:
+            ratio, load = layout_ratio(analysis.given_gm, analysis.gm, shapes, default_loss)
+        except Exception as e:  # a graph specialised to its batch
+            notes.append(f"layout: its step time not measured ({type(e).__name__} at {b} samples): the overhead "
+                         f"is against the relaid-out step")
+            return times
+        notes.append(f"layout: the relaid-out step measured {100 * (ratio - 1):+.1f} % against the step as given "
+                     f"(whole steps on {b} synthetic samples, predicted peak {format_bytes(predicted)}); the "
+                     f"overhead is against the step as given")
+        if load > LOADED:
+            notes.append(f"layout: its steps were timed while this machine ran {load:.1f}x slower than its measured "
+                         f"speed: not cached, planning again on a quiet machine times them again")
+        if ratio - 1 >= config.max_overhead:
+            notes.append(f"layout: the relaid-out step alone is {100 * (ratio - 1):+.1f} % against the step as given, "
+                         f"at or above max_overhead={config.max_overhead:g}: no option gets extra time "
+                         f"(memory_format='preserve' keeps the layout)")
+        return replace(times, layout=ratio - 1)
+    notes.append("layout: no sub-batch of the step fits the plan's memory to time it: the overhead is against "
+                 "the relaid-out step")
+    return times

@@ -136,9 +136,11 @@ class Config:
     """True (default): extra step time from this machine's own timings: every node's forward and
     backward, each node timed alone on synthetic inputs of at most 4 samples
     (the same for real and meta inputs), and each lean op and probed conv against the op it replaces
-    (fxsketch.passes.timing). Measured once per machine and graph and kept on disk, so a plan
-    does not change with load. False: a roofline estimate (FLOPs and bytes at this machine's
-    matmul and copy rates), no runs; it misprices memory-bound ops (BatchNorm, max-pool) on CPU."""
+    (fxsketch.passes.timing); where the step is relaid out, whole steps of both layouts on a
+    sub-batch within the plan's memory (``overhead_against``). Measured once per machine and graph
+    and kept on disk, so a plan does not change with load. False: a roofline estimate (FLOPs and
+    bytes at this machine's matmul and copy rates), no runs, and no layout change counted; it
+    misprices memory-bound ops (BatchNorm, max-pool) on CPU."""
     solver_max_nodes: int = SolverOptions.max_nodes
     """Branch-and-bound nodes HiGHS may explore in one search for a plan (a budget solve, or a
     lowest-peak solve's whole ladder of overhead caps); then the best plan found so far is used
@@ -250,6 +252,13 @@ class Config:
         calls run at full batch unless a byte budget is smaller than their tensors."""
         limit = self.budget if not isinstance(self.budget, float) else None
         return use_workspace_source(self.workspace, resolve_budget(limit, 0) if limit is not None else None)
+
+    def options_cap(self, layout_time: float) -> float:
+        """The options' extra time (a fraction of the planned, relaid-out step) that keeps the whole
+        step within ``max_overhead`` of the step as given when the layout changes its time by
+        ``layout_time``: (1 + layout) x (1 + options) <= 1 + max_overhead; 0 where the layout alone
+        takes all of it."""
+        return max((1 + self.max_overhead) / (1 + layout_time) - 1, 0.0)
 
     def option_settings(self, noise=None) -> OptionSettings:
         """What the option kinds read, with calibrated ``noise`` (node name -> ConvNoise) if any."""

@@ -88,11 +88,6 @@ class Proposal:
     layout_time: float = 0.0     # the relaid-out step's time against the step as given, minus 1 (whole
     #   steps on a sub-batch, fxsketch._calibration._with_layout; 0 where not measured)
 
-    def options_cap(self, max_overhead: float) -> float:
-        """The options' extra time (a fraction of the planned step) that keeps the whole step within
-        ``max_overhead`` of the step as given: (1 + layout) x (1 + options) <= 1 + max_overhead."""
-        return max((1 + max_overhead) / (1 + self.layout_time) - 1, 0.0)
-
 
 @dataclass(frozen=True)
 class Verified:
@@ -202,12 +197,22 @@ def propose(model: nn.Module, analysis: Analysis, config: Config, *, calibration
         with _fork_rng():  # option kinds time their ops on random tensors
             return build_problem(analysis.gm, analysis.schedule, analysis.timeline, methods=config.methods,
                              settings=config.option_settings(noise), device=device, timings=timings)
-    limit = resolve_budget(config.budget, analysis.baseline.peak_bytes)
-    if limit is None and (not analysis.meta_inputs or calibration_inputs is not None):
-        # without a budget, calibration stays under the lowest peak any plan could reach
-        limit = Reachable(Solver(build().problem, config.solver_options()), config.max_overhead)
+    budget = resolve_budget(config.budget, analysis.baseline.peak_bytes)
+    runs = not analysis.meta_inputs or calibration_inputs is not None  # calibration runs real steps
+    times_layout = analysis.given_gm is not None and config.overhead_against == "given" and config.time_nodes
+    if budget is None and (runs or times_layout):
+        # without a budget, what planning runs stays under the lowest peak a plan could reach: at any
+        # overhead for the layout's whole steps (the options' cap is known only after them), within
+        # the options' cap for calibration
+        solver = Solver(build().problem, config.solver_options())
+
+        def limits(cap):
+            return Reachable(solver, cap)
+    else:
+        def limits(cap):
+            return budget
     with _fork_rng():
-        noise, timings = calibrate_for_plan(model, analysis, config, limit, notes,
+        noise, timings = calibrate_for_plan(model, analysis, config, limits, notes,
                                             calibration_inputs=calibration_inputs,
                                             calibration_loss_fn=calibration_loss_fn)
     every = build(noise, timings)
@@ -401,7 +406,7 @@ def _fit_on(problem, model: nn.Module, analysis: Analysis, proposal: Proposal, c
     target = None if budget is None else int(budget * (1 - TARGET_MARGIN))
     for attempt in range(3):
         try:
-            sol = search(target, proposal.options_cap(config.max_overhead))
+            sol = search(target, config.options_cap(proposal.layout_time))
         except Infeasible as e:
             if attempt == 0 and target is not None and target < budget:
                 target = budget  # the margin itself was out of reach: the budget as it is

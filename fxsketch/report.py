@@ -54,7 +54,7 @@ class Decision:
     detail: str = ""              # e.g. "spatial, r=64 (1/16 of X)" or "segment bn1..relu"
     freed_bytes: int = 0          # at the predicted peak step of the rewritten graph: what the
                                   # node(s) would hold there without this choice, minus what it holds
-    extra_time: float = 0.0       # estimated extra step time, fraction of the step
+    extra_time: float = 0.0       # estimated extra step time, fraction of the planned (relaid-out) step
     grad_noise: float = 0.0       # probe noise / SGD noise of this layer's dW (0 if exact)
     rewritten: str = ""           # the node that stands for it in the rewritten graph
 
@@ -136,7 +136,8 @@ class MemoryPlan:
 
     @property
     def extra_time(self) -> float:
-        """Estimated extra step time of all decisions together (fraction of the step)."""
+        """Estimated extra step time of all decisions together (fraction of the planned, relaid-out
+        step; :attr:`overhead` is against the step as given, the layout's change included)."""
         return sum(d.extra_time for d in self.decisions)
 
     @property

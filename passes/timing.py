@@ -53,11 +53,6 @@ class StepTimes:
     layout: float = 0.0     # the step these times are of against the step as given, minus 1, where the
     #   planned graph is relaid out (passes/layout.py; negative: faster); set by the planner
 
-    @property
-    def seconds(self) -> float:
-        """The step's forward + backward: the sum of its node times."""
-        return sum(self.forward.values()) + sum(self.backward.values())
-
 
 LOADED = 2.5
 """A machine that runs a small reference matmul this many times slower than the fastest it was
@@ -190,28 +185,32 @@ def time_step(gm: fx.GraphModule, shapes, batch: int, samples: int, repeat: int 
     return times
 
 
-def layout_ratio(given: fx.GraphModule, relaid: fx.GraphModule, shapes, loss_fn, repeat: int = 3) -> float:
-    """Seconds of one whole training step (forward, ``loss_fn``, backward) of ``relaid`` over those
-    of ``given`` on synthetic inputs of ``shapes`` (a sub-batch the caller admitted to memory),
-    the two timed in turn ``repeat`` times after a warm-up each, best of each; cached per machine.
+def layout_ratio(given: fx.GraphModule, relaid: fx.GraphModule, shapes, loss_fn,
+                 repeat: int = 3) -> tuple[float, float]:
+    """(seconds of one whole training step (forward, ``loss_fn``, backward) of ``relaid`` over those
+    of ``given`` on synthetic inputs of ``shapes`` (a sub-batch the caller admitted to memory), the
+    two timed in turn ``repeat`` times after a warm-up each, best of each; the machine's
+    :func:`slowdown` while timing, 1 from the cache). Cached per machine unless timed above LOADED.
     Node times alone barely see the layout; whole steps do (docs/layout.md, "Step time")."""
     device = next((p.device for p in relaid.parameters()), torch.device("cpu"))
     key = (f"v{VERSION}|{diskcache.machine_key(device)}|layout ratio|{_key(given, shapes, '')}|"
            f"{_key(relaid, shapes, f'autocast {current()}')}")
     if (hit := diskcache.read("timing").get(key)) is not None:
-        return hit["ratio"]
+        return hit["ratio"], 1.0
     load = slowdown(device)
     seconds = whole_steps((given, relaid), shapes, loss_fn, repeat)
     ratio = seconds[1] / seconds[0]
-    if max(load, slowdown(device)) <= LOADED:
+    load = max(load, slowdown(device))
+    if load <= LOADED:
         diskcache.update("timing", {key: {"ratio": ratio}})
-    return ratio
+    return ratio, load
 
 
 def whole_steps(graphs: Sequence[fx.GraphModule], shapes, loss_fn, repeat: int = 3) -> list[float]:
     """Best-of-``repeat`` seconds of one training step (forward, ``loss_fn``, backward) of each
     graph on the same synthetic inputs of ``shapes``, the graphs timed in turn after a warm-up
-    round; their parameters' ``.grad`` and buffers are left as they were (uncached)."""
+    round; their parameters' ``.grad`` and buffers are left as they were (the steps start from no
+    ``.grad``, so none of the caller's accumulates into; uncached)."""
     device = next((p.device for p in graphs[0].parameters()), torch.device("cpu"))
     inputs = synthetic_inputs(shapes, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -219,6 +218,10 @@ def whole_steps(graphs: Sequence[fx.GraphModule], shapes, loss_fn, repeat: int =
     with contextlib.ExitStack() as stack:
         for gm in graphs:
             stack.enter_context(preserved(gm, grads=True))
+        for gm in graphs:  # backward would add into the caller's .grad tensors, restored after
+            for p in gm.parameters():
+                p.grad = None
+        stack.enter_context(torch.enable_grad())
         stack.enter_context(forward_context(device.type))
         stack.enter_context(own_rng(device))
         for i in range(repeat + 1):  # round 0 warms every graph up

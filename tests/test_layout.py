@@ -117,26 +117,43 @@ def test_overhead_against_the_relaid_out_step_measures_no_layout():
 
 
 def test_the_options_get_what_the_layout_leaves_of_max_overhead():
-    from fxsketch.pipeline import Proposal
-    assert Proposal(None, layout_time=-0.2).options_cap(0.1) == pytest.approx(1.1 / 0.8 - 1)
-    assert Proposal(None, layout_time=0.0).options_cap(0.1) == pytest.approx(0.1)
-    assert Proposal(None, layout_time=0.5).options_cap(0.1) == 0.0  # a slower layout leaves none
+    from fxsketch.config import Config
+    assert Config(max_overhead=0.1).options_cap(-0.2) == pytest.approx(1.1 / 0.8 - 1)
+    assert Config(max_overhead=0.1).options_cap(0.0) == pytest.approx(0.1)
+    assert Config(max_overhead=0.1).options_cap(0.5) == 0.0  # a slower layout leaves none
 
 
-def test_the_layouts_step_time_is_measured_within_the_plans_memory():
+def test_the_layouts_step_time_is_measured_within_the_plans_memory(monkeypatch):
     from fxsketch import pipeline
     from fxsketch._calibration import _with_layout
     from fxsketch.config import Config
+    from fxsketch.passes import timing
     from fxsketch.passes.timing import StepTimes
+    monkeypatch.setattr(timing, "slowdown", lambda device: 1.0)  # a loaded machine's ratio is not cached
     model, x = _model_and_input()
-    analysis = pipeline.relayout(pipeline.analyse(model, (x,)), Config(memory_format="channels_last"))
+    config = Config(memory_format="channels_last")
+    analysis = pipeline.relayout(pipeline.analyse(model, (x,)), config)
     times = StepTimes({}, {}, 4)
     notes = []
-    assert _with_layout(times, model, analysis, 8, 1, notes).layout == 0.0  # a 1-byte limit: no sub-batch
+    assert _with_layout(times, model, analysis, config, 8, 1, notes).layout == 0.0  # a 1-byte limit: no sub-batch
     assert "no sub-batch" in notes[-1]
-    first = _with_layout(times, model, analysis, 8, None, notes)
-    assert "on 4 synthetic samples" in notes[-1] and first.layout != 0.0
-    assert _with_layout(times, model, analysis, 8, None, notes).layout == first.layout  # cached per machine
+    assert _with_layout(times, model, analysis, config, 1, None, notes).layout == 0.0
+    assert "a batch of 1 has no sub-batch" in notes[-1]
+    first = _with_layout(times, model, analysis, config, 8, None, notes)
+    assert any("on 4 synthetic samples" in n for n in notes[-2:]) and first.layout != 0.0
+    assert _with_layout(times, model, analysis, config, 8, None, notes).layout == first.layout  # cached per machine
+
+
+def test_timing_whole_steps_leaves_the_callers_gradients_as_they_were():
+    from fxsketch.measurement import default_loss
+    from fxsketch.passes.timing import whole_steps
+    lin = torch.fx.symbolic_trace(nn.Linear(3, 2))
+    for p in lin.parameters():
+        p.grad = torch.zeros_like(p)
+    before = [p.grad for p in lin.parameters()]
+    with torch.no_grad():  # planning under no_grad still times a training step
+        whole_steps((lin, lin), [((4, 3), torch.float32)], default_loss, repeat=1)
+    assert all(p.grad is g and not g.any() for p, g in zip(lin.parameters(), before))
 
 
 def test_a_budget_is_a_fraction_of_the_step_as_given():

@@ -119,7 +119,8 @@ def main(argv=None):
     ap.add_argument("--step", nargs="*", default=(), choices=("resnet50", "unet"))
     ap.add_argument("--no-convs", action="store_true")
     ap.add_argument("--ratio", nargs="*", default=(), choices=("resnet50", "unet"),
-                    help="whole steps of the step as given against the relaid-out graph (the planner's layout_time)")
+                    help="whole steps of the step as given against the relaid-out graph (the planner's layout_time; "
+                         "best of 3 as the planner times them, whatever --repeat)")
     ap.add_argument("--samples", type=int, nargs="*", default=[1, 2, 4, 8], help="sub-batches for --ratio")
     args = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")

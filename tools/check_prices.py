@@ -5,9 +5,10 @@ alternating pairs (one warm-up each, then ``--rounds`` pairs): estimated against
 overhead. On a shared 2-core machine one step's time varies by 20 % from run to run, so the
 overhead is read three ways: the median of the pairs' ratios (each pair ran back to back), the
 ratio of the two best steps, and the quartiles of the pairs' ratios (how far to trust it). The
-estimate is over the step the plan lays out (``memory_format="auto"``: channels_last convs on CPU),
-so each pair also times an eager channels_last copy of the model (weights and input channels_last)
-and the overhead is read against it too.
+estimate (``memory_plan.overhead``) is against the step as given, the layout's measured change
+(channels_last convs on CPU, ``memory_format="auto"``) included; each pair also times an eager
+channels_last copy of the model (weights and input channels_last), and the overhead is read
+against it too.
 
     .venv/bin/python tools/check_prices.py              # docs/replays.md, "Measured on CPU"
     .venv/bin/python tools/check_prices.py --rounds 12

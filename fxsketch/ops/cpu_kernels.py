@@ -56,8 +56,8 @@ static inline uint32_t mix32(uint32_t x) {
 #define WRAP_T 16  /* rows of statistics shorter than this are kept on the stack (and packed by
                       pack_wrap, below) */
 
-/* The row's statistics in locals, not through lo/step (which the compiler must assume alias x:
-   a 3-channel image took 8 ns an element, a T == 1 row 24 ns). */
+/* The row's statistics in locals, not through lo/step, which the compiler must assume alias x
+   (a store and a reload per element; docs/quant.md, "Short rows and single statistics"). */
 void fx_range(const float *x, float *lo, float *step, int64_t L, int64_t M, int64_t T,
               float levels, int threads) {
     #pragma omp parallel for num_threads(threads) schedule(static)
@@ -141,7 +141,7 @@ static inline void pack_run(const float *restrict x, const float *restrict o, co
 
 /* pack_run for a short row of statistics (T < WRAP_T: a 3-channel image channels_last): one run
    spans many rows, the statistic's index wrapping at T (runs of T elements cost a call and a
-   division each; unpacking an 8x3x224x224 image: 2.0 -> 0.6 ms). The same codes as pack_run. */
+   division each). The same codes as pack_run. */
 
 static inline void pack_wrap(const float *restrict x, const float *restrict o, const float *restrict v,
                              int64_t T, int64_t t, uint8_t *restrict dst, int64_t i0, int64_t len,
