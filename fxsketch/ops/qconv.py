@@ -238,6 +238,18 @@ def _grads(ctx, dx, dw, db, weight):
     return dx, dw, db, None, None, None, None, None, None, None
 
 
+def _apply(name: str, input, weight, bias, generator, args: tuple):
+    """The quantized conv's checks and call: ``args`` are _QuantConv's after the seed, ``bits`` checked."""
+    args = (*args[:4], _check_bits(args[4]), *args[5:])
+    unbatched = check_conv_args(input, weight)
+    if not input.is_floating_point():
+        raise TypeError(f"{name} needs a floating-point input, got {input.dtype}")
+    x = input.unsqueeze(0) if unbatched else input
+    seed = draw_seed(generator, x) if weight.requires_grad and torch.is_grad_enabled() else None
+    y = _QuantConv.apply(x, weight, bias, seed, *args)
+    return y.squeeze(0) if unbatched else y
+
+
 @traceable
 def quant_conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1, *, bits: int = 8,
                generator: Optional[torch.Generator] = None):
@@ -251,14 +263,7 @@ def quant_conv(input, weight, bias=None, stride=1, padding=0, dilation=1, groups
     >>> torch.equal(quant_conv(x, w, padding=1), F.conv2d(x, w, padding=1))
     True
     """
-    bits = _check_bits(bits)
-    unbatched = check_conv_args(input, weight)
-    if not input.is_floating_point():
-        raise TypeError(f"quant_conv needs a floating-point input, got {input.dtype}")
-    x = input.unsqueeze(0) if unbatched else input
-    seed = draw_seed(generator, x) if weight.requires_grad and torch.is_grad_enabled() else None
-    y = _QuantConv.apply(x, weight, bias, seed, stride, padding, dilation, groups, bits)
-    return y.squeeze(0) if unbatched else y
+    return _apply("quant_conv", input, weight, bias, generator, (stride, padding, dilation, groups, bits))
 
 
 @traceable
@@ -272,11 +277,5 @@ def quant_conv_transpose(input, weight, bias=None, stride=1, padding=0, output_p
     >>> torch.equal(quant_conv_transpose(x, w, stride=2), F.conv_transpose2d(x, w, stride=2))
     True
     """
-    bits = _check_bits(bits)
-    unbatched = check_conv_args(input, weight)
-    if not input.is_floating_point():
-        raise TypeError(f"quant_conv_transpose needs a floating-point input, got {input.dtype}")
-    x = input.unsqueeze(0) if unbatched else input
-    seed = draw_seed(generator, x) if weight.requires_grad and torch.is_grad_enabled() else None
-    y = _QuantConv.apply(x, weight, bias, seed, stride, padding, dilation, groups, bits, output_padding)
-    return y.squeeze(0) if unbatched else y
+    return _apply("quant_conv_transpose", input, weight, bias, generator,
+                  (stride, padding, dilation, groups, bits, output_padding))
